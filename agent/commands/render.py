@@ -1,0 +1,21 @@
+"""`pilot-agent render`: not built yet."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from typing import Any
+
+from agent.errors import ExitCode
+
+log = logging.getLogger("agent.cli")
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser("render", help="(not built yet)")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    log.error("the render command is not built yet")
+    return ExitCode.NOT_IMPLEMENTED

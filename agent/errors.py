@@ -1,0 +1,65 @@
+"""Exception types and the process exit codes.
+
+Exit codes are API: operators alert on them and kubelet reports them. Every code here is listed in README.md
+("Exit codes"). Add a member here and a row there in the same commit.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class ExitCode(enum.IntEnum):
+    OK = 0
+    # istio-iptables: rule generation or application failed (Istio exits 1 too).
+    IPTABLES_FAILED = 1
+    # argparse's own code for a malformed command line.
+    USAGE = 2
+    # A command that is part of Istio's CLI but not built here yet.
+    NOT_IMPLEMENTED = 3
+    # `pilot-agent wait` gave up: Envoy never became ready in time.
+    WAIT_TIMEOUT = 4
+    # `pilot-agent request`: the admin API answered an error status or could not be reached.
+    REQUEST_FAILED = 5
+    # Envoy kept crashing: the restart budget is spent (see README, "Crashes").
+    ENVOY_RESTART_BUDGET_EXHAUSTED = 70
+    # Envoy exited and the agent is configured to exit with it (EXIT_ON_ENVOY_EXIT, Istio's current behaviour).
+    ENVOY_EXITED = 71
+    # The Envoy binary could not be found or executed.
+    ENVOY_NOT_FOUND = 72
+    # A port the agent must bind (status port) is already in use, or another start-up resource failed.
+    STARTUP_FAILED = 73
+    # Insufficient privileges for the requested operation (istio-iptables not run as root).
+    NOT_PERMITTED = 77
+    # Bad configuration input: env var, file, flag, annotation. The one-line message names source and field.
+    CONFIG_ERROR = 78
+    # istio-iptables --run-validation failed (Istio's code).
+    IPTABLES_VALIDATION_FAILED = 126
+
+
+class AgentError(Exception):
+    """An error the CLI turns into one log line and an exit code, without a traceback."""
+
+    exit_code: ExitCode = ExitCode.STARTUP_FAILED
+
+    def __init__(self, message: str, exit_code: ExitCode | None = None) -> None:
+        super().__init__(message)
+        if exit_code is not None:
+            self.exit_code = exit_code
+
+
+class ConfigError(AgentError):
+    """Bad configuration input. `source` names where it came from (env var, file:line, flag); `field` what."""
+
+    exit_code = ExitCode.CONFIG_ERROR
+
+    def __init__(self, source: str, field: str, problem: str) -> None:
+        self.source = source
+        self.field = field
+        self.problem = problem
+        where = f"{source}: {field}" if field else source
+        super().__init__(f"{where}: {problem}")
+
+
+class EnvoyNotFoundError(AgentError):
+    exit_code = ExitCode.ENVOY_NOT_FOUND

@@ -1,0 +1,53 @@
+"""The agent's own Prometheus metrics, in an explicit registry built at start-up (nothing registered at import).
+
+Names carry Istio's `istio_agent_` prefix. The supervisor, the watcher and the status server each record into the
+one AgentMetrics instance they are given; the status server exposes `registry` first in the merged scrape.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, ProcessCollector
+
+
+class AgentMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None, *, process_metrics: bool = True) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        r = self.registry
+        if process_metrics:
+            ProcessCollector(namespace="istio_agent", registry=r)
+        self.startup_duration = Gauge(
+            "istio_agent_startup_duration_seconds", "Seconds from agent start to the first ready Envoy.", registry=r
+        )
+        self.scrapes = Counter("istio_agent_scrapes", "Merged metrics scrapes served.", registry=r)
+        self.scrape_failures = Counter(
+            "istio_agent_scrape_failures",
+            "Sources left out of a merged scrape, by source type (agent, envoy, application).",
+            ["type"],
+            registry=r,
+        )
+        self.envoy_epoch = Gauge("istio_agent_envoy_epoch", "Restart epoch of the newest running Envoy.", registry=r)
+        self.hot_restarts = Counter(
+            "istio_agent_hot_restarts",
+            "Hot restarts attempted, by outcome (done, invalid, failed).",
+            ["outcome"],
+            registry=r,
+        )
+        self.envoy_exits = Counter(
+            "istio_agent_envoy_exits",
+            "Envoy process exits, by cause (clean, error, signal, oom, aborted).",
+            ["cause"],
+            registry=r,
+        )
+        self.restart_budget = Gauge(
+            "istio_agent_envoy_restart_budget_remaining", "Crash restarts left before the agent gives up.", registry=r
+        )
+        self.file_changes = Counter(
+            "istio_agent_file_changes", "Watched files whose contents really changed, by kind.", ["kind"], registry=r
+        )
+        self.config_errors = Counter(
+            "istio_agent_config_errors",
+            "New configurations rejected (render or validation failed); the running Envoy kept serving.",
+            ["stage"],
+            registry=r,
+        )
+        self.envoy_ready = Gauge("istio_agent_envoy_ready", "1 when the readiness probe passes, else 0.", registry=r)

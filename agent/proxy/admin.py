@@ -1,0 +1,87 @@
+"""A small client for Envoy's admin API (127.0.0.1:<proxyAdminPort>), shared by readiness, drain and supervision.
+
+Every call has a timeout and raises AdminError (never aiohttp's own types) so callers classify failures by type.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from urllib.parse import quote
+
+import aiohttp
+
+
+class AdminError(Exception):
+    """The admin API could not be reached, timed out, or answered a non-2xx status."""
+
+
+# server.state values (envoy/admin/v3/server_info.proto): LIVE=0, DRAINING=1, PRE_INITIALIZING=2, INITIALIZING=3.
+SERVER_STATES = {0: "LIVE", 1: "DRAINING", 2: "PRE_INITIALIZING", 3: "INITIALIZING"}
+
+
+@dataclass(frozen=True)
+class AdminClient:
+    host: str = "127.0.0.1"
+    port: int = 15000
+
+    @property
+    def base_url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    async def request(
+        self, method: str, path: str, body: bytes | None = None, timeout: float = 2.0
+    ) -> tuple[int, bytes]:
+        url = f"{self.base_url}/{path.lstrip('/')}"
+        try:
+            async with (
+                aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as session,
+                session.request(method, url, data=body) as response,
+            ):
+                return response.status, await response.read()
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            raise AdminError(f"{method} {url}: {type(exc).__name__}: {exc}") from exc
+
+    async def _ok(self, method: str, path: str, timeout: float = 2.0) -> bytes:
+        status, body = await self.request(method, path, timeout=timeout)
+        if not 200 <= status < 300:
+            raise AdminError(f"{method} {path}: HTTP {status}: {body[:200]!r}")
+        return body
+
+    async def stats(self, filter_regex: str, timeout: float = 2.0) -> dict[str, int]:
+        """`GET /stats?usedonly&filter=...` parsed into {name: value} (counters and gauges only)."""
+        body = await self._ok("GET", f"/stats?usedonly&filter={quote(filter_regex)}", timeout=timeout)
+        return parse_stats(body.decode("utf-8", "replace"))
+
+    async def server_state(self, timeout: float = 1.0) -> str:
+        """LIVE, DRAINING, PRE_INITIALIZING or INITIALIZING, from `server.state`."""
+        stats = await self.stats(r"^server\.state$", timeout=timeout)
+        if "server.state" not in stats:
+            raise AdminError("server.state is not yet updated")
+        return SERVER_STATES.get(stats["server.state"], "UNKNOWN")
+
+    async def is_live(self, timeout: float = 1.0) -> bool:
+        try:
+            return await self.server_state(timeout) == "LIVE"
+        except AdminError:
+            return False
+
+    async def drain_listeners(self, *, inbound_only: bool, graceful: bool = True, skip_exit: bool = False) -> None:
+        flags = [
+            name for name, on in (("inboundonly", inbound_only), ("graceful", graceful), ("skip_exit", skip_exit)) if on
+        ]
+        path = "/drain_listeners" + ("?" + "&".join(flags) if flags else "")
+        await self._ok("POST", path)
+
+
+def parse_stats(text: str) -> dict[str, int]:
+    """Parse admin `/stats` text (`name: value` lines). Histogram lines (non-integer values) are skipped."""
+    values: dict[str, int] = {}
+    for line in text.splitlines():
+        name, sep, value = line.partition(":")
+        if not sep:
+            continue
+        value = value.strip()
+        if value.isdigit():
+            values[name.strip()] = int(value)
+    return values

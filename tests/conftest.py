@@ -1,0 +1,34 @@
+"""Suite-wide rules.
+
+In CI (CI=true) a skipped test that needs root, network namespaces, a real Envoy or the conformance data is a
+failure: those are the tests that prove the agent works, and a machine that cannot run them must not pass.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Generator
+
+import pytest
+
+MUST_RUN_IN_CI = {"envoy", "root", "netns", "conformance"}
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    report = yield
+    if os.environ.get("CI") != "true" or not report.skipped:
+        return report
+    markers = {mark.name for mark in item.iter_markers()} & MUST_RUN_IN_CI
+    if markers:
+        report.outcome = "failed"
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.longrepr = f"skipped in CI, which must run every {'/'.join(sorted(markers))} test: {reason}"
+    return report
+
+
+def require_root() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
