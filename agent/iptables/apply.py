@@ -1,0 +1,432 @@
+"""Applying the rules to the current network namespace, safely.
+
+Per address family: read the state (`iptables-save`), decide (nothing there -> install; our chains there and equal
+-> nothing to do; there but different -> replace with --reconcile/--force-apply, else refuse), then one
+`iptables-restore --noflush` carrying the whole change.
+
+Atomicity: iptables-restore commits each `*table ... COMMIT` block on its own (measured here with the nf_tables
+backend: a failing nat block leaves an earlier mangle block applied), so one restore is atomic per table only.
+Before writing we snapshot the tables we touch; if any step fails (a table the kernel refuses, `ip rule` failing)
+every touched table of every family is restored from the snapshot with a flushing `iptables-restore`, and the
+namespace is as it was.
+
+Effects go through a `Runner`, so tests can record what would run (`RecordingRunner`) or run it for real.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from agent.errors import AgentError, ExitCode
+from agent.iptables.config import CaptureConfig
+from agent.iptables.rules import BUILTIN_CHAINS, TABLE_ORDER, V4, V6, Rule, build_rules, chains_by_table
+
+log = logging.getLogger("agent.iptables")
+
+CAP_NET_ADMIN = 12
+
+
+class IptablesError(AgentError):
+    exit_code = ExitCode.IPTABLES_FAILED
+
+
+@dataclass(frozen=True)
+class Result:
+    returncode: int
+    stdout: str = ""
+    stderr: str = ""
+
+
+class Runner(Protocol):
+    def run(self, argv: Sequence[str], stdin: str | None = None) -> Result: ...
+
+    def which(self, name: str) -> str | None: ...
+
+
+class SubprocessRunner:
+    """Runs the real binaries. A missing binary is a Result with code 127, never an exception."""
+
+    def __init__(self, timeout: float = 30.0) -> None:
+        self.timeout = timeout
+
+    def run(self, argv: Sequence[str], stdin: str | None = None) -> Result:
+        try:
+            done = subprocess.run(
+                list(argv), input=stdin, capture_output=True, text=True, timeout=self.timeout, check=False
+            )
+        except FileNotFoundError:
+            return Result(127, "", f"{argv[0]}: not found")
+        except subprocess.TimeoutExpired:
+            return Result(124, "", f"{argv[0]}: timed out after {self.timeout}s")
+        return Result(done.returncode, done.stdout, done.stderr)
+
+    def which(self, name: str) -> str | None:
+        return shutil.which(name)
+
+
+@dataclass
+class RecordingRunner:
+    """Records every call; answers from `responses` (first matching argv prefix) or with success."""
+
+    available: frozenset[str] = frozenset()
+    responses: list[tuple[tuple[str, ...], Result]] = field(default_factory=list)
+    calls: list[tuple[tuple[str, ...], str | None]] = field(default_factory=list)
+
+    def run(self, argv: Sequence[str], stdin: str | None = None) -> Result:
+        self.calls.append((tuple(argv), stdin))
+        for prefix, result in self.responses:
+            if tuple(argv[: len(prefix)]) == prefix:
+                return result
+        return Result(0)
+
+    def which(self, name: str) -> str | None:
+        return f"/usr/sbin/{name}" if name in self.available else None
+
+
+def require_privileges() -> None:
+    """Root, or at least CAP_NET_ADMIN in the effective set (what istio-init's securityContext grants)."""
+    if os.geteuid() == 0:
+        return
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("CapEff:") and int(line.split()[1], 16) >> CAP_NET_ADMIN & 1:
+                    return
+    except OSError:
+        pass
+    raise AgentError(
+        f"istio-iptables must run as root or with CAP_NET_ADMIN (running as uid {os.geteuid()})",
+        ExitCode.NOT_PERMITTED,
+    )
+
+
+@dataclass(frozen=True)
+class Binaries:
+    save: str
+    restore: str
+    iptables: str
+    backend: str
+
+
+def detect_binaries(runner: Runner, version: int) -> Binaries:
+    """nft or legacy: the backend that already holds rules wins (kube-proxy or the CNI chose it for the node);
+    with no rules anywhere, nft. Plain `iptables` (whatever it points to) when no variant is installed."""
+    base = "iptables" if version == V4 else "ip6tables"
+    variants = [
+        v for v in ("nft", "legacy") if runner.which(f"{base}-{v}-restore") and runner.which(f"{base}-{v}-save")
+    ]
+    if len(variants) == 2:
+        counts = {v: _rule_count(runner.run([f"{base}-{v}-save"]).stdout) for v in variants}
+        variants = ["legacy"] if counts["legacy"] > 0 and counts["nft"] == 0 else ["nft"]
+    if variants:
+        v = variants[0]
+        return Binaries(f"{base}-{v}-save", f"{base}-{v}-restore", f"{base}-{v}", v)
+    if runner.which(f"{base}-restore") and runner.which(f"{base}-save"):
+        return Binaries(f"{base}-save", f"{base}-restore", base, "default")
+    raise IptablesError(f"{base}-restore and {base}-save not found in PATH: is iptables installed?")
+
+
+def _rule_count(save_text: str) -> int:
+    return sum(1 for line in save_text.splitlines() if line.startswith("-A "))
+
+
+@dataclass
+class TableState:
+    chains: list[str] = field(default_factory=list)
+    rules: list[str] = field(default_factory=list)  # "-A CHAIN ..." lines as iptables-save prints them
+
+
+def parse_save(text: str) -> dict[str, TableState]:
+    tables: dict[str, TableState] = {}
+    current: TableState | None = None
+    for line in text.splitlines():
+        if line.startswith("*"):
+            current = tables.setdefault(line[1:].strip(), TableState())
+        elif current is None or line.startswith("#") or line == "COMMIT":
+            continue
+        elif line.startswith(":"):
+            current.chains.append(line[1:].split()[0])
+        elif line.startswith("-A "):
+            current.rules.append(line)
+    return tables
+
+
+def split_tables(text: str) -> dict[str, str]:
+    """iptables-save text -> {table: its block, ready for a flushing iptables-restore}."""
+    blocks: dict[str, list[str]] = {}
+    current: list[str] | None = None
+    for line in text.splitlines():
+        if line.startswith("*"):
+            current = blocks.setdefault(line[1:].strip(), [line])
+        elif current is not None and not line.startswith("#"):
+            current.append(line)
+    return {table: "\n".join(lines) + "\n" for table, lines in blocks.items()}
+
+
+def _is_ours(chain: str) -> bool:
+    return chain.startswith("ISTIO_")
+
+
+def _jumps_to_ours(rule: Rule) -> bool:
+    return len(rule.tokens) >= 2 and rule.tokens[-2] == "-j" and _is_ours(rule.tokens[-1])
+
+
+@dataclass
+class _Family:
+    version: int
+    bins: Binaries
+    before: str
+    state: dict[str, TableState]
+    rules: tuple[Rule, ...]
+
+    @property
+    def name(self) -> str:
+        return "IPv4" if self.version == V4 else "IPv6"
+
+    def residue(self) -> bool:
+        return any(_is_ours(c) for t in self.state.values() for c in t.chains)
+
+
+class Applier:
+    """Plans and performs one run. `apply()` and `cleanup()` return a one-line summary or raise AgentError."""
+
+    def __init__(self, cfg: CaptureConfig, runner: Runner) -> None:
+        self.cfg = cfg
+        self.runner = runner
+        self.ruleset = build_rules(cfg)
+
+    # -- reading -------------------------------------------------------------------------------------------------
+
+    def _family(self, version: int, required: bool) -> _Family | None:
+        try:
+            bins = detect_binaries(self.runner, version)
+        except IptablesError:
+            if required:
+                raise
+            return None
+        saved = self.runner.run([bins.save])
+        if saved.returncode != 0:
+            raise IptablesError(f"{bins.save} failed ({saved.returncode}): {_first_line(saved.stderr)}")
+        return _Family(version, bins, saved.stdout, parse_save(saved.stdout), self.ruleset.family(version))
+
+    def _families(self, include_unused_v6: bool) -> list[_Family]:
+        families = [self._family(V4, required=True)]
+        if self.cfg.enable_ipv6 or include_unused_v6:
+            families.append(self._family(V6, required=self.cfg.enable_ipv6))
+        return [f for f in families if f is not None]
+
+    def _matches(self, fam: _Family) -> bool:
+        """Our chains hold exactly the wanted rules: same chains, same rule counts, and every rule present (-C,
+        checked by iptables itself in one restore that commits nothing)."""
+        wanted = chains_by_table(fam.rules)
+        for table in TABLE_ORDER:
+            have = [c for c in fam.state.get(table, TableState()).chains if _is_ours(c)]
+            if sorted(have) != sorted(wanted.get(table, [])):
+                return False
+            rules = fam.state.get(table, TableState()).rules
+            for chain in have:
+                expected = sum(1 for r in fam.rules if r.table == table and r.chain == chain)
+                if sum(1 for line in rules if line.split()[1] == chain) != expected:
+                    return False
+        check = _check_text(fam.rules)
+        return self.runner.run([fam.bins.restore, "--noflush"], check).returncode == 0
+
+    def _existing_builtin_rules(self, fam: _Family, rules: Sequence[Rule]) -> list[Rule]:
+        """Our rules in built-in chains that are present now (iptables -C: the kernel's own comparison)."""
+        present = []
+        for rule in rules:
+            if rule.chain in BUILTIN_CHAINS:
+                argv = [fam.bins.iptables, "-t", rule.table, "-C", rule.chain, *rule.spec]
+                if self.runner.run(argv).returncode == 0:
+                    present.append(rule)
+        return present
+
+    def _removal_lines(self, fam: _Family) -> dict[str, list[str]]:
+        """Per table: delete our rules from built-in chains, flush and delete every ISTIO_* chain."""
+        out: dict[str, list[str]] = {}
+        jumps_removed: set[tuple[str, str]] = set()
+        for table, state in fam.state.items():
+            for line in state.rules:
+                words = line.split()
+                if words[1] in BUILTIN_CHAINS and "-j" in words and _is_ours(words[words.index("-j") + 1]):
+                    out.setdefault(table, []).append("-D" + line[2:])
+                    jumps_removed.add((table, words[1]))
+        # Rules of ours that do not jump to an ISTIO_* chain (RETURN for excluded NICs, TPROXY marks).
+        plain = [r for r in fam.rules if r.chain in BUILTIN_CHAINS and not _jumps_to_ours(r)]
+        for rule in self._existing_builtin_rules(fam, plain):
+            out.setdefault(rule.table, []).append(" ".join(("-D", rule.chain, *rule.spec)))
+        for table, state in fam.state.items():
+            ours = [c for c in state.chains if _is_ours(c)]
+            out.setdefault(table, []).extend(f"-F {c}" for c in ours)
+            out[table].extend(f"-X {c}" for c in ours)
+        return {t: lines for t, lines in out.items() if lines}
+
+    # -- writing -------------------------------------------------------------------------------------------------
+
+    def apply(self) -> str:
+        families = self._families(include_unused_v6=False)
+        scripts: list[tuple[_Family, str]] = []
+        unchanged = []
+        for fam in families:
+            if fam.residue():
+                same = self._matches(fam)
+                if same and not self.cfg.force_apply:
+                    unchanged.append(fam.name)
+                    continue
+                if not (self.cfg.reconcile or self.cfg.force_apply):
+                    raise IptablesError(
+                        f"{fam.name}: ISTIO_* chains already exist and differ from the requested rules; left as they "
+                        "are (rerun with --reconcile to replace them)"
+                    )
+                scripts.append((fam, _merge(self._removal_lines(fam), fam.rules, replacing=True, state=fam.state)))
+            else:
+                scripts.append((fam, _merge({}, fam.rules, replacing=False, state=fam.state)))
+        routes = self._route_steps(install=True)
+        self._transaction(scripts, routes)
+        done = [f.name for f, _ in scripts]
+        parts = []
+        if done:
+            parts.append(f"installed Istio capture rules ({', '.join(done)}, {families[0].bins.backend} backend)")
+        if unchanged:
+            parts.append(f"rules already in place, nothing changed ({', '.join(unchanged)})")
+        return "; ".join(parts)
+
+    def cleanup(self) -> str:
+        families = self._families(include_unused_v6=True)
+        scripts = []
+        for fam in families:
+            lines = self._removal_lines(fam)
+            if lines:
+                scripts.append((fam, _merge(lines, (), replacing=True, state=fam.state)))
+        routes = self._route_steps(install=False)
+        self._transaction(scripts, routes)
+        removed = ", ".join(f.name for f, _ in scripts) or "none found"
+        return f"removed Istio capture rules ({removed})"
+
+    def _transaction(self, scripts: Sequence[tuple[_Family, str]], routes: Sequence[Callable[[], None]]) -> None:
+        applied: list[_Family] = []
+        try:
+            for fam, script in scripts:
+                if not script:
+                    continue
+                applied.append(fam)
+                done = self.runner.run([fam.bins.restore, "--noflush"], script)
+                if done.returncode != 0:
+                    raise IptablesError(
+                        f"{fam.bins.restore} failed ({done.returncode}): {_restore_error(done.stderr)}; "
+                        "rules restored to their previous state"
+                    )
+            for step in routes:
+                step()
+        except AgentError:
+            self._rollback(applied, scripts)
+            raise
+
+    def _rollback(self, applied: Sequence[_Family], scripts: Sequence[tuple[_Family, str]]) -> None:
+        script_of = {id(f): s for f, s in scripts}
+        for fam in applied:
+            touched = {line[1:].strip() for line in script_of[id(fam)].splitlines() if line.startswith("*")}
+            blocks = split_tables(fam.before)
+            text = "".join(blocks.get(t, f"*{t}\nCOMMIT\n") for t in TABLE_ORDER if t in touched)
+            undo = self.runner.run([fam.bins.restore], text)
+            if undo.returncode != 0:
+                log.error("rollback of %s failed: %s", fam.name, _first_line(undo.stderr))
+
+    # -- TPROXY policy routing ---------------------------------------------------------------------------------
+
+    def _route_steps(self, install: bool) -> list[Callable[[], None]]:
+        if not self.cfg.tproxy:
+            return []
+        steps: list[Callable[[], None]] = []
+        families = ["-4"] + (["-6"] if self.cfg.enable_ipv6 else [])
+        mark, table = self.cfg.tproxy_mark, self.cfg.tproxy_route_table
+        for fam in families:
+            verb = "add" if install else "del"
+            rule = ["rule", verb, "fwmark", mark, "lookup", table]
+            route = ["route", verb, "local", "default", "dev", "lo", "table", table]
+            steps.append(self._ip_step(fam, rule, install))
+            steps.append(self._ip_step(fam, route, install))
+        return steps
+
+    def _ip_step(self, fam: str, args: list[str], install: bool) -> Callable[[], None]:
+        def step() -> None:
+            show = ["ip", fam, args[0], "show"] + (["table", args[-1]] if args[0] == "route" else [])
+            listed = self.runner.run(show)
+            if listed.returncode == 127:
+                raise IptablesError("the ip command (iproute2) is needed for TPROXY mode and was not found")
+            present = _route_present(listed.stdout, args)
+            if present == install:
+                return
+            done = self.runner.run(["ip", fam, *args])
+            if done.returncode != 0:
+                raise IptablesError(f"ip {fam} {' '.join(args)} failed: {_first_line(done.stderr)}")
+
+        return step
+
+
+def _route_present(listing: str, args: list[str]) -> bool:
+    if args[0] == "rule":
+        mark = int(args[3])
+        wanted = {f"fwmark {hex(mark)} lookup {args[5]}", f"fwmark {mark} lookup {args[5]}"}
+        return any(w in line for line in listing.splitlines() for w in wanted)
+    return any(line.startswith("local default dev lo") for line in listing.splitlines())
+
+
+def _check_text(rules: Sequence[Rule]) -> str:
+    lines: list[str] = []
+    for table in TABLE_ORDER:
+        body = [" ".join(("-C", r.chain, *r.spec)) for r in rules if r.table == table]
+        if body:
+            lines += [f"*{table}", *body, "COMMIT"]
+    return "\n".join(lines) + "\n"
+
+
+def _merge(removal: dict[str, list[str]], rules: Sequence[Rule], replacing: bool, state: dict[str, TableState]) -> str:
+    """One restore script: per table, the removal lines, then chain creation and the rules."""
+    del replacing
+    wanted = chains_by_table(rules)
+    lines: list[str] = []
+    for table in TABLE_ORDER:
+        remove = removal.get(table, [])
+        body = list(remove)
+        # A chain we just flushed and deleted is created again; keeping -X then -N inside one table commit is fine
+        # for both backends (the whole block is one transaction).
+        body += [f"-N {chain}" for chain in wanted.get(table, [])]
+        body += [r.line() for r in rules if r.table == table]
+        if body:
+            lines += [f"*{table}", *body, "COMMIT"]
+    del state
+    return "\n".join(lines) + "\n" if lines else ""
+
+
+def cleanup_plan_lines(cfg: CaptureConfig) -> list[str]:
+    """Dry-run of --cleanup-only: the commands Istio would try, in its order (rules undone in reverse, then chains)."""
+    ruleset = build_rules(cfg)
+    out: list[str] = []
+    for version, binary in ((V4, "iptables"), (V6, "ip6tables")):
+        rules = ruleset.family(version)
+        for rule in reversed(rules):
+            if rule.chain in BUILTIN_CHAINS:
+                out.append(" ".join((binary, "-t", rule.table, "-D", rule.chain, *rule.spec)))
+        for table, chains in chains_by_table(rules).items():
+            for chain in chains:
+                out.append(f"{binary} -t {table} -F {chain}")
+                out.append(f"{binary} -t {table} -X {chain}")
+    return out
+
+
+def _first_line(text: str) -> str:
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return lines[0] if lines else "(no error output)"
+
+
+def _restore_error(stderr: str) -> str:
+    # iptables-restore prints the reason and then "Error occurred at line: N" and a help hint; keep the useful part.
+    lines = [ln.strip() for ln in stderr.strip().splitlines() if ln.strip() and not ln.startswith("Try `")]
+    return " / ".join(lines[:3]) if lines else "(no error output)"
