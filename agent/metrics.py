@@ -50,4 +50,11 @@ class AgentMetrics:
             ["stage"],
             registry=r,
         )
+        # Status server (merged scrape): what the merge left out to keep the output a valid exposition.
+        self.scrape_dropped = Counter(
+            "istio_agent_scrape_dropped",
+            "Parts of a source left out of a merged scrape, by source type and reason (duplicate_family, invalid_line).",
+            ["type", "reason"],
+            registry=r,
+        )
         self.envoy_ready = Gauge("istio_agent_envoy_ready", "1 when the readiness probe passes, else 0.", registry=r)

@@ -1,0 +1,256 @@
+"""Pure helpers of the metrics merge: Accept negotiation and a streaming line filter that keeps the merge valid.
+
+Why a filter at all: Istio concatenates the agent's, Envoy's and the application's bodies. When the application
+exposes a family the agent or Envoy also has (an app embedding an Envoy, an app reusing `istio_` names, two
+targets of the same exporter), the result has two `# TYPE` lines for one name and Prometheus rejects the whole
+scrape. Here each source is streamed line by line through `FamilyFilter`:
+
+* A *family* starts at a `# HELP`/`# TYPE`/`# UNIT` line naming a new name, or at a sample whose name is not one
+  of the current family's sample names (an untyped family). Its *claims* are the names it may produce: the family
+  name plus its type's sample names (`_total`, `_created`, `_bucket`, `_count`, `_sum`, `_gcount`, `_gsum`,
+  `_info`), so text and OpenMetrics spellings of one family collide as Prometheus would see them.
+* A family whose claims meet a name claimed by an EARLIER source is dropped whole (HELP, TYPE and samples): the
+  earlier source wins, agent > Envoy > application, in the order of the output. Only the claimed names of the
+  sources before the last are kept in memory, never samples.
+* An application source is untrusted: each sample line is checked against the exposition grammar; a bad line is
+  dropped (counted), and a source whose first line is bad is garbage and left out whole.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+TEXT_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+OPENMETRICS_1 = "application/openmetrics-text; version=1.0.0; charset=utf-8"
+OPENMETRICS_0 = "application/openmetrics-text; version=0.0.1; charset=utf-8"
+TEXT_ACCEPT = "text/plain;version=0.0.4"
+
+_NAME = rb"[a-zA-Z_:][a-zA-Z0-9_:]*"
+_LABEL = rb'[ \t]*[a-zA-Z_][a-zA-Z0-9_]*[ \t]*=[ \t]*"[^"\\\n]*(?:\\[\\"n][^"\\\n]*)*"[ \t]*'
+_LABELS = rb"\{(?:" + _LABEL + rb"(?:," + _LABEL + rb")*,?)?[ \t]*\}"
+_FLOAT = (
+    rb"[-+]?(?:(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?|[Ii][Nn][Ff](?:[Ii][Nn][Ii][Tt][Yy])?|[Nn][Aa][Nn])"
+)
+# Text 0.0.4: integer millisecond timestamps. OpenMetrics: float seconds and optional exemplars.
+_TEXT_SAMPLE = re.compile(rb"(" + _NAME + rb")(?:" + _LABELS + rb")?[ \t]+" + _FLOAT + rb"(?:[ \t]+-?[0-9]+)?[ \t]*")
+_OM_SAMPLE = re.compile(
+    rb"(" + _NAME + rb")(?:" + _LABELS + rb")? " + _FLOAT + rb"(?: " + _FLOAT + rb")?"
+    rb"(?: # " + _LABELS + rb" " + _FLOAT + rb"(?: " + _FLOAT + rb")?)?"
+)
+_NAME_PREFIX = re.compile(_NAME)
+_NAME_FULL = re.compile(_NAME + rb"$")
+_HELP_TEXT = re.compile(rb"(?:[^\\\n]|\\[\\n\"])*$")
+
+_SUFFIXES: dict[bytes | None, tuple[bytes, ...]] = {
+    b"counter": (b"", b"_total", b"_created"),
+    b"histogram": (b"_bucket", b"_count", b"_sum", b"_created"),
+    b"gaugehistogram": (b"_bucket", b"_gcount", b"_gsum"),
+    b"summary": (b"", b"_count", b"_sum", b"_created"),
+    b"info": (b"_info",),
+}
+_TEXT_TYPES = {b"counter", b"gauge", b"histogram", b"summary", b"untyped"}
+_OM_TYPES = {b"counter", b"gauge", b"histogram", b"gaugehistogram", b"summary", b"info", b"stateset", b"unknown"}
+
+
+def sample_names(name: bytes, kind: bytes | None) -> frozenset[bytes]:
+    return frozenset(name + suffix for suffix in _SUFFIXES.get(kind, (b"",)))
+
+
+class SourceGarbage(Exception):
+    """The source's first line is not exposition text (an HTML page, random bytes...): leave it out whole."""
+
+
+@dataclass
+class FamilyFilter:
+    """Filter one source's lines into the merged output. Feed complete lines (without their newline)."""
+
+    claimed: frozenset[bytes] | set[bytes]
+    openmetrics: bool
+    validate: bool = True
+    # Whether this source's claims must be kept for the sources after it (False for the last source: memory).
+    record: bool = True
+    new_claims: set[bytes] = field(default_factory=set)
+    dropped_families: int = 0
+    invalid_lines: int = 0
+    _name: bytes | None = None
+    _kind: bytes | None = None
+    _allowed: frozenset[bytes] = frozenset()
+    _keep: bool = True
+    _decided: bool = True
+    _pending: list[bytes] = field(default_factory=list)
+    _started: bool = False
+
+    def feed(self, lines: list[bytes], out: list[bytes]) -> None:
+        sample_re = _OM_SAMPLE if self.openmetrics else _TEXT_SAMPLE
+        for line in lines:
+            if not line:
+                continue  # blank lines: allowed in text, not in OpenMetrics; never needed
+            if line[0] == 35:  # "#"
+                self._comment(line, out)
+                continue
+            if self.validate:
+                match = sample_re.fullmatch(line)
+                if match is None or not (line.isascii() or _utf8(line)):
+                    self._bad(line)
+                    continue
+                name = match.group(1)
+            else:
+                prefix = _NAME_PREFIX.match(line)
+                if prefix is None:
+                    continue
+                name = prefix.group()
+            self._started = True
+            if not self._decided:
+                self._decide(out)
+            if name not in self._allowed:
+                self._new_family(name, out)
+                self._decide(out)
+            if self._keep:
+                out.append(line)
+
+    def finish(self, out: list[bytes]) -> None:
+        if not self._decided:
+            self._decide(out)
+
+    def _bad(self, line: bytes) -> None:
+        if not self._started:
+            raise SourceGarbage(f"not exposition text: {line[:80]!r}")
+        self.invalid_lines += 1
+
+    def _comment(self, line: bytes, out: list[bytes]) -> None:
+        parts = line.split(None, 3)
+        keyword = parts[1] if len(parts) > 1 else b""
+        if keyword not in (b"HELP", b"TYPE", b"UNIT") or len(parts) < 3:
+            # `# EOF` of each source is stripped (one is appended at the end); free comments carry no data and
+            # OpenMetrics forbids them.
+            return
+        name = parts[2]
+        rest = parts[3] if len(parts) > 3 else b""
+        if self.validate and not _NAME_FULL.match(name):
+            self._bad(line)
+            return
+        if keyword == b"TYPE":
+            kind = rest.strip()
+            if kind not in _OM_TYPES and kind not in _TEXT_TYPES:
+                self._bad(line)
+                return
+            line = self._retype(name, kind)
+        elif keyword == b"HELP":
+            if self.validate and not (_HELP_TEXT.match(rest) and (rest.isascii() or _utf8(rest))):
+                self._bad(line)
+                return
+        elif not self.openmetrics:
+            line = b""  # `# UNIT` means nothing to the text format
+        self._started = True
+        if name != self._name:
+            self.finish(out)
+            self._new_family(name, out)
+        if keyword == b"TYPE" and not self._decided:
+            self._kind = b"untyped" if rest.strip() == b"unknown" else rest.strip()
+            if line:
+                self._pending.append(line)
+            self._decide(out)
+            return
+        if not line:
+            return
+        if self._decided:
+            if self._keep:
+                out.append(line)
+        else:
+            self._pending.append(line)
+
+    def _retype(self, name: bytes, kind: bytes) -> bytes:
+        """The TYPE line as the output format spells it; b"" when the output format has no such type."""
+        if self.openmetrics:
+            kind = b"unknown" if kind == b"untyped" else kind
+        else:
+            kind = b"untyped" if kind == b"unknown" else kind
+            if kind not in _TEXT_TYPES:
+                return b""  # info/stateset/gaugehistogram from an OpenMetrics source merged as text: untyped
+        return b"# TYPE " + name + b" " + kind
+
+    def _new_family(self, name: bytes, out: list[bytes]) -> None:
+        self._name = name
+        self._kind = None
+        self._decided = False
+        self._pending = []
+
+    def _decide(self, out: list[bytes]) -> None:
+        assert self._name is not None
+        allowed = sample_names(self._name, self._kind)
+        claims = allowed | {self._name}
+        self._allowed = allowed
+        self._keep = claims.isdisjoint(self.claimed)
+        self._decided = True
+        if self._keep:
+            out.extend(self._pending)
+            if self.record:
+                self.new_claims |= claims
+        else:
+            self.dropped_families += 1
+        self._pending = []
+
+
+def _utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+@dataclass(frozen=True)
+class Negotiated:
+    """What to ask each source for, given the scraper's Accept header."""
+
+    app_accept: str
+    wants_openmetrics: bool
+
+
+def negotiate(accept: str | None) -> Negotiated:
+    """Istio's allowedContentTypes: keep OpenMetrics and text entries (with their q), map wildcards, default text."""
+    kept: list[tuple[float, str]] = []
+    for position, entry in enumerate((accept or "").split(",")):
+        media, *params = [p.strip() for p in entry.split(";")]
+        media = media.lower()
+        q = 1.0
+        others = []
+        for param in params:
+            key, _, value = param.partition("=")
+            if key.strip().lower() == "q":
+                try:
+                    q = float(value)
+                except ValueError:
+                    q = 0.0
+            elif param:
+                others.append(param)
+        if q <= 0:
+            continue
+        if media in ("*", "*/*", "text/*"):
+            media, others = "text/plain", ["version=0.0.4"]
+        elif media == "application/*":
+            media, others = "application/openmetrics-text", ["version=0.0.1"]
+        elif media not in ("text/plain", "application/openmetrics-text"):
+            continue
+        kept.append((-q + position * 1e-6, ";".join([media, *others, f"q={q:g}"])))
+    if not kept:
+        return Negotiated(TEXT_ACCEPT, False)
+    kept.sort()
+    header = ",".join(entry for _, entry in kept)
+    return Negotiated(header, "application/openmetrics-text" in header)
+
+
+def response_is_openmetrics(content_type: str) -> bool:
+    return content_type.strip().lower().startswith("application/openmetrics-text")
+
+
+def output_content_type(app_content_types: list[str | None]) -> str:
+    """Istio's rule: no application -> text; else the first answering target's format; any disagreement -> text."""
+    answered = [ct for ct in app_content_types if ct is not None]
+    if not answered:
+        return TEXT_CONTENT_TYPE
+    formats = {response_is_openmetrics(ct) for ct in answered}
+    if formats != {True}:
+        return TEXT_CONTENT_TYPE
+    return OPENMETRICS_0 if "version=0.0.1" in answered[0].replace(" ", "") else OPENMETRICS_1

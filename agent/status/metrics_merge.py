@@ -1,0 +1,234 @@
+"""`/stats/prometheus` and `/metrics`: the agent's registry, then Envoy's, then the application's, as one exposition.
+
+Istio's contract kept: sources are fetched concurrently; a failed or slow source is counted in
+`istio_agent_scrape_failures_total{type}` and left out while the rest is served with 200; the per-source deadline
+comes from `X-Prometheus-Scrape-Timeout-Seconds`; Accept is negotiated (text 0.0.4 or OpenMetrics with one `# EOF`
+last); gzip when asked; a size cap per source.
+
+Beyond Istio: bodies are STREAMED (a chunk in, its complete lines filtered, written out), so memory stays bounded
+whatever a source sends, and `exposition.FamilyFilter` keeps the output valid when sources repeat a family.
+Streaming has one consequence: a source that fails half way (cap reached, deadline passed, connection lost) cannot
+be taken back; its output ends at its last complete line, and the failure is counted like any other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+import aiohttp
+from aiohttp import web
+from prometheus_client import exposition as text_exposition
+from prometheus_client.openmetrics import exposition as om_exposition
+
+from agent.metrics import AgentMetrics
+from agent.status.exposition import (
+    TEXT_ACCEPT,
+    FamilyFilter,
+    SourceGarbage,
+    negotiate,
+    output_content_type,
+    response_is_openmetrics,
+)
+from agent.status.settings import StatusSettings
+
+log = logging.getLogger("agent.status")
+
+TIMEOUT_HEADER = "X-Prometheus-Scrape-Timeout-Seconds"
+# A single line longer than this is not metrics; stop reading the source instead of buffering it.
+MAX_LINE = 1024 * 1024
+
+
+@dataclass
+class Upstream:
+    kind: str  # "envoy" or "application": the `type` label of scrape failures
+    url: str
+    response: aiohttp.ClientResponse | None = None
+
+
+class _ClientGone(Exception):
+    """Writing to the scraper failed: it hung up. Not a source failure; nothing left to do."""
+
+
+async def _write(response: web.StreamResponse, data: bytes) -> None:
+    try:
+        await response.write(data)
+    except (ConnectionError, RuntimeError) as exc:  # aiohttp: reset, or "Cannot write to closing transport"
+        raise _ClientGone(str(exc)) from exc
+
+
+class MetricsMerger:
+    """Serves the merged scrape. Owns nothing but a reference to the server's client session."""
+
+    def __init__(self, settings: StatusSettings, metrics: AgentMetrics, session: aiohttp.ClientSession) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.session = session
+
+    def _timeout(self, request: web.Request) -> float:
+        raw = request.headers.get(TIMEOUT_HEADER)
+        if raw:
+            try:
+                value = float(raw)
+            except ValueError:
+                value = 0.0
+            if value > 0:
+                # Leave a margin to write the answer before Prometheus itself gives up on us.
+                return max(value - 0.25, value * 0.5)
+        return self.settings.default_scrape_timeout
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        self.metrics.scrapes.inc()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._timeout(request)
+        negotiated = negotiate(request.headers.get("Accept"))
+        forward = {"User-Agent": request.headers.get("User-Agent", "pilot-agent")}
+        if TIMEOUT_HEADER in request.headers:
+            forward[TIMEOUT_HEADER] = request.headers[TIMEOUT_HEADER]
+        upstreams: list[Upstream] = []
+        if self.settings.merge_envoy_stats:
+            query = f"?{request.query_string}" if request.query_string else ""
+            port = self.settings.envoy_prometheus_port
+            upstreams.append(Upstream("envoy", f"http://127.0.0.1:{port}/stats/prometheus{query}"))
+        host = self.settings.probe_host
+        host = f"[{host}]" if ":" in host else host
+        for target in self.settings.scrape_targets:
+            upstreams.append(Upstream("application", f"http://{host}:{target.port}{target.path}"))
+        try:
+            await asyncio.gather(
+                *(
+                    self._open(
+                        u, {**forward, "Accept": negotiated.app_accept if u.kind != "envoy" else TEXT_ACCEPT}, deadline
+                    )
+                    for u in upstreams
+                )
+            )
+            app_types = [
+                u.response.headers.get("Content-Type", "") if u.response is not None else None
+                for u in upstreams
+                if u.kind == "application"
+            ]
+            content_type = output_content_type(app_types)
+            openmetrics = response_is_openmetrics(content_type)
+            response = web.StreamResponse(status=200, headers={"Content-Type": content_type})
+            if "gzip" in request.headers.get("Accept-Encoding", "").lower():
+                response.enable_compression(web.ContentCoding.gzip)
+            await response.prepare(request)
+            claimed: set[bytes] = set()
+            await self._write_agent(response, claimed, openmetrics)
+            for index, upstream in enumerate(upstreams):
+                if upstream.response is not None:
+                    last = index == len(upstreams) - 1
+                    await self._stream(
+                        upstream, response, claimed, openmetrics=openmetrics, deadline=deadline, last=last
+                    )
+            if openmetrics:
+                await _write(response, b"# EOF\n")
+            await response.write_eof()
+            return response
+        except _ClientGone:
+            log.debug("scraper hung up during a merged scrape")
+            return response
+        finally:
+            for upstream in upstreams:
+                if upstream.response is not None:
+                    upstream.response.close()
+
+    def _fail(self, kind: str, what: str) -> None:
+        self.metrics.scrape_failures.labels(kind).inc()
+        log.warning("failed scraping %s metrics: %s", kind, what)
+
+    async def _open(self, upstream: Upstream, headers: dict[str, str], deadline: float) -> None:
+        try:
+            async with asyncio.timeout_at(deadline):
+                response = await self.session.get(upstream.url, headers=headers)
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            self._fail(upstream.kind, f"{upstream.url}: {type(exc).__name__}: {exc}")
+            return
+        if response.status != 200:
+            response.close()
+            self._fail(upstream.kind, f"{upstream.url}: HTTP {response.status}")
+            return
+        upstream.response = response
+
+    async def _write_agent(self, response: web.StreamResponse, claimed: set[bytes], openmetrics: bool) -> None:
+        try:
+            if openmetrics:
+                body = om_exposition.generate_latest(self.metrics.registry)  # type: ignore[no-untyped-call]
+            else:
+                body = text_exposition.generate_latest(self.metrics.registry)
+        except Exception as exc:  # a broken custom collector must not cost Envoy's and the app's metrics
+            self._fail("agent", f"{type(exc).__name__}: {exc}")
+            return
+        filt = FamilyFilter(claimed, openmetrics, validate=False)
+        out: list[bytes] = []
+        filt.feed(body.split(b"\n"), out)
+        filt.finish(out)
+        claimed |= filt.new_claims
+        if out:
+            await _write(response, b"\n".join(out) + b"\n")
+
+    async def _stream(
+        self,
+        upstream: Upstream,
+        response: web.StreamResponse,
+        claimed: set[bytes],
+        *,
+        openmetrics: bool,
+        deadline: float,
+        last: bool,
+    ) -> None:
+        assert upstream.response is not None
+        source = upstream.response
+        # Envoy's body is trusted (our own proxy); the application's is checked line by line.
+        filt = FamilyFilter(frozenset(claimed), openmetrics, validate=upstream.kind != "envoy", record=not last)
+        cap = self.settings.source_cap_bytes
+        total = 0
+        carry = b""
+        out: list[bytes] = []
+        failure: str | None = None
+        try:
+            while True:
+                async with asyncio.timeout_at(deadline):
+                    chunk = await source.content.readany()
+                if not chunk:
+                    break
+                total += len(chunk)
+                if total > cap:
+                    failure = f"{upstream.url}: body exceeds the {cap}-byte cap; truncated"
+                    break
+                lines = (carry + chunk).split(b"\n")
+                carry = lines.pop()
+                if len(carry) > MAX_LINE:
+                    failure = f"{upstream.url}: a line longer than {MAX_LINE} bytes; truncated"
+                    break
+                filt.feed(lines, out)
+                if out:
+                    out.append(b"")
+                    await _write(response, b"\n".join(out))
+                    out.clear()
+            if failure is None and carry:
+                filt.feed([carry], out)
+        except SourceGarbage as exc:
+            failure = f"{upstream.url}: {exc}"
+        except TimeoutError:
+            failure = f"{upstream.url}: deadline passed after {total} bytes; truncated"
+        except (aiohttp.ClientError, OSError) as exc:
+            failure = f"{upstream.url}: {type(exc).__name__}: {exc}; truncated"
+        filt.finish(out)
+        if out:
+            out.append(b"")
+            await _write(response, b"\n".join(out))
+        if failure is not None:
+            self._fail(upstream.kind, failure)
+        if filt.dropped_families or filt.invalid_lines:
+            self.metrics.scrape_dropped.labels(upstream.kind, "duplicate_family").inc(filt.dropped_families)
+            self.metrics.scrape_dropped.labels(upstream.kind, "invalid_line").inc(filt.invalid_lines)
+            log.debug(
+                "%s: left out %d families already exposed by an earlier source and %d invalid lines",
+                upstream.url,
+                filt.dropped_families,
+                filt.invalid_lines,
+            )
+        claimed |= filt.new_claims

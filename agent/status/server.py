@@ -1,0 +1,170 @@
+"""The status server on ProxyConfig.statusPort (15020): readiness, merged metrics, app probes, quit and drain.
+
+`StatusServer` owns the server's lifetime, in a fixed order: start = client session, routes, runner, listening
+socket; stop = listening socket and open requests (runner cleanup), then the client session. It is started before
+Envoy (kubelet may probe at once) and stopped after it.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import logging
+import time
+
+import aiohttp
+from aiohttp import web
+
+from agent.errors import AgentError, ExitCode
+from agent.lifecycle import Lifecycle
+from agent.metrics import AgentMetrics
+from agent.proxy.admin import AdminClient, AdminError
+from agent.status.app_probes import AppProber
+from agent.status.metrics_merge import MetricsMerger
+from agent.status.readiness import Readiness
+from agent.status.settings import StatusSettings
+
+log = logging.getLogger("agent.status")
+
+# How long stop() lets in-flight requests (a long scrape) finish before closing their connections.
+SHUTDOWN_GRACE = 1.0
+
+
+def is_loopback(remote: str | None) -> bool:
+    """Istio's IsRequestFromLocalhost: any 127/8 or ::1 peer (IPv4-mapped IPv6 included)."""
+    if not remote:
+        return False
+    try:
+        address = ipaddress.ip_address(remote.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped.is_loopback
+    return address.is_loopback
+
+
+def _forbidden() -> web.Response:
+    return web.Response(status=403, text="Only requests from localhost are allowed")
+
+
+def _method_not_allowed() -> web.Response:
+    return web.Response(status=405, text="Method Not Allowed")
+
+
+class StatusServer:
+    def __init__(
+        self,
+        settings: StatusSettings,
+        lifecycle: Lifecycle,
+        metrics: AgentMetrics,
+        admin: AdminClient,
+        *,
+        started_at: float | None = None,
+    ) -> None:
+        self.settings = settings
+        self.lifecycle = lifecycle
+        self.metrics = metrics
+        self.admin = admin
+        self.readiness = Readiness.for_envoy(lifecycle, metrics, admin)
+        if started_at is not None:
+            self.readiness.started_at = started_at
+        self.prober = AppProber(settings)
+        self._runner: web.AppRunner | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self.port: int | None = None
+
+    def _app(self, merger: MetricsMerger) -> web.Application:
+        app = web.Application()
+
+        async def stats(request: web.Request) -> web.StreamResponse:
+            if self.settings.metrics_localhost_only and not is_loopback(request.remote):
+                return _forbidden()
+            return await merger.handle(request)
+
+        app.router.add_route("*", "/healthz/ready", self._ready)
+        app.router.add_route("*", "/stats/prometheus", stats)
+        app.router.add_route("*", "/metrics", stats)
+        app.router.add_route("*", "/quitquitquit", self._quit)
+        app.router.add_route("*", "/drain", self._drain)
+        app.router.add_route("*", "/app-health/{tail:.*}", self.prober.handle)
+        app.router.add_route("*", "/app-lifecycle/{tail:.*}", self.prober.handle)
+        return app
+
+    async def start(self) -> None:
+        """Listen on the status port. Raises AgentError(STARTUP_FAILED) when the port cannot be bound."""
+        # Keep-alive to Envoy's prometheus listener and the app: a scrape every few seconds reuses connections.
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=64, ttl_dns_cache=None), timeout=aiohttp.ClientTimeout(total=None)
+        )
+        runner = web.AppRunner(
+            self._app(MetricsMerger(self.settings, self.metrics, self._session)),
+            access_log=None,
+            shutdown_timeout=SHUTDOWN_GRACE,
+        )
+        await runner.setup()
+        site = web.TCPSite(runner, self.settings.listen_host or None, self.settings.status_port)
+        try:
+            await site.start()
+        except OSError as exc:
+            await runner.cleanup()
+            await self._session.close()
+            self._session = None
+            why = "address already in use" if exc.errno == errno.EADDRINUSE else str(exc)
+            raise AgentError(
+                f"status server: cannot listen on port {self.settings.status_port}: {why}",
+                ExitCode.STARTUP_FAILED,
+            ) from None
+        self._runner = runner
+        self.port = self._bound_port(runner)
+        log.info("status server listening on port %d", self.port)
+
+    @staticmethod
+    def _bound_port(runner: web.AppRunner) -> int:
+        for address in runner.addresses:
+            if isinstance(address, tuple) and len(address) >= 2:
+                return int(address[1])
+        raise AgentError("status server: no listening socket", ExitCode.STARTUP_FAILED)
+
+    async def stop(self) -> None:
+        """Stop listening, give open requests SHUTDOWN_GRACE, then close upstream connections. Idempotent."""
+        if self._runner is not None:
+            runner, self._runner = self._runner, None
+            await runner.cleanup()
+        if self._session is not None:
+            session, self._session = self._session, None
+            await session.close()
+
+    async def _ready(self, request: web.Request) -> web.Response:
+        reason = await self.readiness.check()
+        if reason is None:
+            return web.Response(status=200)
+        # Istio answers an empty 503 and keeps the reason in its log; the body here saves a trip to the log.
+        return web.Response(status=503, text=reason + "\n")
+
+    async def _quit(self, request: web.Request) -> web.Response:
+        if not is_loopback(request.remote):
+            return _forbidden()
+        if request.method != "POST":
+            return _method_not_allowed()
+        self.lifecycle.request_shutdown("/quitquitquit called", skip_drain=True)
+        return web.Response(text="OK")
+
+    async def _drain(self, request: web.Request) -> web.Response:
+        """Native-sidecar preStop: drain now, keep Envoy running, and make the later SIGTERM exit without waiting."""
+        if not is_loopback(request.remote):
+            return _forbidden()
+        if request.method != "POST":
+            return _method_not_allowed()
+        started = time.monotonic()
+        try:
+            await self.admin.drain_listeners(
+                inbound_only=self.settings.proxy_type == "sidecar", graceful=True, skip_exit=True
+            )
+        except AdminError as exc:
+            # Still skip the drain at SIGTERM: an Envoy that cannot be asked to drain will not drain by waiting.
+            self.lifecycle.skip_drain = True
+            log.warning("drain requested but Envoy's admin API failed: %s", exc)
+            return web.Response(status=500, text=f"drain failed: {exc}\n")
+        self.lifecycle.skip_drain = True
+        log.info("drain requested: listeners draining (%.3fs)", time.monotonic() - started)
+        return web.Response(text="OK")
