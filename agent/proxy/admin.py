@@ -5,6 +5,7 @@ Every call has a timeout and raises AdminError (never aiohttp's own types) so ca
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from urllib.parse import quote
 
@@ -59,6 +60,30 @@ class AdminClient:
         if "server.state" not in stats:
             raise AdminError("server.state is not yet updated")
         return SERVER_STATES.get(stats["server.state"], "UNKNOWN")
+
+    async def server_info(self, timeout: float = 1.0) -> dict[str, object]:
+        """`GET /server_info` as JSON (state, command_line_options.restart_epoch, ...)."""
+        body = await self._ok("GET", "/server_info", timeout=timeout)
+        try:
+            info = json.loads(body)
+        except ValueError as exc:
+            raise AdminError(f"/server_info: not JSON: {exc}") from exc
+        if not isinstance(info, dict):
+            raise AdminError("/server_info: not a JSON object")
+        return info
+
+    async def live_epoch(self, timeout: float = 1.0) -> int | None:
+        """The restart epoch of the Envoy answering on the admin port when it is LIVE, else None.
+
+        During a hot restart the parent answers until the child takes the admin socket over, so "LIVE" alone does
+        not say which epoch is live; the epoch in the command line does."""
+        try:
+            info = await self.server_info(timeout)
+        except AdminError:
+            return None
+        options = info.get("command_line_options")
+        epoch = options.get("restart_epoch", 0) if isinstance(options, dict) else 0
+        return int(epoch) if info.get("state") == "LIVE" else None
 
     async def is_live(self, timeout: float = 1.0) -> bool:
         try:

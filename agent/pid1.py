@@ -1,0 +1,139 @@
+"""Signals and, when the agent is PID 1, reaping of orphaned zombies.
+
+Signal handlers only enqueue (gunicorn's arbiter, DESIGN habit 3); one task dispatches them:
+- SIGTERM, SIGINT: `lifecycle.request_shutdown(...)`; a second one makes the shutdown immediate.
+- SIGHUP: ask for a hot restart into a new epoch (even if nothing changed).
+- SIGUSR1: forwarded to every Envoy epoch (Envoy reopens its access logs).
+
+Reaping (tini's checklist): processes re-parented to PID 1 become our zombies when they exit. On CPython 3.11,
+asyncio's child watcher waits for each of its children by pid; a `waitpid(-1)` loop here would race it and steal
+exit statuses (then asyncio reports 255). So the reaper never waits on "any child": it lists our zombie children in
+/proc and reaps, by pid, only those that are not the agent's own (the Envoy epochs, validations) and that stayed
+zombies for a grace period (an owner that waits for its child does so within milliseconds).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from agent.lifecycle import Lifecycle
+
+log = logging.getLogger("agent.pid1")
+
+HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
+
+
+class SignalDispatcher:
+    """Installs the handlers on start; `run()` dispatches until cancelled, then restores default handling."""
+
+    def __init__(
+        self,
+        lifecycle: Lifecycle,
+        *,
+        on_hot_restart: Callable[[], None],
+        forward: Callable[[int], None],
+    ) -> None:
+        self.lifecycle = lifecycle
+        self.on_hot_restart = on_hot_restart
+        self.forward = forward
+        self.queue: asyncio.Queue[int] = asyncio.Queue()
+
+    def install(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in HANDLED:
+            loop.add_signal_handler(sig, self.queue.put_nowait, sig)
+
+    def uninstall(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in HANDLED:
+            loop.remove_signal_handler(sig)
+
+    async def run(self) -> None:
+        """Exit paths: only cancellation (the supervisor cancels it when the agent stops)."""
+        while True:
+            self.dispatch(await self.queue.get())
+
+    def dispatch(self, sig: int) -> None:
+        name = signal.Signals(sig).name
+        if sig in (signal.SIGTERM, signal.SIGINT):
+            self.lifecycle.request_shutdown(f"received signal: {name}")
+        elif sig == signal.SIGHUP:
+            log.info("SIGHUP: hot restart requested")
+            self.on_hot_restart()
+        elif sig == signal.SIGUSR1:
+            log.info("SIGUSR1: forwarding to Envoy (reopen access logs)")
+            self.forward(sig)
+
+
+def zombie_children(parent: int, proc: Path = Path("/proc")) -> set[int]:
+    """Pids of `parent`'s children in state Z, read from /proc/<pid>/stat."""
+    zombies: set[int] = set()
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue  # exited and reaped meanwhile
+        # The command name is in parentheses and may contain spaces or ')': split after the last ')'.
+        fields = stat[stat.rfind(")") + 2 :].split()
+        if len(fields) >= 2 and fields[0] == "Z" and int(fields[1]) == parent:
+            zombies.add(int(entry.name))
+    return zombies
+
+
+class OrphanReaper:
+    """Reaps zombies that are not the agent's own children. Run it only when the agent is PID 1 (or a subreaper)."""
+
+    def __init__(self, own_pids: Callable[[], set[int]], *, grace: float = 1.0, interval: float = 1.0) -> None:
+        self.own_pids = own_pids
+        self.grace = grace
+        self.interval = interval
+        self.reaped: list[tuple[int, int]] = []
+        self._seen: dict[int, float] = {}
+        self._wake = asyncio.Event()
+
+    async def run(self) -> None:
+        """Exit paths: only cancellation. Wakes on SIGCHLD and every `interval` seconds."""
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGCHLD, self._wake.set)
+        try:
+            while True:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self.interval):
+                        await self._wake.wait()
+                self._wake.clear()
+                self.reap_once()
+                if self._seen:
+                    # A zombie is waiting out its grace period: look again when it ends.
+                    await asyncio.sleep(self.grace / 2)
+                    self._wake.set()
+        finally:
+            loop.remove_signal_handler(signal.SIGCHLD)
+
+    def reap_once(self) -> None:
+        now = time.monotonic()
+        zombies = zombie_children(os.getpid()) - self.own_pids()
+        self._seen = {pid: self._seen.get(pid, now) for pid in zombies}
+        for pid, first_seen in list(self._seen.items()):
+            if now - first_seen < self.grace:
+                continue
+            with contextlib.suppress(ChildProcessError):
+                # By pid, WNOHANG: never "any child" (see the module docstring).
+                waited, status = os.waitpid(pid, os.WNOHANG)
+                if waited == pid:
+                    code = os.waitstatus_to_exitcode(status)
+                    self.reaped.append((pid, code))
+                    log.debug("reaped orphan %d (exit %d)", pid, code)
+            del self._seen[pid]
+
+
+def is_pid1() -> bool:
+    return os.getpid() == 1

@@ -1,0 +1,477 @@
+"""Hot-restart epochs: reconcile the desired state (bootstrap + dependency files) with the running Envoy family.
+
+Policy (Envoy's restarter/hot-restarter.py and Istio's 2019 pkg/envoy/agent.go, adapted):
+- Epochs rise by one, same --base-id; epoch N+1 starts only when N is LIVE and no older epoch is still draining
+  (starting N+2 while N drains makes Envoy kill N early, cutting its in-flight requests).
+- Never trade a healthy epoch for a doubtful one: the new bootstrap is checked with `envoy --mode validate` first;
+  an invalid one is logged and counted, the running epoch stays, and it is retried when the inputs change again.
+- A child epoch that fails anyway wedges the family (the parent already shut its admin listener down; every later
+  hot restart on that base id fails). Recovery: stop the whole family and cold-start epoch 0 on the last
+  configuration that went LIVE; the failed configuration is retried only when the inputs change again.
+- The newest epoch exiting unexpectedly is a crash: readiness goes 503 at once, every other epoch is stopped, and
+  the family is restarted at epoch 0 after an exponential backoff (tenacity; 200 ms doubling, budget 10). The
+  budget is reset after a healthy period or when the desired state changes. When it is spent, the termination
+  message is written and run() returns ENVOY_RESTART_BUDGET_EXHAUSTED.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception
+
+from agent.errors import AgentError, ExitCode
+from agent.lifecycle import Lifecycle
+from agent.metrics import AgentMetrics
+from agent.proxy.admin import AdminClient
+from agent.proxy.argv import LaunchSettings, envoy_argv, validate_argv
+from agent.proxy.process import EnvoyProcess, ExitInfo, remove_file
+from agent.proxy.termination import termination_message, write_termination_log
+
+log = logging.getLogger("agent.proxy")
+
+
+@dataclass(frozen=True)
+class DesiredState:
+    """What Envoy should run: the rendered bootstrap and the (path, sha256) of every file it depends on."""
+
+    bootstrap: bytes
+    dependencies: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def digest(self) -> str:
+        h = hashlib.sha256(self.bootstrap)
+        for path, content_hash in self.dependencies:
+            h.update(f"\0{path}\0{content_hash}".encode())
+        return h.hexdigest()
+
+
+DesiredStateFn = Callable[[], DesiredState]
+Spawn = Callable[[Coroutine[Any, Any, Any]], "asyncio.Task[Any]"]
+
+
+@dataclass(frozen=True)
+class SupervisionSettings:
+    restart_initial_delay: float = 0.2
+    restart_budget: int = 10
+    # An epoch running this long without a crash earns the full restart budget back.
+    healthy_period: float = 60.0
+    # Istio's 2019 agent waited 20 s for the parent to be LIVE ("Envoy internally uses a 15s timer").
+    live_timeout: float = 20.0
+    # Istio's current behaviour: the agent exits when Envoy exits, no restarts (ENVOY_RESTART_POLICY=exit).
+    exit_on_envoy_exit: bool = False
+    termination_log: Path | None = Path("/dev/termination-log")
+    stop_grace: float = 5.0
+    validate: bool = True
+    stderr_tail_lines: int = 20
+
+
+class EnvoyCrashed(Exception):
+    def __init__(self, info: ExitInfo) -> None:
+        super().__init__(info.describe())
+        self.info = info
+
+
+class _Stop(Exception):
+    """Shutdown requested: leave the retry loop without restarting anything."""
+
+
+def shm_path(base_id: int) -> Path:
+    # Envoy scales the base id by 10 and names its hot-restart shared memory after it (see hot_restart_impl.cc).
+    return Path(f"/dev/shm/envoy_shared_memory_{base_id * 10}")
+
+
+class Epochs:
+    """Owns the Envoy processes. `run()` is the reconcile loop; the supervisor owns the tasks (`spawn`)."""
+
+    def __init__(
+        self,
+        launch: LaunchSettings,
+        settings: SupervisionSettings,
+        desired_state: DesiredStateFn,
+        *,
+        lifecycle: Lifecycle,
+        metrics: AgentMetrics,
+        admin: AdminClient,
+        spawn: Spawn,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        sink: BinaryIO | None = None,
+    ) -> None:
+        self.launch = launch
+        self.settings = settings
+        self._desired_state = desired_state
+        self.lifecycle = lifecycle
+        self.metrics = metrics
+        self.admin = admin
+        self._spawn = spawn
+        self._sleep = sleep
+        self._sink = sink
+        self._events: asyncio.Queue[tuple[str, object]] = asyncio.Queue()
+        self.procs: dict[int, EnvoyProcess] = {}
+        self.current: EnvoyProcess | None = None
+        self._retiring: set[EnvoyProcess] = set()
+        self.last_good: DesiredState | None = None
+        self._last_desired_digest: str | None = None
+        self._rejected: str | None = None
+        self._budget_left = settings.restart_budget
+        self._crashes = 0
+        self._validators: set[int] = set()
+        metrics.restart_budget.set(self._budget_left)
+
+    # ---- inputs (called from the watcher, the signal dispatcher, tests) ----
+
+    def notify_change(self, reason: str = "inputs changed") -> None:
+        self._events.put_nowait(("change", reason))
+
+    def request_hot_restart(self) -> None:
+        """SIGHUP: restart into a new epoch even when the desired state has not changed."""
+        self._events.put_nowait(("restart", "hot restart requested"))
+
+    def wake(self) -> None:
+        self._events.put_nowait(("wake", None))
+
+    def forward_signal(self, sig: int) -> None:
+        for proc in list(self.procs.values()):
+            proc.send_signal(sig)
+
+    def own_pids(self) -> set[int]:
+        pids = {proc.pid for proc in self.procs.values()}
+        return pids | self._validators
+
+    # ---- the loop ----
+
+    async def run(self) -> int | None:
+        """Exit paths: None when shutdown was requested (the supervisor drains and stops the epochs);
+        ENVOY_RESTART_BUDGET_EXHAUSTED after the termination message when crashes used up the budget;
+        with exit_on_envoy_exit, OK or ENVOY_EXITED as soon as Envoy exits on its own."""
+        retrying = AsyncRetrying(
+            sleep=self._backoff_sleep,
+            stop=lambda _state: self._budget_left <= 0,
+            wait=self._consume_budget,
+            # Istio's current behaviour (exit with Envoy) is the same loop with no retry.
+            retry=retry_if_exception(lambda e: isinstance(e, EnvoyCrashed) and not self.settings.exit_on_envoy_exit),
+            reraise=True,
+        )
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    await self._run_family()
+        except _Stop:
+            return None
+        except EnvoyCrashed as crash:
+            info = crash.info
+            if self.settings.exit_on_envoy_exit:
+                write_termination_log(self.settings.termination_log, termination_message(info, 1, gave_up=False))
+                log.error("%s; exiting with it (ENVOY_RESTART_POLICY=exit)", info.describe())
+                return ExitCode.OK if info.returncode == 0 else ExitCode.ENVOY_EXITED
+            message = termination_message(info, self._crashes, gave_up=True)
+            write_termination_log(self.settings.termination_log, message)
+            log.error("Envoy restart budget exhausted after %d crashes: %s", self._crashes, info.describe())
+            return ExitCode.ENVOY_RESTART_BUDGET_EXHAUSTED
+        return None
+
+    def _consume_budget(self, _state: RetryCallState) -> float:
+        used = self.settings.restart_budget - self._budget_left
+        self._budget_left -= 1
+        self.metrics.restart_budget.set(self._budget_left)
+        delay = float(self.settings.restart_initial_delay * 2**used)
+        log.warning("restarting Envoy in %.1fs (restart budget left: %d)", delay, self._budget_left)
+        return delay
+
+    async def _backoff_sleep(self, delay: float) -> None:
+        # The backoff must not delay a shutdown: race the (injectable) sleep against the request.
+        sleeper = asyncio.ensure_future(self._sleep(delay))
+        stopper = asyncio.ensure_future(self.lifecycle.shutdown_requested.wait())
+        try:
+            await asyncio.wait({sleeper, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (sleeper, stopper):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
+    def _reset_budget(self, why: str) -> None:
+        if self._budget_left != self.settings.restart_budget:
+            log.info("restart budget reset: %s", why)
+        self._budget_left = self.settings.restart_budget
+        self.metrics.restart_budget.set(self._budget_left)
+
+    def _state_for_start(self) -> DesiredState:
+        if self.last_good is not None:
+            return self.last_good
+        state = self._desired_state()  # at first start a config error is fatal: raised to the supervisor
+        self._last_desired_digest = state.digest
+        return state
+
+    async def _run_family(self) -> None:
+        """One hot-restart family, from epoch 0 until a crash (raises EnvoyCrashed) or shutdown (raises _Stop)."""
+        if self.lifecycle.shutdown_requested.is_set():
+            raise _Stop
+        self._drain_stale_events()
+        state = self._state_for_start()
+        proc = await self._start_epoch(0, state)
+        self.current = proc
+        self.lifecycle.envoy_up()
+        family_started = time.monotonic()
+        # Right after a (re)start the desired state may differ from what we started on (last good): reconcile.
+        pending, forced = True, False
+        retry_at: float | None = None
+        while True:
+            if self.lifecycle.shutdown_requested.is_set():
+                raise _Stop
+            now = time.monotonic()
+            healthy_for = now - family_started
+            if self._budget_left < self.settings.restart_budget and healthy_for >= self.settings.healthy_period:
+                self._reset_budget(f"Envoy healthy for {self.settings.healthy_period:.0f}s")
+            if pending and not self._retiring and (retry_at is None or now >= retry_at):
+                outcome = await self._apply(forced)
+                if outcome == "postponed":
+                    retry_at = time.monotonic() + 1.0
+                else:
+                    pending, forced, retry_at = False, False, None
+                if outcome == "recovered":
+                    family_started = time.monotonic()
+                continue
+            timeout: float | None = None
+            if self._budget_left < self.settings.restart_budget:
+                timeout = max(0.0, self.settings.healthy_period - (now - family_started))
+            if pending and retry_at is not None:
+                timeout = max(0.0, min(retry_at - now, timeout if timeout is not None else retry_at - now))
+            kind, payload = await self._next_event(timeout)
+            if kind == "exit":
+                assert isinstance(payload, EnvoyProcess)
+                self._on_exit(payload)
+            elif kind in ("change", "restart"):
+                pending = True
+                forced = forced or kind == "restart"
+                log.info("%s: reconciling", payload)
+
+    async def _next_event(self, timeout: float | None) -> tuple[str, object]:
+        getter = asyncio.ensure_future(self._events.get())
+        stopper = asyncio.ensure_future(self.lifecycle.shutdown_requested.wait())
+        try:
+            done, _ = await asyncio.wait({getter, stopper}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopper.cancel()
+            if not getter.done():
+                getter.cancel()
+        if getter in done:
+            return getter.result()
+        if getter.done() and not getter.cancelled():  # raced: do not lose the event
+            self._events.put_nowait(getter.result())
+        return ("wake", None)
+
+    def _drain_stale_events(self) -> None:
+        """Keep change requests, drop exit events of processes that are no longer ours."""
+        kept = []
+        while not self._events.empty():
+            kind, payload = self._events.get_nowait()
+            if kind != "exit" or payload in self.procs.values():
+                kept.append((kind, payload))
+        for item in kept:
+            self._events.put_nowait(item)
+
+    def _on_exit(self, proc: EnvoyProcess) -> None:
+        info = proc.exit_info
+        assert info is not None
+        if self.procs.get(proc.epoch) is not proc:
+            return  # already accounted for (stopped by us during recovery)
+        del self.procs[proc.epoch]
+        remove_file(self.launch.bootstrap_path(proc.epoch))
+        if proc in self._retiring:
+            self._retiring.discard(proc)
+            self.metrics.envoy_exits.labels("clean" if info.returncode == 0 else info.cause).inc()
+            log.info("Envoy epoch %d retired (%s)", proc.epoch, info.describe())
+            return
+        if proc is not self.current:
+            self.metrics.envoy_exits.labels(info.cause).inc()
+            return
+        self.current = None
+        if self.lifecycle.shutdown_requested.is_set():
+            self.metrics.envoy_exits.labels(info.cause).inc()
+            raise _Stop
+        self._crashes += 1
+        self.metrics.envoy_exits.labels(info.cause).inc()
+        self.lifecycle.envoy_down(f"Envoy exited: {info.describe()}")
+        log.error("%s; last output:\n%s", info.describe(), "\n".join(info.stderr_tail[-5:]))
+        raise EnvoyCrashed(info)
+
+    # ---- epochs ----
+
+    async def _start_epoch(self, epoch: int, state: DesiredState) -> EnvoyProcess:
+        """Write envoy-rev<epoch>.json and exec Envoy. A failure to exec counts as a crash (EnvoyCrashed)."""
+        path = self.launch.bootstrap_path(epoch)
+        _write_atomic(path, state.bootstrap)
+        proc = EnvoyProcess(
+            envoy_argv(self.launch, path, epoch), epoch, tail_lines=self.settings.stderr_tail_lines, sink=self._sink
+        )
+        try:
+            await proc.start()
+        except OSError as exc:
+            remove_file(path)
+            info = ExitInfo(epoch, 0, 127, False, 0.0, (f"cannot execute {self.launch.binary}: {exc}",))
+            self.lifecycle.envoy_down(f"cannot start Envoy: {exc}")
+            raise EnvoyCrashed(info) from exc
+        self.procs[epoch] = proc
+        self._spawn(proc.run(on_exit=lambda p: self._events.put_nowait(("exit", p))))
+        self.metrics.envoy_epoch.set(epoch)
+        if epoch == 0 or self.last_good is None:
+            self.last_good = state
+        return proc
+
+    async def _apply(self, forced: bool) -> str:
+        """Bring the family to the desired state. Returns done, unchanged, invalid, postponed or recovered."""
+        try:
+            desired = self._desired_state()
+        except AgentError as exc:
+            self.metrics.config_errors.labels("render").inc()
+            log.error("new configuration rejected, Envoy keeps its current one: %s", exc)
+            return "invalid"
+        if desired.digest != self._last_desired_digest:
+            self._last_desired_digest = desired.digest
+            self._reset_budget("desired state changed")
+        current = self.current
+        assert current is not None
+        if not forced and self.last_good is not None and desired.digest == self.last_good.digest:
+            return "unchanged"
+        if not forced and desired.digest == self._rejected:
+            return "unchanged"
+        if not self.launch.hot_restart:
+            log.warning("configuration changed but hot restart is disabled: it applies at Envoy's next start")
+            return "unchanged"
+        live = await self._wait_live(current, self.settings.live_timeout)
+        if live != "live":
+            if live == "timeout":
+                log.warning("Envoy epoch %d is not LIVE yet: postponing the hot restart", current.epoch)
+            return "postponed"
+        epoch = current.epoch + 1
+        if self.settings.validate and not await self._validate(epoch, desired):
+            self._rejected = desired.digest
+            return "invalid"
+        log.info("hot restart: starting Envoy epoch %d", epoch)
+        self.lifecycle.envoy_down(f"hot restart to epoch {epoch} in progress")
+        child = await self._start_epoch(epoch, desired)
+        outcome = await self._wait_live(child, self.settings.live_timeout)
+        if outcome == "live":
+            self._retiring.add(current)
+            self.current = child
+            self.last_good = desired
+            self._rejected = None
+            self.metrics.hot_restarts.labels("done").inc()
+            self.lifecycle.envoy_up()
+            log.info("Envoy epoch %d is LIVE; epoch %d drains and exits", epoch, current.epoch)
+            return "done"
+        if outcome == "shutdown":
+            self.lifecycle.envoy_up()  # readiness is already 503 through the shutdown request
+            raise _Stop
+        return await self._recover(child, desired)
+
+    async def _recover(self, child: EnvoyProcess, failed: DesiredState) -> str:
+        """The child epoch failed: the family is wedged. Stop it all and cold-start epoch 0 on the last good state."""
+        self.metrics.hot_restarts.labels("failed").inc()
+        self.metrics.config_errors.labels("start").inc()
+        self._rejected = failed.digest
+        await child.stop(self.settings.stop_grace)
+        info = child.exit_info
+        assert info is not None
+        log.error(
+            "Envoy epoch %d failed to start (%s); last output:\n%s",
+            child.epoch,
+            info.describe(),
+            "\n".join(info.stderr_tail[-5:]),
+        )
+        log.warning("the hot-restart family is wedged: stopping it and cold-starting epoch 0 on the last good config")
+        self.lifecycle.envoy_down("recovering from a failed hot restart")
+        await self.stop_all(self.settings.stop_grace)
+        good = self.last_good
+        assert good is not None
+        proc = await self._start_epoch(0, good)
+        self.current = proc
+        self.lifecycle.envoy_up()
+        return "recovered"
+
+    async def _validate(self, epoch: int, state: DesiredState) -> bool:
+        path = self.launch.bootstrap_path(epoch)
+        _write_atomic(path, state.bootstrap)
+        process = await asyncio.create_subprocess_exec(
+            *validate_argv(self.launch, path),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+        self._validators.add(process.pid)
+        try:
+            output, _ = await process.communicate()
+        finally:
+            self._validators.discard(process.pid)
+        if process.returncode == 0:
+            return True
+        remove_file(path)
+        self.metrics.hot_restarts.labels("invalid").inc()
+        self.metrics.config_errors.labels("validate").inc()
+        lines = output.decode("utf-8", "replace").strip().splitlines()[-5:]
+        log.error("new Envoy configuration is invalid, the running epoch stays: %s", " | ".join(lines))
+        return False
+
+    async def _wait_live(self, proc: EnvoyProcess, timeout: float) -> str:
+        """live, exited, shutdown or timeout. Polls admin /server_info for this epoch's number in state LIVE."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.exited.is_set():
+                return "exited"
+            if self.lifecycle.shutdown_requested.is_set():
+                return "shutdown"
+            if await self.admin.live_epoch(timeout=0.5) == proc.epoch or (
+                not self.launch.hot_restart and await self.admin.is_live()
+            ):
+                return "live"
+            if time.monotonic() >= deadline:
+                return "timeout"
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(0.05):
+                    await proc.exited.wait()
+
+    async def stop_all(self, grace: float) -> None:
+        """Stop every epoch (SIGTERM, SIGKILL after `grace`), remove their files and the shared memory segment."""
+        procs = list(self.procs.values())
+        await asyncio.gather(*(p.stop(grace) for p in procs))
+        for proc in procs:
+            info = proc.exit_info
+            assert info is not None
+            if self.procs.get(proc.epoch) is proc:
+                del self.procs[proc.epoch]
+                self.metrics.envoy_exits.labels(info.cause).inc()
+            remove_file(self.launch.bootstrap_path(proc.epoch))
+        self._retiring.clear()
+        self.current = None
+        if self.launch.hot_restart:
+            # Envoy leaves its segment behind; epoch 0 of the next family would unlink it, but nothing else would.
+            remove_file(shm_path(self.launch.base_id))
+
+    async def wait_all_exited(self, timeout: float | None) -> bool:
+        procs = list(self.procs.values())
+        try:
+            async with asyncio.timeout(timeout):
+                for proc in procs:
+                    await proc.exited.wait()
+        except TimeoutError:
+            return False
+        return True
+
+    def running(self) -> list[EnvoyProcess]:
+        return [p for p in self.procs.values() if p.running]
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    tmp.replace(path)

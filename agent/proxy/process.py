@@ -1,0 +1,173 @@
+"""One Envoy process (one hot-restart epoch): start it, copy its output, remember its last lines, report its exit.
+
+Envoy's stdout is the agent's stdout (inherited). Its stderr, where Envoy logs, is copied to the agent's stderr as it
+arrives, and the last lines are kept for the termination message. Envoy runs in its own process group so a Ctrl-C
+in a terminal reaches only the agent, which then drains Envoy instead of Envoy dying mid-request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import BinaryIO
+
+log = logging.getLogger("agent.proxy")
+
+
+@dataclass(frozen=True)
+class ExitInfo:
+    """How an Envoy epoch ended. `returncode` follows asyncio: negative means killed by that signal."""
+
+    epoch: int
+    pid: int
+    returncode: int
+    # The agent itself stopped it (shutdown, recovery, abort of the family): not a crash.
+    aborted: bool
+    runtime: float
+    stderr_tail: tuple[str, ...] = ()
+
+    @property
+    def signal(self) -> int | None:
+        return -self.returncode if self.returncode < 0 else None
+
+    @property
+    def cause(self) -> str:
+        """clean, error, signal, oom or aborted (the `cause` label of istio_agent_envoy_exits)."""
+        if self.aborted:
+            return "aborted"
+        if self.returncode == 0:
+            return "clean"
+        if self.signal == signal.SIGKILL:
+            # Nobody in the agent sent it: in a container that is almost always the kernel's OOM killer.
+            return "oom"
+        return "signal" if self.signal is not None else "error"
+
+    def describe(self) -> str:
+        if self.signal is not None:
+            how = f"killed by signal {signal.Signals(self.signal).name}"
+            if self.cause == "oom":
+                how += " (not sent by the agent: likely the OOM killer)"
+        else:
+            how = f"exit code {self.returncode}"
+        return f"Envoy epoch {self.epoch} (pid {self.pid}) {how} after {self.runtime:.1f}s"
+
+
+class EnvoyProcess:
+    """A started Envoy. `run()` must be awaited (as a task the supervisor's TaskGroup owns) to collect the exit."""
+
+    def __init__(self, argv: Sequence[str], epoch: int, *, tail_lines: int = 20, sink: BinaryIO | None = None) -> None:
+        self.argv = list(argv)
+        self.epoch = epoch
+        self.exited = asyncio.Event()
+        self.exit_info: ExitInfo | None = None
+        self._tail: collections.deque[str] = collections.deque(maxlen=tail_lines)
+        self._sink = sink
+        self._proc: asyncio.subprocess.Process | None = None
+        self._aborted = False
+        self._started = 0.0
+
+    @property
+    def pid(self) -> int:
+        assert self._proc is not None
+        return self._proc.pid
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and not self.exited.is_set()
+
+    async def start(self) -> None:
+        """Exec Envoy. Raises OSError when the binary cannot be executed."""
+        self._started = time.monotonic()
+        self._proc = await asyncio.create_subprocess_exec(
+            *self.argv, stdin=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, process_group=0
+        )
+        log.info("Envoy epoch %d started (pid %d)", self.epoch, self._proc.pid)
+
+    async def run(self, on_exit: Callable[[EnvoyProcess], None] | None = None) -> ExitInfo:
+        """Copy stderr until EOF, wait for the exit, record it. Exit paths: returns the ExitInfo once Envoy exits;
+        if cancelled, kills Envoy first so no Envoy outlives its task."""
+        assert self._proc is not None
+        proc = self._proc
+        try:
+            await self._pump(proc)
+            returncode = await proc.wait()
+        except asyncio.CancelledError:
+            self.kill()
+            await asyncio.shield(proc.wait())
+            raise
+        finally:
+            if proc.returncode is not None and self.exit_info is None:
+                self.exit_info = ExitInfo(
+                    self.epoch,
+                    proc.pid,
+                    proc.returncode,
+                    self._aborted,
+                    time.monotonic() - self._started,
+                    tuple(self._tail),
+                )
+                self.exited.set()
+        assert self.exit_info is not None and returncode == self.exit_info.returncode
+        if on_exit is not None:
+            on_exit(self)
+        return self.exit_info
+
+    async def _pump(self, proc: asyncio.subprocess.Process) -> None:
+        assert proc.stderr is not None
+        sink = self._sink if self._sink is not None else sys.stderr.buffer
+        partial = b""
+        while chunk := await proc.stderr.read(65536):
+            try:
+                sink.write(chunk)
+                sink.flush()
+            except (OSError, ValueError):  # our stderr closed: keep draining so Envoy never blocks on a full pipe
+                pass
+            lines = (partial + chunk).split(b"\n")
+            partial = lines.pop()[-4096:]
+            self._tail.extend(line.decode("utf-8", "replace")[:1000] for line in lines if line.strip())
+        if partial.strip():
+            self._tail.append(partial.decode("utf-8", "replace")[:1000])
+
+    def send_signal(self, sig: int) -> None:
+        if self._proc is not None and self._proc.returncode is None and not self.exited.is_set():
+            with contextlib.suppress(ProcessLookupError):
+                self._proc.send_signal(sig)
+
+    def terminate(self) -> None:
+        """Ask Envoy to exit (SIGTERM: Envoy stops at once, flushing access logs). Marks the exit as aborted."""
+        self._aborted = True
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self._aborted = True
+        self.send_signal(signal.SIGKILL)
+
+    async def stop(self, grace: float) -> ExitInfo:
+        """SIGTERM, then SIGKILL after `grace` seconds. Returns once the exit is collected by `run()`."""
+        if not self.exited.is_set():
+            self.terminate()
+            try:
+                async with asyncio.timeout(grace):
+                    await self.exited.wait()
+            except TimeoutError:
+                log.warning("Envoy epoch %d did not exit within %.1fs of SIGTERM: killing it", self.epoch, grace)
+                self.kill()
+                await self.exited.wait()
+        assert self.exit_info is not None
+        return self.exit_info
+
+
+def remove_file(path: os.PathLike[str] | str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        log.warning("could not remove %s: %s", path, exc)

@@ -1,0 +1,134 @@
+"""Watch files for real content changes. Knows nothing about Envoy: it only answers "what changed?".
+
+Directories are watched, not files: Kubernetes updates a secret or ConfigMap volume by writing a new timestamped
+directory and renaming the `..data` symlink onto it, so the watched file's own inode never sees an event. Any
+event in a watched directory starts (or extends) a debounce window; when the directory has been quiet for
+`debounce` seconds every watched file in it is hashed, and only files whose content hash differs from the last one
+seen are reported. A half-written file is caught by the debounce (writers that go quiet mid-file are caught by the
+validation that follows). A deleted file is reported as such: a warning, and the caller keeps its current state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.observers import Observer
+
+from agent.metrics import AgentMetrics
+
+log = logging.getLogger("agent.watch")
+
+
+@dataclass(frozen=True)
+class ChangeSet:
+    changed: tuple[Path, ...]
+    deleted: tuple[Path, ...]
+    kinds: tuple[str, ...]
+
+
+def content_hash(path: Path) -> str | None:
+    """sha256 of the file's content (through symlinks), or None if it does not exist or cannot be read."""
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+        return None
+    except OSError as exc:
+        log.warning("cannot read watched file %s: %s", path, exc)
+        return None
+
+
+class _Handler(FileSystemEventHandler):
+    def __init__(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[Path]) -> None:
+        self.loop = loop
+        self.queue = queue
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        if event.event_type in ("opened", "closed_no_write"):
+            return  # reads (our own hashing included) are not changes
+        raw = event.src_path
+        path = Path(raw.decode() if isinstance(raw, bytes) else raw)
+        # Called on watchdog's thread: hand over to the loop, nothing else.
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, path.parent if not event.is_directory else path)
+
+
+class Watcher:
+    """Watches `files` ({path: kind}); calls `on_change(ChangeSet)` on the loop after each real change."""
+
+    def __init__(
+        self,
+        files: Mapping[Path, str],
+        on_change: Callable[[ChangeSet], None],
+        *,
+        metrics: AgentMetrics | None = None,
+        debounce: float = 0.1,
+    ) -> None:
+        self.files = {Path(p).absolute(): kind for p, kind in files.items()}
+        self.on_change = on_change
+        self.metrics = metrics
+        self.debounce = debounce
+        self.hashes: dict[Path, str | None] = {p: content_hash(p) for p in self.files}
+        self.ready = asyncio.Event()
+
+    def directories(self) -> set[Path]:
+        return {p.parent for p in self.files}
+
+    async def run(self) -> None:
+        """Exit paths: only cancellation (the observer thread is stopped and joined then)."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Path] = asyncio.Queue()
+        observer = Observer()
+        handler = _Handler(loop, queue)
+        for directory in sorted(self.directories()):
+            if directory.is_dir():
+                observer.schedule(handler, str(directory), recursive=False)
+            else:
+                log.warning("not watching %s: directory does not exist", directory)
+        observer.start()
+        try:
+            # Hash again now that events are flowing, so nothing changed between __init__ and here is missed.
+            self.check()
+            self.ready.set()
+            while True:
+                await queue.get()
+                # Debounce: wait until no event arrived for `debounce` seconds.
+                while True:
+                    try:
+                        async with asyncio.timeout(self.debounce):
+                            await queue.get()
+                    except TimeoutError:
+                        break
+                self.check()
+        finally:
+            observer.stop()
+            with contextlib.suppress(RuntimeError):
+                await asyncio.to_thread(observer.join, 5.0)
+
+    def check(self) -> ChangeSet | None:
+        """Hash every watched file; report those whose content changed since the last look."""
+        changed: list[Path] = []
+        deleted: list[Path] = []
+        for path, old in self.hashes.items():
+            new = content_hash(path)
+            if new == old:
+                continue
+            self.hashes[path] = new
+            if new is None:
+                deleted.append(path)
+                log.warning("watched file %s was deleted: Envoy keeps its current configuration", path)
+            else:
+                changed.append(path)
+                log.info("watched file %s changed", path)
+            if self.metrics is not None:
+                self.metrics.file_changes.labels(self.files[path]).inc()
+        if not changed and not deleted:
+            return None
+        changes = ChangeSet(tuple(changed), tuple(deleted), tuple(sorted({self.files[p] for p in changed + deleted})))
+        self.on_change(changes)
+        return changes
