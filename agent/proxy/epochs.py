@@ -155,7 +155,8 @@ class Epochs:
         retrying = AsyncRetrying(
             sleep=self._backoff_sleep,
             stop=lambda _state: self._budget_left <= 0,
-            wait=self._consume_budget,
+            wait=self._delay,
+            before_sleep=self._consume_budget,
             # Istio's current behaviour (exit with Envoy) is the same loop with no retry.
             retry=retry_if_exception(lambda e: isinstance(e, EnvoyCrashed) and not self.settings.exit_on_envoy_exit),
             reraise=True,
@@ -178,13 +179,16 @@ class Epochs:
             return ExitCode.ENVOY_RESTART_BUDGET_EXHAUSTED
         return None
 
-    def _consume_budget(self, _state: RetryCallState) -> float:
+    def _delay(self, _state: RetryCallState) -> float:
+        # tenacity computes the wait before it asks `stop`, so the budget is consumed in before_sleep instead.
         used = self.settings.restart_budget - self._budget_left
+        return float(self.settings.restart_initial_delay * 2**used)
+
+    def _consume_budget(self, state: RetryCallState) -> None:
         self._budget_left -= 1
         self.metrics.restart_budget.set(self._budget_left)
-        delay = float(self.settings.restart_initial_delay * 2**used)
+        delay = state.next_action.sleep if state.next_action is not None else 0.0
         log.warning("restarting Envoy in %.1fs (restart budget left: %d)", delay, self._budget_left)
-        return delay
 
     async def _backoff_sleep(self, delay: float) -> None:
         # The backoff must not delay a shutdown: race the (injectable) sleep against the request.

@@ -1,0 +1,138 @@
+"""Shutdown and signals with a real Envoy: drain with requests in flight, second request, during a hot restart."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import socket
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from agent.pid1 import SignalDispatcher
+from agent.proxy.epochs import shm_path
+from tests.supervisor.harness import Rig, bootstrap, envoy_children, supervised, until
+from tests.support.envoy import free_port
+
+pytestmark = [pytest.mark.envoy]
+
+
+@pytest.fixture
+async def slow_upstream() -> AsyncIterator[int]:
+    """An application answering after 1.5 s, so a request is in flight when the shutdown starts."""
+
+    async def handler(_request: web.Request) -> web.Response:
+        await asyncio.sleep(1.5)
+        return web.Response(text="slow")
+
+    app = web.Application()
+    app.router.add_get("/", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    site = web.TCPSite(runner, "127.0.0.1", port)
+    await site.start()
+    try:
+        yield port
+    finally:
+        await runner.cleanup()
+
+
+async def _get(port: int) -> tuple[int, str]:
+    async with aiohttp.ClientSession() as session, session.get(f"http://127.0.0.1:{port}/") as response:
+        return response.status, await response.text()
+
+
+def _refused(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+async def test_shutdown_drains_and_in_flight_request_completes(tmp_path: Path, slow_upstream: int) -> None:
+    rig = Rig(tmp_path)
+    rig.write_input(bootstrap(rig.admin_port, rig.listener_port, upstream_port=slow_upstream))
+    async with supervised(rig, drain={"termination_drain": 2.0}) as run:
+        await run.wait_epoch_live(0)
+        request = asyncio.create_task(_get(rig.listener_port))
+        await asyncio.sleep(0.3)
+        started = time.monotonic()
+        run.lifecycle.request_shutdown("received signal: SIGTERM")
+        assert run.lifecycle.not_ready_reason() is not None
+        assert await request == (200, "slow")
+        # The listeners were drained: after --drain-time-s (1 s here) Envoy closed them while the agent waits.
+        await until(lambda: _refused(rig.listener_port), 2)
+        assert not run.task.done()
+        assert await asyncio.wait_for(run.task, 10) == 0
+        assert time.monotonic() - started >= 1.9  # the termination drain period was honoured
+        assert not envoy_children()
+
+
+async def test_second_shutdown_request_stops_at_once(tmp_path: Path) -> None:
+    rig = Rig(tmp_path)
+    rig.write_input(bootstrap(rig.admin_port, rig.listener_port))
+    async with supervised(rig, drain={"termination_drain": 60.0}) as run:
+        await run.wait_epoch_live(0)
+        run.lifecycle.request_shutdown("received signal: SIGTERM")
+        await asyncio.sleep(0.3)
+        started = time.monotonic()
+        run.lifecycle.request_shutdown("received signal: SIGTERM")
+        assert await asyncio.wait_for(run.task, 5) == 0
+        assert time.monotonic() - started < 3
+
+
+async def test_exit_on_zero_active_connections(tmp_path: Path, slow_upstream: int) -> None:
+    rig = Rig(tmp_path)
+    rig.write_input(bootstrap(rig.admin_port, rig.listener_port, upstream_port=slow_upstream))
+    drain = {"exit_on_zero_active_connections": True, "minimum_drain": 0.2, "poll_interval": 0.2}
+    async with supervised(rig, drain=drain) as run:
+        await run.wait_epoch_live(0)
+        request = asyncio.create_task(_get(rig.listener_port))
+        await asyncio.sleep(0.3)
+        started = time.monotonic()
+        run.lifecycle.request_shutdown("received signal: SIGTERM")
+        assert await request == (200, "slow")
+        assert await asyncio.wait_for(run.task, 10) == 0
+        # It waited for the connection (about 1.2 s left on it) and not much longer.
+        assert 0.9 < time.monotonic() - started < 5
+
+
+async def test_shutdown_during_hot_restart_stops_every_epoch(tmp_path: Path) -> None:
+    rig = Rig(tmp_path)
+    rig.write_input(bootstrap(rig.admin_port, rig.listener_port, body="a"))
+    async with supervised(rig, drain={"termination_drain": 0.2}) as run:
+        await run.wait_epoch_live(0)
+        rig.write_input(bootstrap(rig.admin_port, rig.listener_port, body="b"))
+        run.supervisor.epochs.notify_change("test")  # type: ignore[union-attr]
+        await until(lambda: 1 in run.supervisor.epochs.procs)  # type: ignore[union-attr]
+        run.lifecycle.request_shutdown("received signal: SIGTERM")
+        assert await asyncio.wait_for(run.task, 15) == 0
+        assert not envoy_children()
+        assert not shm_path(rig.base_id).exists()
+
+
+async def test_sighup_hot_restarts_and_sigusr1_is_forwarded(tmp_path: Path) -> None:
+    rig = Rig(tmp_path)
+    rig.write_input(bootstrap(rig.admin_port, rig.listener_port))
+    async with supervised(rig) as run:
+        await run.wait_epoch_live(0)
+        epochs = run.supervisor.epochs
+        assert epochs is not None
+        dispatcher = SignalDispatcher(
+            run.lifecycle, on_hot_restart=epochs.request_hot_restart, forward=epochs.forward_signal
+        )
+        dispatcher.dispatch(signal.SIGHUP)
+        await run.wait_epoch_live(1)
+        # Envoy reopens its access logs on SIGUSR1 and keeps running; our forwarding must not kill it.
+        dispatcher.dispatch(signal.SIGUSR1)
+        await asyncio.sleep(0.3)
+        assert await run.admin.live_epoch() == 1
+        dispatcher.dispatch(signal.SIGTERM)
+        assert run.lifecycle.shutdown_cause == "received signal: SIGTERM"
+        assert await asyncio.wait_for(run.task, 10) == 0
