@@ -1,0 +1,85 @@
+"""Render the bootstrap: template parameters through a jinja2 template, checked to be JSON. Pure (reads only the
+template file)."""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import jinja2
+
+from agent.bootstrap.params import template_params
+from agent.config.agent_config import AgentConfig
+from agent.errors import ConfigError
+
+DEFAULT_TEMPLATE = "envoy_bootstrap.json.j2"
+
+
+def default_template_path() -> Path:
+    return Path(str(resources.files("bootstrap_templates").joinpath(DEFAULT_TEMPLATE)))
+
+
+def _json_filter(value: Any) -> str:
+    # ensure_ascii keeps the output ASCII: no encoding surprises for values that came from the environment.
+    return json.dumps(value, sort_keys=True)
+
+
+def _compact_json_filter(value: Any) -> str:
+    # Node metadata as Istio writes it: compact, sorted keys (istiod and tests read it as one line).
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
+def _environment(directory: Path) -> jinja2.Environment:
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(directory)),
+        undefined=jinja2.StrictUndefined,
+        autoescape=False,
+        keep_trailing_newline=True,
+    )
+    env.filters["json"] = _json_filter
+    env.filters["compact_json"] = _compact_json_filter
+    return env
+
+
+def render_template(params: dict[str, Any], template_path: Path) -> bytes:
+    """Render `template_path` with `params`; the result must parse as JSON. ConfigError names the template."""
+    source = f"template {template_path}"
+    try:
+        template = _environment(template_path.parent).get_template(template_path.name)
+        text = template.render(**params)
+    except jinja2.TemplateNotFound:
+        raise ConfigError(source, "", "template file not found") from None
+    except jinja2.TemplateSyntaxError as exc:
+        raise ConfigError(f"{source}:{exc.lineno}", "", f"template syntax error: {exc.message}") from None
+    except jinja2.UndefinedError as exc:
+        raise ConfigError(source, "", f"undefined template variable: {exc.message}") from None
+    except (jinja2.TemplateError, TypeError, ValueError) as exc:
+        raise ConfigError(source, "", f"template failed to render: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(source, "", f"cannot read: {exc.strerror or exc}") from None
+    try:
+        json.loads(text)
+    except ValueError as exc:
+        raise ConfigError(source, "", f"rendered output is not valid JSON: {exc}") from None
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ConfigError(source, "", f"rendered output is not valid UTF-8: {exc.reason}") from None
+
+
+def template_path_of(cfg: AgentConfig) -> Path:
+    return Path(cfg.template_path) if cfg.template_path else default_template_path()
+
+
+def render_bootstrap(cfg: AgentConfig) -> bytes:
+    """The bytes Envoy's config file must hold. With ProxyConfig.customConfigFile, that file's contents as they
+    are (no templating, as Istio); otherwise the rendered template (ISTIO_BOOTSTRAP / --templateFile / default)."""
+    if cfg.proxy.custom_config_file and not cfg.environ.get("ISTIO_BOOTSTRAP"):
+        path = Path(cfg.proxy.custom_config_file)
+        try:
+            return path.read_bytes()
+        except OSError as exc:
+            raise ConfigError("ProxyConfig customConfigFile", str(path), f"cannot read: {exc.strerror or exc}") from None
+    return render_template(template_params(cfg), template_path_of(cfg))

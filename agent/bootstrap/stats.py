@@ -1,0 +1,142 @@
+"""Envoy stats configuration with Istio's rules (pkg/bootstrap getStatsOptions)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from agent.config.agent_config import AgentConfig
+from agent.config.durations import format_proto, parse_duration
+from agent.errors import ConfigError
+
+log = logging.getLogger("agent.bootstrap")
+
+ANNO_PREFIXES = "sidecar.istio.io/statsInclusionPrefixes"
+ANNO_SUFFIXES = "sidecar.istio.io/statsInclusionSuffixes"
+ANNO_REGEXPS = "sidecar.istio.io/statsInclusionRegexps"
+ANNO_EXTRA_TAGS = "sidecar.istio.io/extraStatTags"
+ANNO_HISTOGRAM = "sidecar.istio.io/statsHistogramBuckets"
+ANNO_FLUSH = "sidecar.istio.io/statsFlushInterval"
+ANNO_EVICTION = "sidecar.istio.io/statsEvictionInterval"
+
+# Needed by readiness checks (cluster_manager, listener_manager, server) and the xDS connection.
+REQUIRED_PREFIXES = ("cluster_manager", "listener_manager", "server", "cluster.xds-grpc", "wasm")
+RBAC_SUFFIXES = ("rbac.allowed", "rbac.denied", "shadow_allowed", "shadow_denied")
+DRAIN_SUFFIX = "downstream_cx_active"  # needed when the agent exits on zero active connections
+REQUIRED_REGEXPS = (r"vhost\..*\.route\..*",)
+DEFAULT_FLUSH_SECONDS = 5.0
+
+# Istio's stat tag extraction, in order; extra tags go between mongo_prefix and cache.
+_TAGS_HEAD = (
+    ("cluster_name", r"^cluster(\.(.+);)"),
+    ("http_conn_manager_prefix", r"^http\.(((?:[_.[:digit:]\w]*|[_\[\]aAbBcCdDeEfF[:digit:]\w\:]*));\.)"),
+    ("thread_name", r"^server(\.(.+))\.watchdog"),
+    ("tcp_prefix", r"^tcp\.((.*?)\.)\w+?$"),
+    ("response_code", r"_rq(_(\d{3}))$"),
+    ("response_code_class", r"_rq(_(\dxx))$"),
+    (
+        "http_conn_manager_listener_prefix",
+        r"^listener(?=\.).*?\.http\.(((?:[_.[:digit:]]*|[_\[\]aAbBcCdDeEfF[:digit:]]*))\.)",
+    ),
+    ("listener_address", r"^listener\.(((?:[_.[:digit:]]*|[_\[\]aAbBcCdDeEfF[:digit:]]*))\.)"),
+    ("mongo_prefix", r"^mongo\.(.+?)\.(collection|cmd|cx_|op_|delays_|decoding_)(.*?)$"),
+)
+_TAGS_TAIL = (
+    ("cache", r"(cache\.(.+?)\.)"),
+    ("component", r"(component\.(.+?)\.)"),
+    ("tag", r"(tag\.(.+?);\.)"),
+    ("wasm_filter", r"(wasm_filter\.(.+?)\.)"),
+    ("authz_enforce_result", r"rbac(\.(allowed|denied))"),
+    ("authz_dry_run_action", r"(\.istio_dry_run_(allow|deny)_)"),
+    ("authz_dry_run_result", r"(\.shadow_(allowed|denied))"),
+)
+
+
+def _substitute(patterns: Sequence[str], ips: Sequence[str]) -> list[str]:
+    """"http.{pod_ip}_" with ips [a, b] -> ["http.a_", "http.b_"]."""
+    out: list[str] = []
+    for pattern in patterns:
+        if "{pod_ip}" in pattern:
+            out.extend(pattern.replace("{pod_ip}", ip) for ip in ips)
+        else:
+            out.append(pattern)
+    return out
+
+
+def _option(annotation: str | None, from_proxy: Sequence[str] | None, required: Sequence[str], ips: Sequence[str]) -> list[str]:
+    # An annotation replaces the ProxyConfig list (they are not merged); required entries are always appended.
+    if annotation:
+        chosen: list[str] = annotation.split(",")
+    elif from_proxy is not None:
+        chosen = list(from_proxy)
+    else:
+        chosen = []
+    return _substitute([*chosen, *required], ips)
+
+
+def inclusion_patterns(cfg: AgentConfig, metadata_discovery: bool) -> list[dict[str, Any]]:
+    annotations = cfg.annotations
+    ips = list(dict.fromkeys(cfg.instance_ips))
+    matcher: Mapping[str, Any] = cfg.proxy.proxy_stats_matcher or {}
+    suffixes = (*RBAC_SUFFIXES, DRAIN_SUFFIX) if cfg.node.exit_on_zero_active_connections else RBAC_SUFFIXES
+    patterns: list[dict[str, Any]] = [{"prefix": "reporter="}]
+    if metadata_discovery:
+        patterns.append({"prefix": "workload_discovery"})
+    prefixes = _option(annotations.get(ANNO_PREFIXES), matcher.get("inclusionPrefixes"), REQUIRED_PREFIXES, ips)
+    patterns += [{"prefix": p} for p in prefixes]
+    sfx = _option(annotations.get(ANNO_SUFFIXES), matcher.get("inclusionSuffixes"), suffixes, ips)
+    patterns += [{"suffix": s} for s in sfx]
+    regexps = _option(annotations.get(ANNO_REGEXPS), matcher.get("inclusionRegexps"), REQUIRED_REGEXPS, ips)
+    patterns += [{"safe_regex": {"regex": r}} for r in regexps]
+    patterns += [{"prefix": "component"}, {"prefix": "istio"}]
+    return patterns
+
+
+def stats_tags(cfg: AgentConfig) -> list[dict[str, str]]:
+    extra = [t for t in cfg.proxy.extra_stat_tags if t]
+    extra += [t for t in cfg.annotations.get(ANNO_EXTRA_TAGS, "").split(",") if t]
+    extra = list(dict.fromkeys(extra))
+    tags = [{"tag_name": n, "regex": r} for n, r in _TAGS_HEAD]
+    tags += [{"tag_name": t, "regex": f"({t}=\\.=(.*?);\\.;)"} for t in extra]
+    tags += [{"tag_name": n, "regex": r} for n, r in _TAGS_TAIL]
+    return tags
+
+
+def histogram_buckets(cfg: AgentConfig) -> list[dict[str, Any]] | None:
+    text = cfg.annotations.get(ANNO_HISTOGRAM)
+    if text is None:
+        return None
+    source = f"{cfg.annotations_path}"
+    try:
+        value = json.loads(text, parse_constant=lambda c: float("nan"))
+    except (ValueError, RecursionError) as exc:
+        raise ConfigError(source, ANNO_HISTOGRAM, f"not valid JSON: {exc}") from None
+    ok = isinstance(value, dict) and all(
+        isinstance(v, list) and all(isinstance(b, int | float) and not isinstance(b, bool) and b == b for b in v)
+        for v in value.values()
+    )
+    if not ok:
+        raise ConfigError(source, ANNO_HISTOGRAM, 'expected {"prefix": [bucket, ...], ...} with numeric buckets')
+    return [{"match": {"prefix": p}, "buckets": value[p]} for p in sorted(value)] or None
+
+
+def intervals(cfg: AgentConfig) -> tuple[str | None, str | None]:
+    """(stats_flush_interval, stats_eviction_interval) as proto durations, None when not set."""
+    source = f"{cfg.annotations_path}"
+    flush = DEFAULT_FLUSH_SECONDS
+    flush_out = None
+    if ANNO_FLUSH in cfg.annotations:
+        flush = parse_duration(cfg.annotations[ANNO_FLUSH], source, ANNO_FLUSH)
+        flush_out = format_proto(flush)
+    eviction_out = None
+    if ANNO_EVICTION in cfg.annotations:
+        eviction = parse_duration(cfg.annotations[ANNO_EVICTION], source, ANNO_EVICTION)
+        flush_us, eviction_us = round(flush * 1e6), round(eviction * 1e6)
+        if flush_us == 0 or eviction_us % flush_us != 0:
+            # Istio only warns and drops it (golden invalid_stats_eviction_interval): keep that behaviour.
+            log.warning("%s: %s must be a multiple of the stats flush interval; ignored", source, ANNO_EVICTION)
+        else:
+            eviction_out = format_proto(eviction)
+    return flush_out, eviction_out

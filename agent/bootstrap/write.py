@@ -1,0 +1,87 @@
+"""Effects: write the bootstrap (and the Lightstep token file) atomically; list the files it depends on."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+
+from agent.bootstrap.params import LIGHTSTEP_TOKEN_FILE
+from agent.bootstrap.render import template_path_of
+from agent.bootstrap.tls import tls_files
+from agent.config.agent_config import AgentConfig
+
+CERT_DIR = "/etc/certs"
+CERT_FILES = ("cert-chain.pem", "key.pem", "root-cert.pem")
+
+
+def bootstrap_path(cfg: AgentConfig) -> Path:
+    """`<configPath>/envoy-rev.json` (`.yaml` when the template is YAML), as Istio names it."""
+    template = cfg.template_path
+    name = "envoy-rev.yaml" if template.endswith((".yaml", ".yaml.tmpl", ".yaml.j2")) else "envoy-rev.json"
+    return Path(cfg.proxy.config_path) / name
+
+
+def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """Write via a temp file in the same directory and os.replace, so a reader never sees a partial file.
+    The directory is created 0700 (it holds the bootstrap and the tracer token)."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_side_files(cfg: AgentConfig) -> list[Path]:
+    """Files the bootstrap refers to that the agent must write: the Lightstep access token."""
+    tracing = cfg.proxy.tracing or {}
+    if "lightstep" not in tracing:
+        return []
+    path = Path(cfg.proxy.config_path) / LIGHTSTEP_TOKEN_FILE
+    write_atomic(path, str(tracing["lightstep"].get("accessToken", "")).encode(), mode=0o600)
+    return [path]
+
+
+def write_bootstrap(cfg: AgentConfig, data: bytes) -> Path:
+    """Write side files, then the bootstrap itself; returns the bootstrap path."""
+    write_side_files(cfg)
+    path = bootstrap_path(cfg)
+    write_atomic(path, data)
+    return path
+
+
+def bootstrap_dependencies(cfg: AgentConfig) -> list[Path]:
+    """Files whose contents are part of the desired state: when one changes, render again and compare bytes.
+
+    Always listed (they may appear later): the cert files (/etc/certs defaults and ISTIO_META_TLS_* overrides),
+    the downward-API files, the mesh config, the template, ISTIO_BOOTSTRAP_OVERRIDE and customConfigFile.
+    Listed when they exist: files named by the tracer / metrics / access-log TLS settings."""
+    meta = {k[len("ISTIO_META_") :]: v for k, v in cfg.proxy.proxy_metadata.items() if k.startswith("ISTIO_META_")}
+    meta.update({k[len("ISTIO_META_") :]: v for k, v in cfg.environ.items() if k.startswith("ISTIO_META_")})
+    paths: list[str] = [f"{CERT_DIR}/{name}" for name in CERT_FILES]
+    for key in ("TLS_CLIENT_CERT_CHAIN", "TLS_CLIENT_KEY", "TLS_CLIENT_ROOT_CERT", "TLS_SERVER_CERT_CHAIN",
+                "TLS_SERVER_KEY", "TLS_SERVER_ROOT_CERT"):
+        if meta.get(key):
+            paths.append(meta[key])
+    paths += [str(cfg.labels_path), str(cfg.annotations_path), str(cfg.mesh_config_path)]
+    if cfg.proxy.custom_config_file:
+        paths.append(cfg.proxy.custom_config_file)
+    else:
+        paths.append(str(template_path_of(cfg)))
+    if cfg.bootstrap_override:
+        paths.append(cfg.bootstrap_override)
+    referenced: list[str] = []
+    for settings in (cfg.proxy.tracing, cfg.proxy.envoy_metrics_service, cfg.proxy.envoy_access_log_service):
+        if settings:
+            referenced += tls_files(settings.get("tlsSettings"), meta)
+    paths += [p for p in referenced if Path(p).is_file()]
+    return [Path(p) for p in dict.fromkeys(paths)]

@@ -1,0 +1,47 @@
+"""Typed reads of environment variables. Bad values are ConfigErrors naming the variable (Istio only warns and
+falls back to the default, which hides typos; failing before Envoy starts is the clearer contract)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from agent.errors import ConfigError
+
+_TRUE = {"1", "t", "T", "TRUE", "true", "True"}
+_FALSE = {"0", "f", "F", "FALSE", "false", "False"}
+
+
+def parse_go_bool(value: str) -> bool | None:
+    """Go's strconv.ParseBool; None when the text is not a boolean."""
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    return None
+
+
+def env_bool(environ: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = environ.get(name)
+    if raw is None or raw == "":
+        return default
+    value = parse_go_bool(raw.strip())
+    if value is None:
+        raise ConfigError(f"env {name}", "", f"expected true or false, got {raw!r}")
+    return value
+
+
+def env_int(environ: Mapping[str, str], name: str, default: int, lo: int = 0, hi: int = 2**31 - 1) -> int:
+    raw = environ.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = int(raw.strip())
+    except ValueError:
+        raise ConfigError(f"env {name}", "", f"expected an integer, got {raw!r}") from None
+    if not lo <= value <= hi:
+        raise ConfigError(f"env {name}", "", f"{value} is out of range [{lo}, {hi}]")
+    return value
+
+
+def env_port(environ: Mapping[str, str], name: str, default: int, allow_zero: bool = False) -> int:
+    return env_int(environ, name, default, 0 if allow_zero else 1, 65535)
