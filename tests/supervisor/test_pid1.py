@@ -15,6 +15,7 @@ from tests.support.envoy import envoy_binary
 
 pytestmark = [pytest.mark.envoy, pytest.mark.root, pytest.mark.slow]
 
+NAMESPACE = ["unshare", "--pid", "--fork", "--mount-proc"]
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -23,8 +24,7 @@ def test_pid1_reaps_orphans_and_reports_every_envoy_exit_code(tmp_path: Path) ->
     if shutil.which("unshare") is None:
         pytest.skip("unshare not installed")
     result = subprocess.run(
-        ["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-m", "tests.supervisor.pid1_scenario"]
-        + [envoy_binary(), str(tmp_path), "240"],
+        [*NAMESPACE, sys.executable, "-m", "tests.supervisor.pid1_scenario", envoy_binary(), str(tmp_path), "240"],
         cwd=ROOT,
         capture_output=True,
         timeout=120,
