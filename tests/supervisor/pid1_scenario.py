@@ -30,7 +30,7 @@ async def envoy_exit(binary: str, work: Path, index: int, own: set[int]) -> tupl
             argv, expected = [binary, "-c", str(work / "bad.json"), "--disable-hot-restart"], 1
         else:  # a running Envoy killed: -9
             argv, expected = [binary, "-c", str(work / "good.json"), "--disable-hot-restart", "-l", "off"], -9
-        proc = EnvoyProcess(argv, epoch=index, sink=sink)  # type: ignore[arg-type]
+        proc = EnvoyProcess(argv, epoch=index, sink=sink)
         await proc.start()
         own.add(proc.pid)
         task = asyncio.ensure_future(proc.run())
