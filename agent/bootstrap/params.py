@@ -68,8 +68,10 @@ def max_connections(cfg: AgentConfig) -> int:
     if cfg.proxy.global_downstream_connection_limit is not None:
         return cfg.proxy.global_downstream_connection_limit
     for source, value in (
-        ("proxyMetadata.ISTIO_META_GLOBAL_DOWNSTREAM_MAX_CONNECTIONS",
-         cfg.proxy.proxy_metadata.get("ISTIO_META_GLOBAL_DOWNSTREAM_MAX_CONNECTIONS")),
+        (
+            "proxyMetadata.ISTIO_META_GLOBAL_DOWNSTREAM_MAX_CONNECTIONS",
+            cfg.proxy.proxy_metadata.get("ISTIO_META_GLOBAL_DOWNSTREAM_MAX_CONNECTIONS"),
+        ),
         (f"runtimeValues.{MAX_CONNECTIONS_RUNTIME_KEY}", cfg.proxy.runtime_values.get(MAX_CONNECTIONS_RUNTIME_KEY)),
     ):
         if value:

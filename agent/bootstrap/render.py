@@ -81,5 +81,7 @@ def render_bootstrap(cfg: AgentConfig) -> bytes:
         try:
             return path.read_bytes()
         except OSError as exc:
-            raise ConfigError("ProxyConfig customConfigFile", str(path), f"cannot read: {exc.strerror or exc}") from None
+            raise ConfigError(
+                "ProxyConfig customConfigFile", str(path), f"cannot read: {exc.strerror or exc}"
+            ) from None
     return render_template(template_params(cfg), template_path_of(cfg))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -55,7 +56,7 @@ _TAGS_TAIL = (
 
 
 def _substitute(patterns: Sequence[str], ips: Sequence[str]) -> list[str]:
-    """"http.{pod_ip}_" with ips [a, b] -> ["http.a_", "http.b_"]."""
+    """ "http.{pod_ip}_" with ips [a, b] -> ["http.a_", "http.b_"]."""
     out: list[str] = []
     for pattern in patterns:
         if "{pod_ip}" in pattern:
@@ -65,7 +66,9 @@ def _substitute(patterns: Sequence[str], ips: Sequence[str]) -> list[str]:
     return out
 
 
-def _option(annotation: str | None, from_proxy: Sequence[str] | None, required: Sequence[str], ips: Sequence[str]) -> list[str]:
+def _option(
+    annotation: str | None, from_proxy: Sequence[str] | None, required: Sequence[str], ips: Sequence[str]
+) -> list[str]:
     # An annotation replaces the ProxyConfig list (they are not merged); required entries are always appended.
     if annotation:
         chosen: list[str] = annotation.split(",")
@@ -114,7 +117,8 @@ def histogram_buckets(cfg: AgentConfig) -> list[dict[str, Any]] | None:
     except (ValueError, RecursionError) as exc:
         raise ConfigError(source, ANNO_HISTOGRAM, f"not valid JSON: {exc}") from None
     ok = isinstance(value, dict) and all(
-        isinstance(v, list) and all(isinstance(b, int | float) and not isinstance(b, bool) and b == b for b in v)
+        isinstance(v, list)
+        and all(isinstance(b, int | float) and not isinstance(b, bool) and math.isfinite(b) for b in v)
         for v in value.values()
     )
     if not ok:

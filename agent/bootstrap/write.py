@@ -68,8 +68,14 @@ def bootstrap_dependencies(cfg: AgentConfig) -> list[Path]:
     meta = {k[len("ISTIO_META_") :]: v for k, v in cfg.proxy.proxy_metadata.items() if k.startswith("ISTIO_META_")}
     meta.update({k[len("ISTIO_META_") :]: v for k, v in cfg.environ.items() if k.startswith("ISTIO_META_")})
     paths: list[str] = [f"{CERT_DIR}/{name}" for name in CERT_FILES]
-    for key in ("TLS_CLIENT_CERT_CHAIN", "TLS_CLIENT_KEY", "TLS_CLIENT_ROOT_CERT", "TLS_SERVER_CERT_CHAIN",
-                "TLS_SERVER_KEY", "TLS_SERVER_ROOT_CERT"):
+    for key in (
+        "TLS_CLIENT_CERT_CHAIN",
+        "TLS_CLIENT_KEY",
+        "TLS_CLIENT_ROOT_CERT",
+        "TLS_SERVER_CERT_CHAIN",
+        "TLS_SERVER_KEY",
+        "TLS_SERVER_ROOT_CERT",
+    ):
         if meta.get(key):
             paths.append(meta[key])
     paths += [str(cfg.labels_path), str(cfg.annotations_path), str(cfg.mesh_config_path)]

@@ -198,7 +198,9 @@ def load_agent_config(
     env: Mapping[str, str] = types.MappingProxyType(dict(os.environ if environ is None else environ))
     ov = overrides or NodeOverrides()
     if flags.proxy_type not in PROXY_TYPES:
-        raise ConfigError("argument proxy type", flags.proxy_type, f"invalid proxy Type; one of {', '.join(PROXY_TYPES)}")
+        raise ConfigError(
+            "argument proxy type", flags.proxy_type, f"invalid proxy Type; one of {', '.join(PROXY_TYPES)}"
+        )
     labels_path = Path(ov.labels_path or LABELS_PATH)
     annotations_path = Path(ov.annotations_path or ANNOTATIONS_PATH)
     pod_labels = read_downward_api(labels_path)
@@ -227,7 +229,9 @@ def load_agent_config(
 
     local_xds = flags.local_xds_dir or env.get("ISTIO_LOCAL_XDS_DIR", "")
     if local_xds:
-        local_xds = _check_local_xds_dir(local_xds, "flag --local-xds-dir" if flags.local_xds_dir else "env ISTIO_LOCAL_XDS_DIR")
+        local_xds = _check_local_xds_dir(
+            local_xds, "flag --local-xds-dir" if flags.local_xds_dir else "env ISTIO_LOCAL_XDS_DIR"
+        )
 
     metadata_discovery = None
     if env.get("PEER_METADATA_DISCOVERY", "") != "":
@@ -241,7 +245,9 @@ def load_agent_config(
             if ov.workload_identity_socket_file is not None
             else env.get("WORKLOAD_IDENTITY_SOCKET_FILE", "socket")
         ),
-        compliance_policy=ov.compliance_policy if ov.compliance_policy is not None else env.get("COMPLIANCE_POLICY", ""),
+        compliance_policy=ov.compliance_policy
+        if ov.compliance_policy is not None
+        else env.get("COMPLIANCE_POLICY", ""),
         exit_on_zero_active_connections=env_bool(env, "EXIT_ON_ZERO_ACTIVE_CONNECTIONS", False),
         metadata_discovery=metadata_discovery,
         skip_deprecated_logs=(

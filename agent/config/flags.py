@@ -127,9 +127,13 @@ def split_component_log(level: str, component_level: str) -> tuple[str, str]:
     # Istio would pass an empty -l when only scopes are given; Envoy rejects that, so keep the default.
     log_level = log_level or "warning"
     if log_level not in ENVOY_LOG_LEVELS:
-        raise ConfigError("flag --proxyLogLevel", "", f"{log_level!r} is not one of {', '.join(sorted(ENVOY_LOG_LEVELS))}")
+        raise ConfigError(
+            "flag --proxyLogLevel", "", f"{log_level!r} is not one of {', '.join(sorted(ENVOY_LOG_LEVELS))}"
+        )
     for item in components:
         scope, _, lvl = item.partition(":")
         if not scope or lvl not in ENVOY_LOG_LEVELS:
-            raise ConfigError(source, item, f"expected SCOPE:LEVEL with LEVEL one of {', '.join(sorted(ENVOY_LOG_LEVELS))}")
+            raise ConfigError(
+                source, item, f"expected SCOPE:LEVEL with LEVEL one of {', '.join(sorted(ENVOY_LOG_LEVELS))}"
+            )
     return log_level, ",".join(components)

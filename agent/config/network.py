@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 from collections.abc import Iterable, Mapping
 
@@ -39,10 +40,8 @@ def discover_ips(environ: Mapping[str, str], annotations: Mapping[str, str]) -> 
     """INSTANCE_IP (when it parses) first, then interface addresses, deduplicated; 127.0.0.1 when there are none."""
     result: list[str] = []
     instance_ip = environ.get("INSTANCE_IP", "").strip()
-    try:
+    with contextlib.suppress(ValueError):
         result.append(str(ipaddress.ip_address(instance_ip)))
-    except ValueError:
-        pass
     excluded = [s.strip() for s in annotations.get("traffic.sidecar.istio.io/excludeInterfaces", "").split(",")]
     for ip in interface_ips(s for s in excluded if s):
         if ip not in result:

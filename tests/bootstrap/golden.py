@@ -120,7 +120,9 @@ def differences(golden: Any, generated: Any, path: str = "") -> list[str]:
                 out += differences(golden[key], generated[key], f"{path}.{key}")
         return out
     if isinstance(golden, list) and isinstance(generated, list) and len(golden) == len(generated):
-        return [d for i, (a, b) in enumerate(zip(golden, generated, strict=True)) for d in differences(a, b, f"{path}[{i}]")]
+        return [
+            d for i, (a, b) in enumerate(zip(golden, generated, strict=True)) for d in differences(a, b, f"{path}[{i}]")
+        ]
     if golden != generated or type(golden) is not type(generated):
         return [f"{path}: golden {json.dumps(golden)[:160]} != generated {json.dumps(generated)[:160]}"]
     return []
