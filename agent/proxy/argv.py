@@ -39,10 +39,14 @@ class LaunchSettings:
     # Envoy's default is 0. Each pod has its own IPC namespace in Kubernetes, so 0 is fine there; several agents
     # on one host (tests, a laptop) need distinct ids because the shared memory and domain sockets are named by it.
     base_id: int = 0
+    # ".yaml" when the template renders YAML.
+    bootstrap_suffix: str = ".json"
 
     def bootstrap_path(self, epoch: int) -> Path:
-        """One bootstrap file per epoch, kept until that epoch exits (Istio's 2019 `envoy-rev<N>.json`)."""
-        return self.config_dir / f"envoy-rev{epoch}.json"
+        """One bootstrap file per epoch, kept until that epoch exits (Istio's 2019 `envoy-rev<N>.json`).
+        Without hot restart there is only ever one: `envoy-rev.json`, Istio's current name."""
+        name = f"envoy-rev{epoch}" if self.hot_restart else "envoy-rev"
+        return self.config_dir / f"{name}{self.bootstrap_suffix}"
 
 
 def split_component_log(level: str) -> tuple[str, list[str]]:

@@ -80,7 +80,9 @@ def test_split_component_log() -> None:
 
 
 def test_bootstrap_file_per_epoch() -> None:
-    assert BASE.bootstrap_path(4) == Path("/etc/istio/proxy/envoy-rev4.json")
+    assert dataclasses.replace(BASE, hot_restart=True).bootstrap_path(4) == Path("/etc/istio/proxy/envoy-rev4.json")
+    # Hot restart off: Istio's own name.
+    assert BASE.bootstrap_path(0) == Path("/etc/istio/proxy/envoy-rev.json")
 
 
 @pytest.mark.envoy
