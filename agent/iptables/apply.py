@@ -25,7 +25,7 @@ from typing import Protocol
 
 from agent.errors import AgentError, ExitCode
 from agent.iptables.config import CaptureConfig
-from agent.iptables.rules import BUILTIN_CHAINS, TABLE_ORDER, V4, V6, Rule, build_rules, chains_by_table
+from agent.iptables.rules import BUILTIN_CHAINS, TABLE_ORDER, V4, V6, Rule, RuleSet, build_rules, chains_by_table
 
 log = logging.getLogger("agent.iptables")
 
@@ -196,10 +196,11 @@ class _Family:
 class Applier:
     """Plans and performs one run. `apply()` and `cleanup()` return a one-line summary or raise AgentError."""
 
-    def __init__(self, cfg: CaptureConfig, runner: Runner) -> None:
+    def __init__(self, cfg: CaptureConfig, runner: Runner, ruleset: RuleSet | None = None) -> None:
         self.cfg = cfg
         self.runner = runner
-        self.ruleset = build_rules(cfg)
+        # `ruleset` defaults to the config's; tests pass one with a rule the kernel refuses.
+        self.ruleset = build_rules(cfg) if ruleset is None else ruleset
 
     # -- reading -------------------------------------------------------------------------------------------------
 

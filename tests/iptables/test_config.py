@@ -1,0 +1,105 @@
+"""Flags and env vars -> CaptureConfig: Istio's precedence, and one clear error naming the source for bad input."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+
+import pytest
+
+from agent.cli import build_parser
+from agent.commands import istio_iptables
+from agent.errors import ConfigError, ExitCode
+from agent.iptables.config import HostFacts, build_config, parse_resolv_conf
+from tests.support.netns import REPO_ROOT
+
+
+def config_from(argv: list[str], env: dict[str, str] | None = None) -> object:
+    args = build_parser().parse_args(["istio-iptables", *argv])
+    return build_config(istio_iptables.given_flags(args), env or {}, HostFacts())
+
+
+def test_defaults_are_istios() -> None:
+    cfg = build_config({}, {}, HostFacts())
+    assert (cfg.proxy_port, cfg.inbound_capture_port, cfg.inbound_tunnel_port) == ("15001", "15006", "15008")
+    assert (cfg.proxy_uid, cfg.proxy_gid, cfg.mode) == ("1337", "1337", "REDIRECT")
+    assert (cfg.tproxy_mark, cfg.tproxy_route_table) == ("1337", "133")
+    assert (cfg.owner_groups_include, cfg.host_ipv4_loopback_cidr) == ("*", "127.0.0.1/32")
+
+
+def test_env_is_used_when_the_flag_is_absent_and_the_flag_wins_when_present() -> None:
+    env = {"ENVOY_PORT": "16001", "ISTIO_INBOUND_PORTS": "8080", "ISTIO_SERVICE_EXCLUDE_CIDR": "10.0.0.0/8"}
+    cfg = config_from(["-b", "*"], env)
+    assert getattr(cfg, "proxy_port") == "16001"
+    assert getattr(cfg, "inbound_ports_include") == "*"
+    # An explicitly empty flag still wins over the env var (viper: the flag was "changed").
+    assert getattr(config_from(["-x", ""], env), "outbound_ip_ranges_exclude") == ""
+
+
+def test_gid_defaults_to_uid_and_booleans_read_env_forms() -> None:
+    cfg = config_from(["-u", "2000"], {"ISTIO_META_DNS_CAPTURE": "true", "INVALID_DROP": "1"})
+    assert (getattr(cfg, "proxy_gid"), getattr(cfg, "redirect_dns"), getattr(cfg, "drop_invalid")) == (
+        "2000", True, True,
+    )  # fmt: skip
+    assert getattr(config_from(["--redirect-dns=false"], {"ISTIO_META_DNS_CAPTURE": "true"}), "redirect_dns") is False
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "source"),
+    [
+        (["-i", "10.0.0.0/33"], {}, "flag -i/--istio-service-cidr"),
+        (["-x", "not-a-cidr"], {}, "flag -x/--istio-service-exclude-cidr"),
+        (["-x", "*"], {}, "flag -x/--istio-service-exclude-cidr"),
+        (["-p", "70000"], {}, "flag -p/--envoy-port"),
+        (["-z", "http"], {}, "flag -z/--inbound-capture-port"),
+        (["-d", "15020,9000:8000"], {}, "flag -d/--istio-local-exclude-ports"),
+        (["-b", "80-90"], {}, "flag -b/--istio-inbound-ports"),
+        (["-m", "tproxy"], {}, "flag -m/--istio-inbound-interception-mode"),
+        (["-u", "envoy"], {}, "flag -u/--proxy-uid"),
+        (["-g", "-5"], {}, "flag -g/--proxy-gid"),
+        (["-t", "0x539"], {}, "flag -t/--istio-inbound-tproxy-mark"),
+        ([], {"ISTIO_SERVICE_CIDR": "300.1.1.1/8"}, "env ISTIO_SERVICE_CIDR"),
+        ([], {"ISTIO_INBOUND_INTERCEPTION_MODE": "NAT"}, "env ISTIO_INBOUND_INTERCEPTION_MODE"),
+        ([], {"ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR": "::1/128"}, "env ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR"),
+        ([], {"REDIRECT_DNS": "sometimes"}, "env REDIRECT_DNS"),
+        ([], {"ISTIO_OUTBOUND_OWNER_GROUPS": "java,has space"}, "env ISTIO_OUTBOUND_OWNER_GROUPS"),
+    ],
+)
+def test_bad_input_names_its_source(argv: list[str], env: dict[str, str], source: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        config_from(argv, env)
+    assert str(caught.value).startswith(source)
+    assert "\n" not in str(caught.value)
+
+
+def test_port_ranges_and_wildcards_are_accepted() -> None:
+    cfg = config_from(["-b", "*", "-d", "15020,20000:20010", "-q", "443", "-o", "25:26", "-i", "*"])
+    assert getattr(cfg, "inbound_ports_exclude") == "15020,20000:20010"
+
+
+def test_resolv_conf_servers_are_split_and_canonical() -> None:
+    text = "search x\nnameserver 10.96.0.10\nnameserver ::127.0.0.53\nnameserver fd00::A\n# nameserver 1.1.1.1\n"
+    assert parse_resolv_conf(text) == (("10.96.0.10",), ("::7f00:35", "fd00::a"))
+
+
+def test_dry_run_prints_the_transcript() -> None:
+    out = io.StringIO()
+    args = build_parser().parse_args(["istio-iptables", "-b", "*", "-d", "15020", "-i", "*", "-n"])
+    assert istio_iptables.execute(istio_iptables.given_flags(args), {}, HostFacts(), out) == 0
+    lines = out.getvalue().splitlines()
+    assert lines[:3] == ["iptables-save", "ip6tables-save", "* nat"]
+    assert "-A ISTIO_INBOUND -p tcp --dport 15020 -j RETURN" in lines
+    assert lines[-1] == "iptables-save"
+
+
+def test_cli_bad_flag_exits_78_with_one_line_and_no_traceback() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "agent", "istio-iptables", "-i", "10.0.0.0/40", "-n"],
+        capture_output=True, text=True, timeout=60, check=False, cwd=REPO_ROOT,
+    )  # fmt: skip
+    assert done.returncode == ExitCode.CONFIG_ERROR
+    assert done.stdout == ""
+    errors = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(errors) == 1 and "flag -i/--istio-service-cidr" in errors[0]
+    assert "Traceback" not in done.stderr

@@ -1,0 +1,130 @@
+"""Real rules in a real network namespace: idempotent, removable, and never half-applied."""
+
+from __future__ import annotations
+
+import pytest
+
+from agent.errors import AgentError, ExitCode
+from agent.iptables.apply import Applier
+from agent.iptables.config import HostFacts, build_config
+from agent.iptables.rules import Rule, RuleSet, build_rules
+from tests.iptables.conftest import INJECTOR_ARGS, add_foreign_rules
+from tests.support.netns import NetnsRunner, PodNetwork, normalize_save
+
+pytestmark = [pytest.mark.root, pytest.mark.netns]
+
+TPROXY_ARGS = tuple("TPROXY" if a == "REDIRECT" else a for a in INJECTOR_ARGS)
+
+
+def one_line_error(stderr: str) -> str:
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, stderr
+    assert "Traceback" not in stderr
+    return lines[0]
+
+
+def test_applies_the_generated_rules_and_a_second_run_changes_nothing(pod: PodNetwork) -> None:
+    add_foreign_rules(pod)
+    first = pod.pilot_agent(*INJECTOR_ARGS)
+    assert first.returncode == 0, first.stderr
+    installed = normalize_save(pod.iptables_save())
+    assert "-A PREROUTING -p tcp -j ISTIO_INBOUND" in installed
+    assert "-A ISTIO_INBOUND -p tcp -m tcp --dport 15021 -j RETURN" in installed
+    assert "-A ISTIO_OUTPUT -j ISTIO_REDIRECT" in installed
+
+    second = pod.pilot_agent(*INJECTOR_ARGS)
+    assert second.returncode == 0, second.stderr
+    assert "nothing changed" in second.stderr
+    assert normalize_save(pod.iptables_save()) == installed
+
+
+@pytest.mark.parametrize("args", [INJECTOR_ARGS, TPROXY_ARGS], ids=["redirect", "tproxy"])
+def test_cleanup_only_removes_exactly_what_was_installed(pod: PodNetwork, args: tuple[str, ...]) -> None:
+    add_foreign_rules(pod)
+    before = normalize_save(pod.iptables_save())
+    rules_before = pod.run(["ip", "rule"]).stdout
+    assert pod.pilot_agent(*args).returncode == 0
+    assert normalize_save(pod.iptables_save()) != before
+    if "TPROXY" in args:
+        assert "fwmark 0x539 lookup 133" in pod.run(["ip", "rule"]).stdout
+        assert "local default dev lo" in pod.run(["ip", "route", "show", "table", "133"]).stdout
+
+    done = pod.pilot_agent(*args, "--cleanup-only")
+    assert done.returncode == 0, done.stderr
+    assert normalize_save(pod.iptables_save()) == before
+    assert pod.run(["ip", "rule"]).stdout == rules_before
+    assert pod.run(["ip", "route", "show", "table", "133"]).stdout == ""
+    # Cleaning a clean namespace is fine too.
+    assert pod.pilot_agent(*args, "--cleanup-only").returncode == 0
+    assert normalize_save(pod.iptables_save()) == before
+
+
+def test_different_existing_rules_are_left_alone_unless_reconcile(pod: PodNetwork) -> None:
+    add_foreign_rules(pod)
+    assert pod.pilot_agent(*INJECTOR_ARGS).returncode == 0
+    old = normalize_save(pod.iptables_save())
+    changed = [
+        ("8080" if a == "*" and i > 0 and INJECTOR_ARGS[i - 1] == "-b" else a) for i, a in enumerate(INJECTOR_ARGS)
+    ]
+
+    refused = pod.pilot_agent(*changed)
+    assert refused.returncode == ExitCode.IPTABLES_FAILED
+    assert "--reconcile" in one_line_error(refused.stderr)
+    assert normalize_save(pod.iptables_save()) == old
+
+    replaced = pod.pilot_agent(*changed, "--reconcile")
+    assert replaced.returncode == 0, replaced.stderr
+    reconciled = normalize_save(pod.iptables_save())
+    assert "-A ISTIO_INBOUND -p tcp -m tcp --dport 8080 -j ISTIO_IN_REDIRECT" in reconciled
+    assert "-A ISTIO_INBOUND -p tcp -j ISTIO_IN_REDIRECT" not in reconciled
+
+    # The result is exactly what a fresh install of the new arguments gives.
+    assert pod.pilot_agent(*changed, "--cleanup-only").returncode == 0
+    assert pod.pilot_agent(*changed).returncode == 0
+    assert normalize_save(pod.iptables_save()) == reconciled
+    # --force-apply replaces even identical rules, and ends in the same state.
+    assert pod.pilot_agent(*changed, "--force-apply").returncode == 0
+    assert normalize_save(pod.iptables_save()) == reconciled
+
+
+def test_a_rule_the_kernel_refuses_leaves_the_namespace_as_it_was(pod: PodNetwork) -> None:
+    """TPROXY writes mangle, nat and raw; a REDIRECT target in raw is refused by the kernel (EINVAL) after mangle
+    and nat were committed, so only the snapshot rollback can put things back."""
+    add_foreign_rules(pod)
+    before = normalize_save(pod.iptables_save())
+    given = {"istio_inbound_interception_mode": "TPROXY", "istio_inbound_ports": "*", "istio_service_cidr": "*"}
+    cfg = build_config(given, {}, HostFacts())
+    refused = Rule("raw", "OUTPUT", ("-A", "OUTPUT", "-p", "tcp", "-j", "REDIRECT", "--to-ports", "1"))
+    runner = NetnsRunner(pod)
+    with pytest.raises(AgentError) as caught:
+        Applier(cfg, runner, RuleSet((*build_rules(cfg).v4, refused), ())).apply()
+    assert caught.value.exit_code == ExitCode.IPTABLES_FAILED
+    assert "Invalid argument" in str(caught.value)
+    # A flushing restore (the rollback) really ran, and the state is the snapshot's.
+    assert any(call[0].endswith("-restore") and "--noflush" not in call for call in runner.calls)
+    assert normalize_save(pod.iptables_save()) == before
+    assert "lookup 133" not in pod.run(["ip", "rule"]).stdout
+
+
+def test_a_failing_table_through_the_cli_applies_nothing(pod: PodNetwork) -> None:
+    """An owner group iptables cannot resolve fails the nat block after the mangle block was committed."""
+    add_foreign_rules(pod)
+    before = normalize_save(pod.iptables_save())
+    done = pod.pilot_agent(*TPROXY_ARGS, env={"ISTIO_OUTBOUND_OWNER_GROUPS": "no-such-group-here"})
+    assert done.returncode == ExitCode.IPTABLES_FAILED
+    assert "restored to their previous state" in one_line_error(done.stderr)
+    assert normalize_save(pod.iptables_save()) == before
+
+
+def test_not_root_is_not_permitted(pod: PodNetwork) -> None:
+    done = pod.pilot_agent(*INJECTOR_ARGS, uid=65534)
+    assert done.returncode == ExitCode.NOT_PERMITTED
+    assert "root or with CAP_NET_ADMIN" in one_line_error(done.stderr)
+    assert "ISTIO" not in pod.iptables_save()
+
+
+def test_missing_iptables_binary_is_a_clear_error(pod: PodNetwork) -> None:
+    done = pod.pilot_agent(*INJECTOR_ARGS, env={"PATH": "/nonexistent"})
+    assert done.returncode == ExitCode.IPTABLES_FAILED
+    assert "iptables-restore and iptables-save not found in PATH" in one_line_error(done.stderr)
+    assert "ISTIO" not in pod.iptables_save()
