@@ -11,11 +11,11 @@ import pytest
 from agent.cli import build_parser
 from agent.commands import istio_iptables
 from agent.errors import ConfigError, ExitCode
-from agent.iptables.config import HostFacts, build_config, parse_resolv_conf
+from agent.iptables.config import CaptureConfig, HostFacts, build_config, parse_resolv_conf
 from tests.support.netns import REPO_ROOT
 
 
-def config_from(argv: list[str], env: dict[str, str] | None = None) -> object:
+def config_from(argv: list[str], env: dict[str, str] | None = None) -> CaptureConfig:
     args = build_parser().parse_args(["istio-iptables", *argv])
     return build_config(istio_iptables.given_flags(args), env or {}, HostFacts())
 
@@ -31,18 +31,18 @@ def test_defaults_are_istios() -> None:
 def test_env_is_used_when_the_flag_is_absent_and_the_flag_wins_when_present() -> None:
     env = {"ENVOY_PORT": "16001", "ISTIO_INBOUND_PORTS": "8080", "ISTIO_SERVICE_EXCLUDE_CIDR": "10.0.0.0/8"}
     cfg = config_from(["-b", "*"], env)
-    assert getattr(cfg, "proxy_port") == "16001"
-    assert getattr(cfg, "inbound_ports_include") == "*"
+    assert cfg.proxy_port == "16001"
+    assert cfg.inbound_ports_include == "*"
     # An explicitly empty flag still wins over the env var (viper: the flag was "changed").
-    assert getattr(config_from(["-x", ""], env), "outbound_ip_ranges_exclude") == ""
+    assert config_from(["-x", ""], env).outbound_ip_ranges_exclude == ""
 
 
 def test_gid_defaults_to_uid_and_booleans_read_env_forms() -> None:
     cfg = config_from(["-u", "2000"], {"ISTIO_META_DNS_CAPTURE": "true", "INVALID_DROP": "1"})
-    assert (getattr(cfg, "proxy_gid"), getattr(cfg, "redirect_dns"), getattr(cfg, "drop_invalid")) == (
+    assert (cfg.proxy_gid, cfg.redirect_dns, cfg.drop_invalid) == (
         "2000", True, True,
     )  # fmt: skip
-    assert getattr(config_from(["--redirect-dns=false"], {"ISTIO_META_DNS_CAPTURE": "true"}), "redirect_dns") is False
+    assert config_from(["--redirect-dns=false"], {"ISTIO_META_DNS_CAPTURE": "true"}).redirect_dns is False
 
 
 @pytest.mark.parametrize(
@@ -75,7 +75,7 @@ def test_bad_input_names_its_source(argv: list[str], env: dict[str, str], source
 
 def test_port_ranges_and_wildcards_are_accepted() -> None:
     cfg = config_from(["-b", "*", "-d", "15020,20000:20010", "-q", "443", "-o", "25:26", "-i", "*"])
-    assert getattr(cfg, "inbound_ports_exclude") == "15020,20000:20010"
+    assert cfg.inbound_ports_exclude == "15020,20000:20010"
 
 
 def test_resolv_conf_servers_are_split_and_canonical() -> None:
