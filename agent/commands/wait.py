@@ -1,21 +1,71 @@
-"""`pilot-agent wait`: not built yet."""
+"""`pilot-agent wait`: poll Envoy's readiness until it answers 200 (Istio's app/wait.go semantics).
+
+Loop: sleep one period, GET the URL, success iff the status is 200 and the body was read; give up after
+--timeoutSeconds with `timeout waiting for Envoy proxy to become ready. Last error: ...` and exit WAIT_TIMEOUT.
+"""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
+import time
 from typing import Any
 
-from agent.errors import ExitCode
+import aiohttp
+
+from agent.errors import ConfigError, ExitCode
 
 log = logging.getLogger("agent.cli")
 
+DEFAULT_URL = "http://localhost:15021/healthz/ready"
+
 
 def register(subparsers: Any) -> None:
-    parser = subparsers.add_parser("wait", help="(not built yet)")
+    parser = subparsers.add_parser("wait", help="wait until Envoy is ready (for a postStart hook)")
+    parser.add_argument("--timeoutSeconds", dest="timeout_seconds", type=str, default="60", help="give up after")
+    parser.add_argument(
+        "--requestTimeoutMillis", dest="request_timeout_millis", type=str, default="500", help="per request"
+    )
+    parser.add_argument("--periodMillis", dest="period_millis", type=str, default="500", help="between requests")
+    parser.add_argument("--url", default=DEFAULT_URL, help="readiness URL to poll")
     parser.set_defaults(run=run)
 
 
+def _positive(value: str, flag: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise ConfigError(f"flag {flag}", "", f"expected an integer, got {value!r}") from None
+    if number < 0:
+        raise ConfigError(f"flag {flag}", "", f"must not be negative, got {number}")
+    return number
+
+
 def run(args: argparse.Namespace) -> int:
-    log.error("the wait command is not built yet")
-    return ExitCode.NOT_IMPLEMENTED
+    timeout = _positive(args.timeout_seconds, "--timeoutSeconds")
+    request_timeout = _positive(args.request_timeout_millis, "--requestTimeoutMillis") / 1000
+    period = _positive(args.period_millis, "--periodMillis") / 1000
+    return asyncio.run(wait_ready(args.url, timeout, request_timeout, period))
+
+
+async def wait_ready(url: str, timeout: float, request_timeout: float, period: float) -> int:
+    log.info("Waiting for Envoy proxy to be ready (timeout: %g seconds)...", timeout)
+    deadline = time.monotonic() + timeout
+    last_error = "no request made"
+    async with aiohttp.ClientSession() as session:
+        while time.monotonic() < deadline:
+            # Istio sleeps first: the first probe happens one period after start.
+            await asyncio.sleep(period)
+            try:
+                async with session.get(url, timeout=aiohttp.ClientTimeout(total=request_timeout or None)) as resp:
+                    await resp.read()
+                    if resp.status == 200:
+                        log.info("Envoy is ready!")
+                        return ExitCode.OK
+                    last_error = f"HTTP status code {resp.status}"
+            except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+                last_error = f"{type(exc).__name__}: {exc}"
+            log.debug("Not ready yet: %s", last_error)
+    log.error("timeout waiting for Envoy proxy to become ready. Last error: %s", last_error)
+    return ExitCode.WAIT_TIMEOUT
