@@ -173,8 +173,8 @@ def template_params(cfg: AgentConfig) -> dict[str, Any]:
     metadata_discovery = meta.get("METADATA_DISCOVERY") == "true"
     if cfg.node_id.startswith("waypoint~"):
         xds_type, metadata_discovery = "DELTA_GRPC", True
-    if xds_type == "GRPC":
-        metadata_discovery = False  # not supported on the state-of-the-world protocol
+    if xds_type == "GRPC" or cfg.local_xds_dir:
+        metadata_discovery = False  # needs ADS with delta xDS: not on state-of-the-world, not from files
     flush, eviction = stats.intervals(cfg)
     statsd = None
     if cfg.proxy.statsd_udp_address:

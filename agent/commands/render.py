@@ -1,21 +1,46 @@
-"""`pilot-agent render`: not built yet."""
+"""`pilot-agent render [sidecar|router] [proxy flags...]`: print the Envoy bootstrap the agent would write.
+
+Reads the same flags, environment and files as `pilot-agent proxy`, starts nothing, writes nothing. Bad input
+is a ConfigError: one line naming source and field, exit code CONFIG_ERROR (78).
+"""
 
 from __future__ import annotations
 
 import argparse
-import logging
+import os
+import sys
 from typing import Any
 
+from agent.bootstrap import bootstrap_path, render_bootstrap
+from agent.config import add_proxy_flags, flags_from_args, load_agent_config
 from agent.errors import ExitCode
-
-log = logging.getLogger("agent.cli")
 
 
 def register(subparsers: Any) -> None:
-    parser = subparsers.add_parser("render", help="(not built yet)")
+    parser = subparsers.add_parser(
+        "render",
+        aliases=["bootstrap"],
+        help="print the Envoy bootstrap `proxy` would write, without starting anything",
+        description=__doc__,
+    )
+    add_proxy_flags(parser)
+    parser.add_argument(
+        "--output", "-o", default="-", help="write to this file instead of stdout (no side files are written)"
+    )
+    parser.add_argument("--print-path", action="store_true", help="print only where `proxy` would write it")
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    log.error("the render command is not built yet")
-    return ExitCode.NOT_IMPLEMENTED
+    cfg = load_agent_config(flags_from_args(args), os.environ)
+    if args.print_path:
+        print(bootstrap_path(cfg))
+        return ExitCode.OK
+    data = render_bootstrap(cfg)
+    if args.output == "-":
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
+    else:
+        with open(args.output, "wb") as handle:
+            handle.write(data)
+    return ExitCode.OK

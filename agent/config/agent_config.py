@@ -11,6 +11,7 @@ import os
 import types
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -304,8 +305,16 @@ def load_agent_config(
     )
 
 
+EXAMPLE_XDS_DIR = "@example"
+
+
+def example_xds_dir() -> Path:
+    """The bundled no-control-plane demo (lds.yaml, cds.yaml), shipped inside the package."""
+    return Path(str(resources.files("agent").joinpath("examples", "local")))
+
+
 def _check_local_xds_dir(directory: str, source: str) -> str:
-    path = Path(directory).resolve()
+    path = example_xds_dir() if directory == EXAMPLE_XDS_DIR else Path(directory).resolve()
     if not path.is_dir():
         raise ConfigError(source, "", f"{directory!r} is not a directory")
     for name in ("lds.yaml", "cds.yaml"):
