@@ -128,8 +128,12 @@ def unix_http(socket_path: Path, path: str, method: str = "GET", timeout: float 
     class _Conn(http.client.HTTPConnection):
         def connect(self) -> None:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            sock.settimeout(timeout)
-            sock.connect(str(socket_path))
+            try:
+                sock.settimeout(timeout)
+                sock.connect(str(socket_path))
+            except OSError:
+                sock.close()
+                raise
             self.sock = sock
 
     conn = _Conn("localhost", timeout=timeout)
