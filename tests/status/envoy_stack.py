@@ -136,5 +136,6 @@ def write_config(directory: Path, agent_port: int, *, reject_lds: bool = False) 
 @contextmanager
 def envoy_stack(directory: Path, agent_port: int, *, reject_lds: bool = False) -> Iterator[EnvoyStack]:
     path, ports = write_config(directory, agent_port, reject_lds=reject_lds)
-    with running_envoy(path, ports["admin"], ["--concurrency", "1"]) as process:
+    # Istio runs Envoy with --drain-strategy immediate: a drained listener closes every connection at once.
+    with running_envoy(path, ports["admin"], ["--concurrency", "1", "--drain-strategy", "immediate"]) as process:
         yield EnvoyStack(ports["admin"], ports["status"], ports["prometheus"], agent_port, ports["inbound"], process)
