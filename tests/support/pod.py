@@ -1,0 +1,521 @@
+"""A kubelet-like pod harness: runs a manifest's containers on this machine the way kubelet would.
+
+What it reproduces, and where:
+- volumes (here): emptyDir (0777), downwardAPI, configMap, secret and projected volumes written with kubelet's
+  atomic writer (tests/support/atomic_writer.py), updated later with the same `..data` symlink swap;
+- the container's environment and argv (tests/support/kube_values.py): env in order with `$(VAR)` expansion,
+  fieldRef / resourceFieldRef values from a PodIdentity the test supplies;
+- the process (here): PID 1 of a new PID namespace (`unshare --pid --fork --mount-proc`), inside the pod's network
+  namespace, as the container's runAsUser/runAsGroup with its capability bounding set; working directory = the pod
+  root, which plays the image's `/` (so Istio's relative `./etc/istio/pod/labels` finds the downward-API volume
+  mounted at /etc/istio/pod: every mountPath lives under the pod root, nothing is mounted on the host's /etc);
+- exec hooks (postStart / preStop) run inside the container's namespaces with its env (nsenter);
+- termination as kubelet does it (here): preStop within the grace period, SIGTERM to PID 1, the rest of the grace
+  period (at least 2 s, kubelet's minimum, unless the test lowers it), then SIGKILL;
+- probes (tests/support/probes.py): kubelet's period / timeout / threshold semantics.
+
+A signal from outside to a PID namespace's init is delivered only if init has a handler for it (SIGKILL excepted):
+the same rule a container's PID 1 lives under, which is what makes these tests meaningful for the agent.
+Not reproduced: image layers (the host's filesystem is the image), cgroups and resource limits, fsGroup, tmpfs
+for `medium: Memory`, subPath mounts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from tests.support.atomic_writer import AtomicWriter, FileProjection, downward_api_payload
+from tests.support.kube_values import PodIdentity, container_argv, container_env, field_value, resource_value
+from tests.support.probes import ContainerProbes, ProbeSpec
+
+KUBELET_MIN_GRACE_S = 2.0
+_VENV_BIN = Path(sys.executable).parent
+
+
+# ---- manifests -------------------------------------------------------------------------------------------------------
+def load_documents(path: Path) -> list[dict[str, object]]:
+    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
+
+
+def pod_template(doc: Mapping[str, object]) -> tuple[dict[str, object], dict[str, object]]:
+    """(metadata, spec) of a Pod, or of a Deployment/StatefulSet/DaemonSet/Job's pod template."""
+    if doc["kind"] == "Pod":
+        return dict(doc["metadata"]), dict(doc["spec"])  # type: ignore[call-overload]
+    template = doc["spec"]["template"]  # type: ignore[index]
+    return dict(template["metadata"]), dict(template["spec"])
+
+
+def find_container(spec: Mapping[str, object], name: str) -> tuple[dict[str, object], bool]:
+    """The container named `name` and whether it is an init container (native sidecars are)."""
+    for key, init in (("initContainers", True), ("containers", False)):
+        for container in spec.get(key) or []:  # type: ignore[attr-defined]
+            if container["name"] == name:
+                return dict(container), init
+    raise KeyError(f"no container named {name}")
+
+
+def probe_specs(container: Mapping[str, object]) -> dict[str, ProbeSpec]:
+    ports = container.get("ports") or []
+    assert isinstance(ports, list)
+    found: dict[str, ProbeSpec] = {}
+    for kind in ("startup", "readiness", "liveness"):
+        probe = container.get(f"{kind}Probe")
+        if isinstance(probe, Mapping):
+            found[kind] = ProbeSpec.from_manifest(kind, probe, ports)
+    return found
+
+
+# ---- processes -------------------------------------------------------------------------------------------------------
+def netns_path(netns: str | Path | None) -> Path | None:
+    if netns is None:
+        return None
+    return Path(netns) if "/" in str(netns) else Path("/run/netns") / str(netns)
+
+
+@dataclass(frozen=True)
+class Identity:
+    """runAsUser / runAsGroup and the capability bounding set (None = leave as is)."""
+
+    uid: int = 0
+    gid: int = 0
+    capabilities: tuple[str, ...] | None = None
+
+    @classmethod
+    def of(cls, container: Mapping[str, object], pod_spec: Mapping[str, object], image_uid: int = 1337) -> Identity:
+        ctx = container.get("securityContext") or {}
+        pod_ctx = pod_spec.get("securityContext") or {}
+        assert isinstance(ctx, Mapping) and isinstance(pod_ctx, Mapping)
+        uid = int(str(ctx.get("runAsUser", pod_ctx.get("runAsUser", image_uid))))
+        gid = int(str(ctx.get("runAsGroup", pod_ctx.get("runAsGroup", uid))))
+        caps = ctx.get("capabilities") or {}
+        assert isinstance(caps, Mapping)
+        bounding: tuple[str, ...] | None = None
+        if "ALL" in (caps.get("drop") or []):
+            bounding = tuple(str(c).lower() for c in caps.get("add") or [])
+        return cls(uid, gid, bounding)
+
+    def setpriv(self) -> list[str]:
+        argv = ["setpriv"]
+        if self.uid or self.gid:
+            argv += [f"--reuid={self.uid}", f"--regid={self.gid}", "--clear-groups"]
+        if self.capabilities is not None:
+            caps = ",".join(["-all", *(f"+{c}" for c in self.capabilities)])
+            argv += [f"--bounding-set={caps}", f"--inh-caps={caps}"]
+        return [*argv, "--"]
+
+
+@dataclass(frozen=True)
+class Termination:
+    exit_code: int | None  # the container's exit code; None when it died of a signal
+    signal: int | None
+    killed: bool  # the harness had to SIGKILL it (the grace period ran out)
+    seconds: float  # from the start of termination (preStop included) to exit
+
+
+class ContainerProcess:
+    """One container's PID 1, in its own PID namespace, in the pod's network namespace."""
+
+    def __init__(
+        self,
+        *,
+        argv: Sequence[str],
+        env: Mapping[str, str],
+        cwd: Path,
+        identity: Identity,
+        netns: str | Path | None,
+        log_path: Path,
+    ) -> None:
+        self.argv = list(argv)
+        self.env = dict(env)
+        self.cwd = cwd
+        self.identity = identity
+        self.netns = netns_path(netns)
+        self.log_path = log_path
+        prefix = ["nsenter", f"--net={self.netns}"] if self.netns else []
+        command = [*prefix, "unshare", "--pid", "--fork", "--mount-proc", *identity.setpriv(), *self.argv]
+        self._log = log_path.open("ab")
+        self._popen = subprocess.Popen(
+            command, env=self.env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT
+        )
+        self.pid1 = self._find_pid1()
+        self.pid_ns = os.readlink(f"/proc/{self.pid1}/ns/pid")
+
+    def _find_pid1(self, timeout: float = 5.0) -> int:
+        deadline = time.monotonic() + timeout
+        pid = self._popen.pid
+        while time.monotonic() < deadline:
+            try:
+                children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+            except FileNotFoundError:
+                children = []
+            if children:
+                return int(children[0])
+            if self._popen.poll() is not None:
+                raise RuntimeError(f"container exited at once ({self._popen.returncode}): {self.log_text()[-2000:]}")
+            time.sleep(0.005)
+        raise RuntimeError("unshare did not fork the container's PID 1")
+
+    # ---- state ------------------------------------------------------------------------------------------------------
+    def running(self) -> bool:
+        return self._popen.poll() is None
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def processes(self) -> list[int]:
+        """Host pids of every process in the container's PID namespace (PID 1 included)."""
+        found = []
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                try:
+                    if os.readlink(entry / "ns" / "pid") == self.pid_ns:
+                        found.append(int(entry.name))
+                except OSError:
+                    continue
+        return found
+
+    def wait(self, timeout: float | None = None) -> int:
+        return self._popen.wait(timeout)
+
+    # ---- kubelet's actions ------------------------------------------------------------------------------------------
+    def signal(self, sig: int) -> None:
+        # To PID 1 itself: unshare's parent blocks SIGTERM/SIGINT and would not pass them on.
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid1, sig)
+
+    def exec(self, argv: Sequence[str], timeout: float) -> subprocess.CompletedProcess[bytes]:
+        """Run a command inside the container (an exec hook or `kubectl exec`): same namespaces, user and env."""
+        command = [
+            "nsenter",
+            f"--target={self.pid1}",
+            "--pid",
+            "--net",
+            "--mount",
+            *self.identity.setpriv(),
+            *argv,
+        ]
+        return subprocess.run(command, env=self.env, cwd=self.cwd, capture_output=True, timeout=timeout, check=False)
+
+    def terminate(
+        self, grace_s: float = 30.0, pre_stop: Sequence[str] | None = None, min_grace_s: float = KUBELET_MIN_GRACE_S
+    ) -> Termination:
+        """kubelet's killContainer: preStop (counted against the grace period), SIGTERM, wait, SIGKILL."""
+        start = time.monotonic()
+        if pre_stop is not None and self.running():
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.exec(pre_stop, timeout=grace_s)
+        remaining = max(grace_s - (time.monotonic() - start), min_grace_s)
+        self.signal(signal.SIGTERM)
+        killed = False
+        try:
+            self._popen.wait(timeout=remaining)
+        except subprocess.TimeoutExpired:
+            killed = True
+            self.signal(signal.SIGKILL)
+            self._popen.wait(timeout=10)
+        return self._termination(start, killed)
+
+    def kill(self) -> None:
+        if self.running():
+            self.signal(signal.SIGKILL)
+            self._popen.wait(timeout=10)
+        self._log.close()
+
+    def _termination(self, start: float, killed: bool) -> Termination:
+        self._log.close()
+        seconds = time.monotonic() - start
+        code = self._popen.returncode
+        if killed:
+            # unshare re-raises its child's fatal signal on itself, except SIGKILL, for which it exits 1.
+            return Termination(None, signal.SIGKILL, True, seconds)
+        if code < 0:
+            return Termination(None, -code, False, seconds)
+        return Termination(code, None, False, seconds)
+
+
+# ---- the pod ---------------------------------------------------------------------------------------------------------
+@dataclass
+class Image:
+    """What the image would provide: its ENTRYPOINT and ENV. Default: this repository's agent, like the Dockerfile."""
+
+    entrypoint: tuple[str, ...] = (str(_VENV_BIN / "pilot-agent"),)
+    env: Mapping[str, str] = field(
+        default_factory=lambda: {
+            "PATH": f"{_VENV_BIN}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            "PYTHONDONTWRITEBYTECODE": "1",
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
+    user: int = 1337
+
+
+class Pod:
+    """A pod's volumes and containers on this machine. Create it, `start()` containers, `delete()` at the end."""
+
+    def __init__(
+        self,
+        metadata: Mapping[str, object],
+        spec: Mapping[str, object],
+        *,
+        identity: PodIdentity | None = None,
+        netns: str | Path | None = None,
+        configmaps: Mapping[str, Mapping[str, str]] | None = None,
+        secrets: Mapping[str, Mapping[str, bytes]] | None = None,
+        images: Mapping[str, Image] | None = None,
+        root: Path | None = None,
+    ) -> None:
+        labels = dict(metadata.get("labels") or {})  # type: ignore[call-overload]
+        annotations = dict(metadata.get("annotations") or {})  # type: ignore[call-overload]
+        self.identity = identity or PodIdentity(labels=labels, annotations=annotations)
+        self.spec = spec
+        self.netns = netns
+        self.configmaps = {k: dict(v) for k, v in (configmaps or {}).items()}
+        self.secrets = {k: dict(v) for k, v in (secrets or {}).items()}
+        self.images = dict(images or {})
+        # The pod root plays the image's `/`; readable by the container's non-root user.
+        self.root = root or Path(tempfile.mkdtemp(prefix="pod-"))
+        os.chmod(self.root, 0o755)
+        self.containers: dict[str, ContainerProcess] = {}
+        self._writers: dict[str, list[AtomicWriter]] = {}
+        self._mount_volumes()
+
+    @classmethod
+    def from_manifest(cls, path: Path, **kwargs: object) -> Pod:
+        doc = next(d for d in load_documents(path) if d["kind"] in ("Pod", "Deployment", "StatefulSet", "DaemonSet"))
+        metadata, spec = pod_template(doc)
+        return cls(metadata, spec, **kwargs)  # type: ignore[arg-type]
+
+    def path(self, mount_path: str) -> Path:
+        """Where a path of the container's filesystem is on this machine."""
+        return self.root / mount_path.lstrip("/")
+
+    # ---- volumes ----------------------------------------------------------------------------------------------------
+    def _mount_volumes(self) -> None:
+        mounts: dict[str, list[str]] = {}
+        for key in ("initContainers", "containers"):
+            for container in self.spec.get(key) or []:  # type: ignore[attr-defined]
+                for mount in container.get("volumeMounts") or []:
+                    if mount.get("subPath"):
+                        raise NotImplementedError("subPath mounts are not reproduced by this harness")
+                    mounts.setdefault(mount["name"], []).append(mount["mountPath"])
+        for volume in self.spec.get("volumes") or []:  # type: ignore[attr-defined]
+            paths = mounts.get(volume["name"], [])
+            if not paths:
+                continue
+            target = self.path(paths[0])
+            target.parent.mkdir(parents=True, exist_ok=True)
+            self._materialize(volume, target)
+            for other in paths[1:]:
+                alias = self.path(other)
+                alias.parent.mkdir(parents=True, exist_ok=True)
+                if not alias.exists():
+                    alias.symlink_to(target)
+
+    def _materialize(self, volume: Mapping[str, object], target: Path) -> None:
+        if "emptyDir" in volume:
+            target.mkdir(parents=True, exist_ok=True)
+            os.chmod(target, 0o777)  # kubelet creates emptyDir volumes world-writable
+            return
+        writer = AtomicWriter(target)
+        self._writers.setdefault(str(volume["name"]), []).append(writer)
+        writer.write(self._payload(volume))
+        os.chmod(target, 0o755)
+
+    def _payload(self, volume: Mapping[str, object]) -> dict[str, FileProjection]:
+        if "projected" in volume:
+            payload: dict[str, FileProjection] = {}
+            for source in volume["projected"]["sources"]:  # type: ignore[index]
+                payload.update(self._payload(source))
+            return payload
+        if "serviceAccountToken" in volume:
+            token = volume["serviceAccountToken"]
+            # A stand-in: no API server issues tokens here. Files only need to exist for the agent's readers.
+            return {str(token["path"]): FileProjection(b"not-a-real-service-account-token", 0o644)}  # type: ignore[index]
+        if "downwardAPI" in volume:
+            items = volume["downwardAPI"]["items"]  # type: ignore[index]
+            return downward_api_payload(
+                items, self.identity.labels, self.identity.annotations, self._downward_fields(items)
+            )
+        for kind, store in (("configMap", self.configmaps), ("secret", self.secrets)):
+            if kind in volume:
+                ref = volume[kind]
+                assert isinstance(ref, Mapping)
+                name = str(ref.get("name") or ref.get("secretName"))
+                mode = int(str(ref.get("defaultMode", 0o644)))
+                if name not in store:
+                    if not ref.get("optional"):
+                        raise KeyError(f"{kind} {name} is not provided to the harness and is not optional")
+                    return {}
+                data = {k: v.encode() if isinstance(v, str) else v for k, v in store[name].items()}
+                items = ref.get("items")
+                if isinstance(items, list):
+                    return {
+                        str(i["path"]): FileProjection(data[str(i["key"])], int(i.get("mode", mode))) for i in items
+                    }
+                return {key: FileProjection(value, mode) for key, value in data.items()}
+        raise NotImplementedError(f"volume type {sorted(volume)} is not reproduced by this harness")
+
+    def _downward_fields(self, items: Sequence[Mapping[str, object]]) -> dict[str, str]:
+        fields: dict[str, str] = {}
+        for item in items:
+            ref = item.get("fieldRef")
+            if isinstance(ref, Mapping) and str(ref["fieldPath"]) not in ("metadata.labels", "metadata.annotations"):
+                fields[str(ref["fieldPath"])] = field_value(str(ref["fieldPath"]), self.identity)
+            res = item.get("resourceFieldRef")
+            if isinstance(res, Mapping):
+                container, _ = find_container(self.spec, str(res["containerName"]))
+                fields[str(res["resource"])] = resource_value(
+                    str(res["resource"]), res.get("divisor"), container, self.identity
+                )
+        return fields
+
+    def update_metadata(
+        self, labels: Mapping[str, str] | None = None, annotations: Mapping[str, str] | None = None
+    ) -> None:
+        """New labels/annotations: kubelet rewrites every downward-API volume (atomically, by ..data swap)."""
+        self.identity = PodIdentity(
+            **{
+                **self.identity.__dict__,
+                "labels": dict(labels if labels is not None else self.identity.labels),
+                "annotations": dict(annotations if annotations is not None else self.identity.annotations),
+            }
+        )
+        self._rewrite(lambda v: "downwardAPI" in v or "projected" in v)
+
+    def update_secret(self, name: str, data: Mapping[str, bytes]) -> None:
+        """The Secret changed in the API: kubelet swaps the mounted copy's ..data link."""
+        self.secrets[name] = dict(data)
+        self._rewrite(lambda v: isinstance(v.get("secret"), Mapping) and v["secret"].get("secretName") == name)
+
+    def update_configmap(self, name: str, data: Mapping[str, str]) -> None:
+        self.configmaps[name] = dict(data)
+        self._rewrite(lambda v: isinstance(v.get("configMap"), Mapping) and v["configMap"].get("name") == name)
+
+    def _rewrite(self, selects: object) -> None:
+        assert callable(selects)
+        for volume in self.spec.get("volumes") or []:  # type: ignore[attr-defined]
+            if selects(volume):
+                for writer in self._writers.get(volume["name"], []):
+                    writer.write(self._payload(volume))
+
+    # ---- containers -------------------------------------------------------------------------------------------------
+    def container_spec(self, name: str) -> dict[str, object]:
+        return find_container(self.spec, name)[0]
+
+    def image(self, name: str) -> Image:
+        return self.images.get(name, Image())
+
+    def env(self, name: str) -> dict[str, str]:
+        """The process environment: image ENV, then the container's env (which wins), HOSTNAME as runtimes set it."""
+        container = self.container_spec(name)
+        resolved = container_env(container, self.identity, self.configmaps, {})
+        return {**self.image(name).env, "HOSTNAME": self.identity.name, **resolved}
+
+    def argv(self, name: str) -> list[str]:
+        container = self.container_spec(name)
+        resolved = container_env(container, self.identity, self.configmaps, {})
+        return container_argv(container, resolved, self.image(name).entrypoint)
+
+    def start(self, name: str, argv: Sequence[str] | None = None) -> ContainerProcess:
+        """Start a container (its postStart hook, if any, is the caller's: `run_post_start`)."""
+        container = self.container_spec(name)
+        process = ContainerProcess(
+            argv=argv if argv is not None else self.argv(name),
+            env=self.env(name),
+            cwd=self.root,
+            identity=Identity.of(container, self.spec, self.image(name).user),
+            netns=self.netns,
+            log_path=self.root / f"{name}.log",
+        )
+        self.containers[name] = process
+        return process
+
+    def run_to_completion(self, name: str, timeout: float = 60.0) -> tuple[int, str]:
+        """An init container: start, wait for exit; (exit code, its output)."""
+        process = self.start(name)
+        try:
+            code = process.wait(timeout)
+        finally:
+            process.kill()
+        return code, process.log_text()
+
+    def lifecycle_hook(self, name: str, hook: str) -> list[str] | None:
+        lifecycle = self.container_spec(name).get("lifecycle") or {}
+        assert isinstance(lifecycle, Mapping)
+        handler = lifecycle.get(hook)
+        if isinstance(handler, Mapping) and isinstance(handler.get("exec"), Mapping):
+            return [str(c) for c in handler["exec"]["command"]]
+        return None
+
+    def probes(self, name: str, netns: str | Path | None = None, time_scale: float = 1.0) -> ContainerProbes:
+        """kubelet's startup and readiness probes for a container, from `netns` (None: this process's)."""
+        specs = probe_specs(self.container_spec(name))
+        return ContainerProbes(
+            host=self.identity.pod_ip,
+            startup=specs["startup"].scaled(time_scale) if "startup" in specs else None,
+            readiness=specs["readiness"].scaled(time_scale) if "readiness" in specs else None,
+            netns=netns_path(netns),
+        )
+
+    def termination_grace_s(self) -> float:
+        return float(str(self.spec.get("terminationGracePeriodSeconds", 30)))
+
+    def delete(self, grace_s: float | None = None, min_grace_s: float = KUBELET_MIN_GRACE_S) -> dict[str, Termination]:
+        """Pod deletion as kubelet does it: the app containers all at once (preStop, SIGTERM, grace, SIGKILL); then
+        native sidecars (init containers with restartPolicy Always), last started first, in what is left of the
+        grace period. The pod root stays until `close()`."""
+        grace = self.termination_grace_s() if grace_s is None else grace_s
+        deadline = time.monotonic() + grace
+        results: dict[str, Termination] = {}
+        running = [name for name, process in self.containers.items() if process.running()]
+        sidecars = [name for name in running if _is_native_sidecar(self.container_spec(name))]
+        regular = [name for name in running if name not in sidecars]
+
+        def stop(name: str) -> None:
+            remaining = max(deadline - time.monotonic(), 0.0)
+            results[name] = self.containers[name].terminate(
+                remaining, self.lifecycle_hook(name, "preStop"), min_grace_s
+            )
+
+        with ThreadPoolExecutor(max_workers=max(1, len(regular))) as pool:
+            list(pool.map(stop, regular))
+        for name in reversed(sidecars):
+            stop(name)
+        return results
+
+    def close(self) -> None:
+        for process in self.containers.values():
+            process.kill()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def __enter__(self) -> Pod:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _is_native_sidecar(container: Mapping[str, object]) -> bool:
+    return container.get("restartPolicy") == "Always"
+
+
+def iter_containers(spec: Mapping[str, object]) -> Iterator[tuple[dict[str, object], bool]]:
+    for key, init in (("initContainers", True), ("containers", False)):
+        for container in spec.get(key) or []:  # type: ignore[attr-defined]
+            yield dict(container), init
