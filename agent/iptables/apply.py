@@ -251,13 +251,11 @@ class Applier:
     def _removal_lines(self, fam: _Family) -> dict[str, list[str]]:
         """Per table: delete our rules from built-in chains, flush and delete every ISTIO_* chain."""
         out: dict[str, list[str]] = {}
-        jumps_removed: set[tuple[str, str]] = set()
         for table, state in fam.state.items():
             for line in state.rules:
                 words = line.split()
                 if words[1] in BUILTIN_CHAINS and "-j" in words and _is_ours(words[words.index("-j") + 1]):
                     out.setdefault(table, []).append("-D" + line[2:])
-                    jumps_removed.add((table, words[1]))
         # Rules of ours that do not jump to an ISTIO_* chain (RETURN for excluded NICs, TPROXY marks).
         plain = [r for r in fam.rules if r.chain in BUILTIN_CHAINS and not _jumps_to_ours(r)]
         for rule in self._existing_builtin_rules(fam, plain):
@@ -285,9 +283,9 @@ class Applier:
                         f"{fam.name}: ISTIO_* chains already exist and differ from the requested rules; left as they "
                         "are (rerun with --reconcile to replace them)"
                     )
-                scripts.append((fam, _merge(self._removal_lines(fam), fam.rules, replacing=True, state=fam.state)))
+                scripts.append((fam, _merge(self._removal_lines(fam), fam.rules)))
             else:
-                scripts.append((fam, _merge({}, fam.rules, replacing=False, state=fam.state)))
+                scripts.append((fam, _merge({}, fam.rules)))
         routes = self._route_steps(install=True)
         self._transaction(scripts, routes)
         done = [f.name for f, _ in scripts]
@@ -304,7 +302,7 @@ class Applier:
         for fam in families:
             lines = self._removal_lines(fam)
             if lines:
-                scripts.append((fam, _merge(lines, (), replacing=True, state=fam.state)))
+                scripts.append((fam, _merge(lines, ())))
         routes = self._route_steps(install=False)
         self._transaction(scripts, routes)
         removed = ", ".join(f.name for f, _ in scripts) or "none found"
@@ -342,9 +340,13 @@ class Applier:
     # -- TPROXY policy routing ---------------------------------------------------------------------------------
 
     def _route_steps(self, install: bool) -> list[Callable[[], None]]:
-        if not self.cfg.tproxy:
-            return []
         steps: list[Callable[[], None]] = []
+        if install and self.cfg.enable_ipv6:
+            # Envoy's IPv6 inbound passthrough binds ::6, which (unlike 127.0.0.6 in 127/8) is not local until
+            # added to lo. Istio adds it and never removes it; so do we (cleanup leaves it, it is harmless).
+            steps.append(self._ipv6_passthrough_address)
+        if not self.cfg.tproxy:
+            return steps
         families = ["-4"] + (["-6"] if self.cfg.enable_ipv6 else [])
         mark, table = self.cfg.tproxy_mark, self.cfg.tproxy_route_table
         for fam in families:
@@ -354,6 +356,14 @@ class Applier:
             steps.append(self._ip_step(fam, rule, install))
             steps.append(self._ip_step(fam, route, install))
         return steps
+
+    def _ipv6_passthrough_address(self) -> None:
+        listed = self.runner.run(["ip", "-6", "addr", "show", "dev", "lo"])
+        if " ::6/128 " in listed.stdout:
+            return
+        done = self.runner.run(["ip", "-6", "addr", "add", "::6/128", "dev", "lo"])
+        if done.returncode != 0 and "exists" not in done.stderr:
+            raise IptablesError(f"ip -6 addr add ::6/128 dev lo failed: {_first_line(done.stderr)}")
 
     def _ip_step(self, fam: str, args: list[str], install: bool) -> Callable[[], None]:
         def step() -> None:
@@ -384,25 +394,23 @@ def _check_text(rules: Sequence[Rule]) -> str:
     for table in TABLE_ORDER:
         body = [" ".join(("-C", r.chain, *r.spec)) for r in rules if r.table == table]
         if body:
-            lines += [f"*{table}", *body, "COMMIT"]
+            lines += [f"* {table}", *body, "COMMIT"]
     return "\n".join(lines) + "\n"
 
 
-def _merge(removal: dict[str, list[str]], rules: Sequence[Rule], replacing: bool, state: dict[str, TableState]) -> str:
+def _merge(removal: dict[str, list[str]], rules: Sequence[Rule]) -> str:
     """One restore script: per table, the removal lines, then chain creation and the rules."""
-    del replacing
     wanted = chains_by_table(rules)
     lines: list[str] = []
     for table in TABLE_ORDER:
         remove = removal.get(table, [])
         body = list(remove)
-        # A chain we just flushed and deleted is created again; keeping -X then -N inside one table commit is fine
-        # for both backends (the whole block is one transaction).
+        # A chain just flushed and deleted (-F, -X) may be created again (-N) in the same block: one table block
+        # is one transaction, and the reconcile test runs exactly this.
         body += [f"-N {chain}" for chain in wanted.get(table, [])]
         body += [r.line() for r in rules if r.table == table]
         if body:
-            lines += [f"*{table}", *body, "COMMIT"]
-    del state
+            lines += [f"* {table}", *body, "COMMIT"]
     return "\n".join(lines) + "\n" if lines else ""
 
 

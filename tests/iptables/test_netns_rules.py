@@ -128,3 +128,20 @@ def test_missing_iptables_binary_is_a_clear_error(pod: PodNetwork) -> None:
     assert done.returncode == ExitCode.IPTABLES_FAILED
     assert "iptables-restore and iptables-save not found in PATH" in one_line_error(done.stderr)
     assert "ISTIO" not in pod.iptables_save()
+
+
+def test_ipv6_pod_gets_both_families_and_cleanup_removes_both(pod: PodNetwork) -> None:
+    added = pod.run(["ip", "addr", "add", "fd00:10::2/64", "dev", pod.pod_if, "nodad"])
+    assert added.returncode == 0, added.stderr
+    add_foreign_rules(pod)
+    before = normalize_save(pod.iptables_save()), normalize_save(pod.iptables_save(6))
+    # IPv6 is detected from the pod's addresses (--dual-stack: any IPv6 address), as Istio does.
+    assert pod.pilot_agent(*INJECTOR_ARGS, "--dual-stack").returncode == 0
+    v6 = normalize_save(pod.iptables_save(6))
+    assert "-A ISTIO_OUTPUT -s ::6/128 -o lo -j RETURN" in v6
+    assert "-A ISTIO_INBOUND -p tcp -j ISTIO_IN_REDIRECT" in v6
+    assert " ::6/128 " in pod.run(["ip", "-6", "addr", "show", "dev", "lo"]).stdout
+    again = pod.pilot_agent(*INJECTOR_ARGS, "--dual-stack")
+    assert "nothing changed (IPv4, IPv6)" in again.stderr
+    assert pod.pilot_agent(*INJECTOR_ARGS, "--dual-stack", "--cleanup-only").returncode == 0
+    assert (normalize_save(pod.iptables_save()), normalize_save(pod.iptables_save(6))) == before
