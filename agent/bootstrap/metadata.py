@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from agent.config.agent_config import AgentConfig
-from agent.config.envvars import parse_go_bool
+from agent.config.envvars import json_object, parse_go_bool
 from agent.errors import ConfigError
 
 META_PREFIX = "ISTIO_META_"
@@ -49,20 +49,6 @@ class Node:
         return json.dumps(self.metadata, sort_keys=True, separators=(",", ":"))
 
 
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
-
-
-def _json_object(text: str, source: str) -> dict[str, Any]:
-    try:
-        value = json.loads(text, parse_constant=_reject_constant)
-    except (ValueError, RecursionError) as exc:
-        raise ConfigError(source, "", f"not valid JSON: {exc}") from None
-    if not isinstance(value, dict):
-        raise ConfigError(source, "", f"expected a JSON object, got {type(value).__name__}")
-    return value
-
-
 def _raw_metadata(cfg: AgentConfig) -> tuple[dict[str, Any], dict[str, str]]:
     """The untyped map and where each key came from (for error messages)."""
     raw: dict[str, Any] = {}
@@ -79,7 +65,7 @@ def _raw_metadata(cfg: AgentConfig) -> tuple[dict[str, Any], dict[str, str]]:
             origin[name[len(META_PREFIX) :]] = f"env {name}"
     for name, value in env.items():
         if name.startswith(METAJSON_PREFIX):
-            for k, v in _json_object(value, f"env {name}").items():
+            for k, v in json_object(value, f"env {name}").items():
                 raw[k] = v
                 origin[k] = f"env {name}"
     if cfg.dns_proxy_addr:
@@ -96,7 +82,7 @@ def _static_labels(env: Mapping[str, str]) -> dict[str, str] | None:
     text = env.get(f"{METAJSON_PREFIX}LABELS")
     if text is None:
         return None
-    labels = _json_object(text, f"env {METAJSON_PREFIX}LABELS")
+    labels = json_object(text, f"env {METAJSON_PREFIX}LABELS")
     for k, v in labels.items():
         if not isinstance(v, str):
             raise ConfigError(f"env {METAJSON_PREFIX}LABELS", k, "label values must be strings")

@@ -19,7 +19,7 @@ import yaml
 
 from agent.config import network
 from agent.config.downward import read_downward_api
-from agent.config.envvars import env_bool, env_int, env_port
+from agent.config.envvars import check_metajson, env_bool, env_int, env_port
 from agent.config.flags import ProxyFlags, split_component_log
 from agent.config.proxyconfig import DEFAULTS, ProxyConfig, merge, parse_text
 from agent.config.schema import normalise_proxy_config
@@ -202,6 +202,7 @@ def load_agent_config(
         raise ConfigError(
             "argument proxy type", flags.proxy_type, f"invalid proxy Type; one of {', '.join(PROXY_TYPES)}"
         )
+    check_metajson(env)
     labels_path = Path(ov.labels_path or LABELS_PATH)
     annotations_path = Path(ov.annotations_path or ANNOTATIONS_PATH)
     pod_labels = read_downward_api(labels_path)

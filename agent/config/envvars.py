@@ -3,7 +3,9 @@ falls back to the default, which hides typos; failing before Envoy starts is the
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
+from typing import Any
 
 from agent.errors import ConfigError
 
@@ -45,3 +47,25 @@ def env_int(environ: Mapping[str, str], name: str, default: int, lo: int = 0, hi
 
 def env_port(environ: Mapping[str, str], name: str, default: int, allow_zero: bool = False) -> int:
     return env_int(environ, name, default, 0 if allow_zero else 1, 65535)
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def json_object(text: str, source: str) -> dict[str, Any]:
+    """A JSON object (Go's encoding/json rules: no NaN/Infinity). ConfigError naming `source` otherwise."""
+    try:
+        value = json.loads(text, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as exc:
+        raise ConfigError(source, "", f"not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise ConfigError(source, "", f"expected a JSON object, got {type(value).__name__}")
+    return value
+
+
+def check_metajson(environ: Mapping[str, str]) -> None:
+    """Every ISTIO_METAJSON_* must hold a JSON object (Istio only warns; we fail before Envoy starts)."""
+    for name, value in environ.items():
+        if name.startswith("ISTIO_METAJSON_"):
+            json_object(value, f"env {name}")
