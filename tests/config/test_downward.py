@@ -52,8 +52,8 @@ def test_missing_file_is_none_and_existing_file_is_parsed(tmp_path: Path) -> Non
     assert read_downward_api(tmp_path / "labels") == {"app": "x"}
 
 
-_keys = st.text(alphabet=st.characters(blacklist_characters="=\n", blacklist_categories=("Cs",)), min_size=1)
-_values = st.text(alphabet=st.characters(blacklist_categories=("Cs",)))
+_keys = st.text(alphabet=st.characters(codec="utf-8", exclude_characters="=\n"), min_size=1)
+_values = st.text(alphabet=st.characters(codec="utf-8"))
 
 
 @given(st.dictionaries(_keys, _values))
