@@ -183,7 +183,7 @@ def reference_go_quote(value: str) -> str:
     return '"' + "".join(out) + '"'
 
 
-_text = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=40)
+_text = st.text(alphabet=st.characters(exclude_categories=["Cs"]), max_size=40)
 
 
 @given(_text)

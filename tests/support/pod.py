@@ -146,14 +146,16 @@ class ContainerProcess:
         self.log_path = log_path
         prefix = ["nsenter", f"--net={self.netns}"] if self.netns else []
         command = [*prefix, "unshare", "--pid", "--fork", "--mount-proc", *identity.setpriv(), *self.argv]
-        self._log = log_path.open("ab")
-        self._popen = subprocess.Popen(
-            command, env=self.env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT
-        )
+        # The child keeps its own copy of the descriptor; the harness reads the file by path.
+        with log_path.open("ab") as log:
+            self._popen = subprocess.Popen(
+                command, env=self.env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
+            )
+        # Host pid of the container's PID 1; None when it was over before it could be seen (a quick init container).
         self.pid1 = self._find_pid1()
-        self.pid_ns = os.readlink(f"/proc/{self.pid1}/ns/pid")
+        self.pid_ns = self._read_pid_ns()
 
-    def _find_pid1(self, timeout: float = 5.0) -> int:
+    def _find_pid1(self, timeout: float = 5.0) -> int | None:
         deadline = time.monotonic() + timeout
         pid = self._popen.pid
         while time.monotonic() < deadline:
@@ -164,9 +166,17 @@ class ContainerProcess:
             if children:
                 return int(children[0])
             if self._popen.poll() is not None:
-                raise RuntimeError(f"container exited at once ({self._popen.returncode}): {self.log_text()[-2000:]}")
+                return None
             time.sleep(0.005)
         raise RuntimeError("unshare did not fork the container's PID 1")
+
+    def _read_pid_ns(self) -> str | None:
+        if self.pid1 is None:
+            return None
+        try:
+            return os.readlink(f"/proc/{self.pid1}/ns/pid")
+        except FileNotFoundError:
+            return None
 
     # ---- state ------------------------------------------------------------------------------------------------------
     def running(self) -> bool:
@@ -180,7 +190,9 @@ class ContainerProcess:
 
     def processes(self) -> list[int]:
         """Host pids of every process in the container's PID namespace (PID 1 included)."""
-        found = []
+        found: list[int] = []
+        if self.pid_ns is None:
+            return found
         for entry in Path("/proc").iterdir():
             if entry.name.isdigit():
                 try:
@@ -196,11 +208,15 @@ class ContainerProcess:
     # ---- kubelet's actions ------------------------------------------------------------------------------------------
     def signal(self, sig: int) -> None:
         # To PID 1 itself: unshare's parent blocks SIGTERM/SIGINT and would not pass them on.
+        if self.pid1 is None or not self.running():
+            return
         with contextlib.suppress(ProcessLookupError):
             os.kill(self.pid1, sig)
 
     def exec(self, argv: Sequence[str], timeout: float) -> subprocess.CompletedProcess[bytes]:
         """Run a command inside the container (an exec hook or `kubectl exec`): same namespaces, user and env."""
+        if self.pid1 is None or not self.running():
+            raise RuntimeError("the container is not running")
         command = [
             "nsenter",
             f"--target={self.pid1}",
@@ -235,10 +251,8 @@ class ContainerProcess:
         if self.running():
             self.signal(signal.SIGKILL)
             self._popen.wait(timeout=10)
-        self._log.close()
 
     def _termination(self, start: float, killed: bool) -> Termination:
-        self._log.close()
         seconds = time.monotonic() - start
         code = self._popen.returncode
         if killed:
