@@ -53,7 +53,8 @@ class AgentMetrics:
         # Status server (merged scrape): what the merge left out to keep the output a valid exposition.
         self.scrape_dropped = Counter(
             "istio_agent_scrape_dropped",
-            "Parts of a source left out of a merged scrape, by source type and reason (duplicate_family, invalid_line).",
+            "Parts of a source left out of a merged scrape, by source type and reason (duplicate_family, "
+            "invalid_line).",
             ["type", "reason"],
             registry=r,
         )

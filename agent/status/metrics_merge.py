@@ -194,12 +194,16 @@ class MetricsMerger:
                     chunk = await source.content.readany()
                 if not chunk:
                     break
-                total += len(chunk)
-                if total > cap:
+                if total + len(chunk) > cap:
+                    # Keep the complete lines that fit under the cap, then stop reading.
+                    chunk = chunk[: cap - total]
                     failure = f"{upstream.url}: body exceeds the {cap}-byte cap; truncated"
-                    break
+                total += len(chunk)
                 lines = (carry + chunk).split(b"\n")
                 carry = lines.pop()
+                if failure is not None:
+                    filt.feed(lines, out)
+                    break
                 if len(carry) > MAX_LINE:
                     failure = f"{upstream.url}: a line longer than {MAX_LINE} bytes; truncated"
                     break

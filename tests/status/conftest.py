@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import socket
 import threading
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -92,8 +93,6 @@ def exporter(registry: CollectorRegistry) -> Iterator[int]:
 @contextmanager
 def raw_http_server(handler: object) -> Iterator[int]:
     """A tiny threaded socket server whose `handler(conn)` answers (or does not); for faulty applications."""
-    import socket
-
     assert callable(handler)
     listener = socket.socket()
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

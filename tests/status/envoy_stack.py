@@ -13,6 +13,7 @@ from subprocess import Popen
 
 from tests.support.envoy import free_port, running_envoy
 
+HCM_TYPE = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
 CDS = {
     "resources": [
         {
@@ -40,7 +41,7 @@ def _route_listener(name: str, port: int, prefix: str, cluster: str, direction: 
                     {
                         "name": "envoy.filters.network.http_connection_manager",
                         "typed_config": {
-                            "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                            "@type": HCM_TYPE,
                             "stat_prefix": name,
                             "route_config": {
                                 "virtual_hosts": [

@@ -23,7 +23,9 @@ from tests.support.envoy import free_port
 
 def non_loopback_ipv4() -> str | None:
     """An address of this host that is not loopback, to be a non-local peer without leaving the host."""
-    out = subprocess.run(["ip", "-4", "-o", "addr", "show", "scope", "global"], capture_output=True, text=True)
+    out = subprocess.run(
+        ["ip", "-4", "-o", "addr", "show", "scope", "global"], capture_output=True, text=True, check=False
+    )
     for line in out.stdout.splitlines():
         fields = line.split()
         if "inet" in fields:
@@ -116,8 +118,16 @@ async def test_port_in_use_is_a_clear_startup_error() -> None:
 
 @pytest.mark.parametrize(
     ("remote", "loopback"),
-    [("127.0.0.1", True), ("127.0.0.6", True), ("::1", True), ("::ffff:127.0.0.1", True), ("10.0.0.1", False),
-     ("::ffff:10.0.0.1", False), (None, False), ("garbage", False)],
+    [
+        ("127.0.0.1", True),
+        ("127.0.0.6", True),
+        ("::1", True),
+        ("::ffff:127.0.0.1", True),
+        ("10.0.0.1", False),
+        ("::ffff:10.0.0.1", False),
+        (None, False),
+        ("garbage", False),
+    ],
 )
 def test_loopback_rule(remote: str | None, loopback: bool) -> None:
     assert is_loopback(remote) is loopback

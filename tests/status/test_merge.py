@@ -99,7 +99,7 @@ async def test_openmetrics_application_section_parses_as_openmetrics(stack: Envo
         settings = settings_for(stack, merge_envoy_stats=False, scrape_targets=(ScrapeTarget(app_port, "/metrics"),))
         async with running_agent(settings) as agent:
             _, body, _ = await agent.get("/stats/prometheus", headers={"Accept": PROMETHEUS_ACCEPT})
-    names = [family.name for family in om_parse(body.decode())]
+    names = [family.name for family in om_parse(body.decode())]  # type: ignore[no-untyped-call]
     assert "app_requests" in names and "istio_agent_scrapes" in names
     assert len(names) == len(set(names))
 
