@@ -34,6 +34,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -46,22 +47,22 @@ _VENV_BIN = Path(sys.executable).parent
 
 
 # ---- manifests -------------------------------------------------------------------------------------------------------
-def load_documents(path: Path) -> list[dict[str, object]]:
+def load_documents(path: Path) -> list[dict[str, Any]]:
     return [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
 
 
-def pod_template(doc: Mapping[str, object]) -> tuple[dict[str, object], dict[str, object]]:
+def pod_template(doc: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """(metadata, spec) of a Pod, or of a Deployment/StatefulSet/DaemonSet/Job's pod template."""
     if doc["kind"] == "Pod":
-        return dict(doc["metadata"]), dict(doc["spec"])  # type: ignore[call-overload]
-    template = doc["spec"]["template"]  # type: ignore[index]
+        return dict(doc["metadata"]), dict(doc["spec"])
+    template = doc["spec"]["template"]
     return dict(template["metadata"]), dict(template["spec"])
 
 
-def find_container(spec: Mapping[str, object], name: str) -> tuple[dict[str, object], bool]:
+def find_container(spec: Mapping[str, Any], name: str) -> tuple[dict[str, Any], bool]:
     """The container named `name` and whether it is an init container (native sidecars are)."""
     for key, init in (("initContainers", True), ("containers", False)):
-        for container in spec.get(key) or []:  # type: ignore[attr-defined]
+        for container in spec.get(key) or []:
             if container["name"] == name:
                 return dict(container), init
     raise KeyError(f"no container named {name}")
