@@ -40,7 +40,6 @@ from bench.bench_startup import (
     wait_live,
 )
 
-
 OPENSSL = ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "1"]
 
 
