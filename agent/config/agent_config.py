@@ -7,7 +7,10 @@ agent would otherwise compute: node id, IPs, PILOT_SAN, version, ports, the Prox
 
 from __future__ import annotations
 
+import ipaddress
+import logging
 import os
+import socket
 import types
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -24,6 +27,8 @@ from agent.config.flags import ProxyFlags, split_component_log
 from agent.config.proxyconfig import DEFAULTS, ProxyConfig, merge, parse_text
 from agent.config.schema import normalise_proxy_config
 from agent.errors import ConfigError
+
+log = logging.getLogger("agent.config")
 
 LABELS_PATH = "./etc/istio/pod/labels"
 ANNOTATIONS_PATH = "./etc/istio/pod/annotations"
@@ -174,9 +179,34 @@ def assemble_proxy_config(
         if not value.isdigit() or not 0 < int(value) <= 65535:
             raise ConfigError(f"{annotations_path}", ANNOTATION_STATUS_PORT, f"{value!r} is not a valid port")
         raw["statusPort"] = int(value)
+    if raw.get("statsdUdpAddress"):
+        raw["statsdUdpAddress"] = resolve_statsd(raw["statsdUdpAddress"])
+        if not raw["statsdUdpAddress"]:
+            del raw["statsdUdpAddress"]
     proxy = ProxyConfig.from_raw(normalise_proxy_config(raw, "effective ProxyConfig"))
     _validate(proxy)
     return proxy
+
+
+def resolve_statsd(address: str) -> str:
+    """Istio resolves statsdUdpAddress once at start (Envoy's statsd sink needs an IP) and drops it, with a
+    warning, when the name does not resolve."""
+    host, sep, port = address.rpartition(":")
+    host = host.strip("[]")
+    if not sep:
+        return address  # left for the bootstrap's host:port check to report
+    try:
+        ipaddress.ip_address(host)
+        return address
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, port or None, type=socket.SOCK_DGRAM)
+    except (OSError, UnicodeError) as exc:
+        log.warning("statsdUdpAddress %s does not resolve (%s): statsd sink disabled", address, exc)
+        return ""
+    ip = str(infos[0][4][0])
+    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
 
 
 def _validate(proxy: ProxyConfig) -> None:

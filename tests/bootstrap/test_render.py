@@ -100,7 +100,7 @@ def test_missing_template_and_custom_file(tmp_path: Path) -> None:
     ("proxy_config", "expected"),
     [
         ({"tracing": {"zipkin": {"address": "zipkin"}}}, "ProxyConfig: tracing.zipkin.address: 'zipkin' is not host"),
-        ({"statsdUdpAddress": "statsd:port"}, "ProxyConfig: statsdUdpAddress: 'statsd:port' is not host:port"),
+        ({"statsdUdpAddress": "10.0.0.1"}, "ProxyConfig: statsdUdpAddress: '10.0.0.1' is not host:port"),
         ({"tracing": {"stackdriver": {}}}, "ProxyConfig: tracing.stackdriver: not supported"),
         ({"proxyMetadata": {"ISTIO_META_GLOBAL_DOWNSTREAM_MAX_CONNECTIONS": "lots"}}, "ProxyConfig: proxyMetadata.IST"),
     ],

@@ -184,3 +184,13 @@ def test_proxy_config_json_raises_only_config_error(value: dict[str, Any]) -> No
     except ConfigError:
         return
     assert set(result) <= set(value)
+
+
+def test_statsd_address_resolved_or_dropped(tmp_path: Path) -> None:
+    resolved = load(tmp_path, {"PROXY_CONFIG": "statsdUdpAddress: localhost:9125"}).proxy.statsd_udp_address
+    assert resolved in ("127.0.0.1:9125", "[::1]:9125")
+    assert (
+        load(tmp_path, {"PROXY_CONFIG": "statsdUdpAddress: 10.1.1.1:9125"}).proxy.statsd_udp_address == "10.1.1.1:9125"
+    )
+    unresolvable = {"PROXY_CONFIG": "statsdUdpAddress: no-such-host.invalid:9125"}
+    assert load(tmp_path, unresolvable).proxy.statsd_udp_address == ""
