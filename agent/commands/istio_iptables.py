@@ -42,6 +42,10 @@ def register(subparsers: Any) -> None:
             )
         else:
             parser.add_argument(*names, dest=spec.dest, default=_NOT_SUPPLIED, help=f"{spec.help} (env {spec.env})")
+    # Istio's injector appends the root's logging flags after the subcommand (`--log_output_level=default:info`);
+    # accepted here so they apply, and only set when given so the root's values stay otherwise.
+    parser.add_argument("--log_output_level", default=argparse.SUPPRESS, help="scope:level,... (Istio's form)")
+    parser.add_argument("--log_as_json", action="store_true", default=argparse.SUPPRESS, help="log lines as JSON")
     parser.set_defaults(run=run)
 
 
