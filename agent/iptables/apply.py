@@ -223,18 +223,25 @@ class Applier:
         return [f for f in families if f is not None]
 
     def _matches(self, fam: _Family) -> bool:
-        """Our chains hold exactly the wanted rules: same chains, same rule counts, and every rule present (-C,
-        checked by iptables itself in one restore that commits nothing)."""
+        """Our chains hold exactly the wanted rules: the same ISTIO_* chains; in each chain the same targets in the
+        same order; as many jumps into them from built-in chains; and every rule present as written (-C, checked
+        by iptables itself in one restore that commits nothing, so matches like `--dport` vs `-m tcp --dport`
+        compare the way the kernel sees them)."""
         wanted = chains_by_table(fam.rules)
         for table in TABLE_ORDER:
-            have = [c for c in fam.state.get(table, TableState()).chains if _is_ours(c)]
+            state = fam.state.get(table, TableState())
+            have = [c for c in state.chains if _is_ours(c)]
             if sorted(have) != sorted(wanted.get(table, [])):
                 return False
-            rules = fam.state.get(table, TableState()).rules
-            for chain in have:
-                expected = sum(1 for r in fam.rules if r.table == table and r.chain == chain)
-                if sum(1 for line in rules if line.split()[1] == chain) != expected:
-                    return False
+            saved_targets: dict[str, list[str]] = {}
+            for line in state.rules:
+                words = line.split()
+                target = words[words.index("-j") + 1] if "-j" in words else ""
+                if _is_ours(words[1]) or _is_ours(target):
+                    key = words[1] if _is_ours(words[1]) else f"{words[1]}->ISTIO"
+                    saved_targets.setdefault(key, []).append(target)
+            if saved_targets != _expected_targets([r for r in fam.rules if r.table == table]):
+                return False
         check = _check_text(fam.rules)
         return self.runner.run([fam.bins.restore, "--noflush"], check).returncode == 0
 
@@ -387,6 +394,26 @@ def _route_present(listing: str, args: list[str]) -> bool:
         wanted = {f"fwmark {hex(mark)} lookup {args[5]}", f"fwmark {mark} lookup {args[5]}"}
         return any(w in line for line in listing.splitlines() for w in wanted)
     return any(line.startswith("local default dev lo") for line in listing.splitlines())
+
+
+def _expected_targets(rules: Sequence[Rule]) -> dict[str, list[str]]:
+    """Per ISTIO_* chain, the `-j` targets in the order the kernel will hold them (inserts at their position);
+    per built-in chain, its jumps into ISTIO_* chains (`PREROUTING->ISTIO`)."""
+    chains: dict[str, list[str]] = {}
+    for rule in rules:
+        target = rule.tokens[-1] if "-j" not in rule.spec else rule.spec[rule.spec.index("-j") + 1]
+        if _is_ours(rule.chain):
+            key = rule.chain
+        elif _is_ours(target):
+            key = f"{rule.chain}->ISTIO"
+        else:
+            continue
+        order = chains.setdefault(key, [])
+        if rule.is_insert:
+            order.insert(int(rule.tokens[2]) - 1, target)
+        else:
+            order.append(target)
+    return chains
 
 
 def _check_text(rules: Sequence[Rule]) -> str:

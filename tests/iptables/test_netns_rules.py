@@ -23,19 +23,38 @@ def one_line_error(stderr: str) -> str:
     return lines[0]
 
 
-def test_applies_the_generated_rules_and_a_second_run_changes_nothing(pod: PodNetwork) -> None:
+@pytest.mark.parametrize("args", [INJECTOR_ARGS, TPROXY_ARGS], ids=["redirect", "tproxy"])
+def test_applies_the_generated_rules_and_a_second_run_changes_nothing(pod: PodNetwork, args: tuple[str, ...]) -> None:
     add_foreign_rules(pod)
-    first = pod.pilot_agent(*INJECTOR_ARGS)
+    first = pod.pilot_agent(*args)
     assert first.returncode == 0, first.stderr
     installed = normalize_save(pod.iptables_save())
-    assert "-A PREROUTING -p tcp -j ISTIO_INBOUND" in installed
-    assert "-A ISTIO_INBOUND -p tcp -m tcp --dport 15021 -j RETURN" in installed
+    routes = pod.run(["ip", "rule"]).stdout, pod.run(["ip", "route", "show", "table", "133"]).stdout
+    assert "-j ISTIO_INBOUND" in installed
+    assert "--dport 15021 -j RETURN" in installed
     assert "-A ISTIO_OUTPUT -j ISTIO_REDIRECT" in installed
 
-    second = pod.pilot_agent(*INJECTOR_ARGS)
+    second = pod.pilot_agent(*args)
     assert second.returncode == 0, second.stderr
     assert "nothing changed" in second.stderr
     assert normalize_save(pod.iptables_save()) == installed
+    assert (pod.run(["ip", "rule"]).stdout, pod.run(["ip", "route", "show", "table", "133"]).stdout) == routes
+
+
+def test_a_drifted_rule_order_is_detected(pod: PodNetwork) -> None:
+    """Same rules, wrong order: 15021 moved behind the catch-all redirect would capture the health port."""
+    assert pod.pilot_agent(*INJECTOR_ARGS).returncode == 0
+    good = normalize_save(pod.iptables_save())
+    rule = ["ISTIO_INBOUND", "-p", "tcp", "--dport", "15021", "-j", "RETURN"]
+    assert pod.run(["iptables", "-t", "nat", "-D", *rule]).returncode == 0
+    assert pod.run(["iptables", "-t", "nat", "-A", *rule]).returncode == 0
+    drifted = normalize_save(pod.iptables_save())
+
+    refused = pod.pilot_agent(*INJECTOR_ARGS)
+    assert refused.returncode == ExitCode.IPTABLES_FAILED
+    assert normalize_save(pod.iptables_save()) == drifted
+    assert pod.pilot_agent(*INJECTOR_ARGS, "--reconcile").returncode == 0
+    assert normalize_save(pod.iptables_save()) == good
 
 
 @pytest.mark.parametrize("args", [INJECTOR_ARGS, TPROXY_ARGS], ids=["redirect", "tproxy"])
