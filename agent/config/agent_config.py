@@ -145,8 +145,9 @@ def _read_mesh_config(path: Path) -> dict[str, Any]:
 def _pilot_san(proxy: ProxyConfig) -> tuple[str, ...]:
     if proxy.control_plane_auth_policy != "MUTUAL_TLS":
         return ()
-    host = proxy.discovery_address.rsplit(":", 1)[0] if proxy.discovery_address else ""
-    if host in ("", "localhost"):
+    # Istio's GetPilotSan: the host part; a local-debugging "localhost" still gets istiod's certificate name.
+    host = proxy.discovery_address.split(":")[0]
+    if host == "localhost":
         host = "istiod.istio-system.svc"
     return (host,)
 

@@ -194,3 +194,12 @@ def test_metajson_raises_only_config_error(tmp_path_factory: pytest.TempPathFact
     except ConfigError:
         return
     assert json.loads(data)["node"]["metadata"]
+
+
+def test_pilot_san_follows_control_plane_auth(tmp_path: Path) -> None:
+    assert load(tmp_path, {}).node.pilot_san == ("istiod.istio-system.svc",)
+    local = load(tmp_path, {"PROXY_CONFIG": "discoveryAddress: localhost:15012"})
+    assert local.node.pilot_san == ("istiod.istio-system.svc",)
+    custom = load(tmp_path, {"PROXY_CONFIG": "discoveryAddress: istiod-canary.istio-system.svc:15012"})
+    assert custom.node.pilot_san == ("istiod-canary.istio-system.svc",)
+    assert load(tmp_path, {"PROXY_CONFIG": "controlPlaneAuthPolicy: NONE"}).node.pilot_san == ()
