@@ -43,6 +43,10 @@ class Result:
     stderr: str = ""
 
 
+# A policy-routing step: does its work if needed and returns the command that undoes it (None: nothing done).
+_RouteStep = Callable[[], list[str] | None]
+
+
 class Runner(Protocol):
     def run(self, argv: Sequence[str], stdin: str | None = None) -> Result: ...
 
@@ -315,8 +319,9 @@ class Applier:
         removed = ", ".join(f.name for f, _ in scripts) or "none found"
         return f"removed Istio capture rules ({removed})"
 
-    def _transaction(self, scripts: Sequence[tuple[_Family, str]], routes: Sequence[Callable[[], None]]) -> None:
+    def _transaction(self, scripts: Sequence[tuple[_Family, str]], routes: Sequence[_RouteStep]) -> None:
         applied: list[_Family] = []
+        undo: list[list[str]] = []
         try:
             for fam, script in scripts:
                 if not script:
@@ -329,8 +334,13 @@ class Applier:
                         "rules restored to their previous state"
                     )
             for step in routes:
-                step()
+                reverse = step()
+                if reverse:
+                    undo.append(reverse)
         except AgentError:
+            for argv in reversed(undo):
+                if self.runner.run(argv).returncode != 0:
+                    log.error("rollback: %s failed", " ".join(argv))
             self._rollback(applied, scripts)
             raise
 
@@ -346,8 +356,8 @@ class Applier:
 
     # -- TPROXY policy routing ---------------------------------------------------------------------------------
 
-    def _route_steps(self, install: bool) -> list[Callable[[], None]]:
-        steps: list[Callable[[], None]] = []
+    def _route_steps(self, install: bool) -> list[_RouteStep]:
+        steps: list[_RouteStep] = []
         if install and self.cfg.enable_ipv6:
             # Envoy's IPv6 inbound passthrough binds ::6, which (unlike 127.0.0.6 in 127/8) is not local until
             # added to lo. Istio adds it and never removes it; so do we (cleanup leaves it, it is harmless).
@@ -364,26 +374,28 @@ class Applier:
             steps.append(self._ip_step(fam, route, install))
         return steps
 
-    def _ipv6_passthrough_address(self) -> None:
+    def _ipv6_passthrough_address(self) -> list[str] | None:
         listed = self.runner.run(["ip", "-6", "addr", "show", "dev", "lo"])
         if " ::6/128 " in listed.stdout:
-            return
+            return None
         done = self.runner.run(["ip", "-6", "addr", "add", "::6/128", "dev", "lo"])
         if done.returncode != 0 and "exists" not in done.stderr:
             raise IptablesError(f"ip -6 addr add ::6/128 dev lo failed: {_first_line(done.stderr)}")
+        return ["ip", "-6", "addr", "del", "::6/128", "dev", "lo"]
 
-    def _ip_step(self, fam: str, args: list[str], install: bool) -> Callable[[], None]:
-        def step() -> None:
+    def _ip_step(self, fam: str, args: list[str], install: bool) -> _RouteStep:
+        def step() -> list[str] | None:
             show = ["ip", fam, args[0], "show"] + (["table", args[-1]] if args[0] == "route" else [])
             listed = self.runner.run(show)
             if listed.returncode == 127:
                 raise IptablesError("the ip command (iproute2) is needed for TPROXY mode and was not found")
             present = _route_present(listed.stdout, args)
             if present == install:
-                return
+                return None
             done = self.runner.run(["ip", fam, *args])
             if done.returncode != 0:
                 raise IptablesError(f"ip {fam} {' '.join(args)} failed: {_first_line(done.stderr)}")
+            return ["ip", fam, args[0], "del" if install else "add", *args[2:]]
 
         return step
 

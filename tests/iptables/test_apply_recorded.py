@@ -43,3 +43,18 @@ def test_clean_namespace_gets_one_noflush_restore_with_the_generated_text() -> N
     Applier(cfg, runner).apply()
     restores = [(argv, stdin) for argv, stdin in runner.calls if argv[0].endswith("-restore")]
     assert restores == [(("iptables-nft-restore", "--noflush"), restore_text(build_rules(cfg).v4))]
+
+
+def test_a_failing_route_step_undoes_the_earlier_ones_and_the_rules() -> None:
+    given = {"istio_inbound_interception_mode": "TPROXY", "istio_inbound_ports": "*", "istio_service_cidr": "*"}
+    cfg = build_config(given, {}, HostFacts())
+    failing = (("ip", "-4", "route", "add"), Result(2, "", "RTNETLINK answers: No such device"))
+    runner = RecordingRunner(available=BOTH, responses=[failing])
+    with pytest.raises(IptablesError, match="ip -4 route add local default dev lo table 133 failed"):
+        Applier(cfg, runner).apply()
+    argvs = [argv for argv, _ in runner.calls]
+    assert ("ip", "-4", "rule", "add", "fwmark", "1337", "lookup", "133") in argvs
+    # The rule that did get added is deleted again, then the tables are put back from the snapshot.
+    undo = argvs.index(("ip", "-4", "rule", "del", "fwmark", "1337", "lookup", "133"))
+    rollback = [i for i, argv in enumerate(argvs) if argv == ("iptables-nft-restore",)]
+    assert rollback and rollback[0] > undo
