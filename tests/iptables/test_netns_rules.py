@@ -164,3 +164,16 @@ def test_ipv6_pod_gets_both_families_and_cleanup_removes_both(pod: PodNetwork) -
     assert "nothing changed (IPv4, IPv6)" in again.stderr
     assert pod.pilot_agent(*INJECTOR_ARGS, "--dual-stack", "--cleanup-only").returncode == 0
     assert (normalize_save(pod.iptables_save()), normalize_save(pod.iptables_save(6))) == before
+
+
+def test_dns_capture_rules_from_resolv_conf_apply_and_clean_up(pod: PodNetwork) -> None:
+    pod.set_resolv_conf("search svc.cluster.local\nnameserver 10.10.0.53\n")
+    add_foreign_rules(pod)
+    before = normalize_save(pod.iptables_save())
+    assert pod.pilot_agent(*INJECTOR_ARGS, "--redirect-dns").returncode == 0
+    installed = normalize_save(pod.iptables_save())
+    assert "-A ISTIO_OUTPUT_DNS -d 10.10.0.53/32 -p udp -m udp --dport 53 -j REDIRECT --to-ports 15053" in installed
+    assert "-A ISTIO_INBOUND -s 10.10.0.53/32 -p udp -m udp --sport 53 -j CT --zone 1" in installed
+    assert "nothing changed" in pod.pilot_agent(*INJECTOR_ARGS, "--redirect-dns").stderr
+    assert pod.pilot_agent(*INJECTOR_ARGS, "--redirect-dns", "--cleanup-only").returncode == 0
+    assert normalize_save(pod.iptables_save()) == before

@@ -204,6 +204,13 @@ class PodNetwork:
         base["PYTHONPATH"] = str(REPO_ROOT)
         return self.run([sys.executable, "-m", "agent", *args], uid=uid, env={**base, **(env or {})}, timeout=60)
 
+    def set_resolv_conf(self, text: str) -> None:
+        """What processes in the pod namespace see as /etc/resolv.conf (`ip netns exec` bind-mounts
+        /etc/netns/<ns>/resolv.conf); removed with the namespace."""
+        directory = Path("/etc/netns") / self.pod_ns
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "resolv.conf").write_text(text)
+
     # -- observing ----------------------------------------------------------------------------------------------
 
     def iptables_save(self, version: int = 4) -> str:
@@ -427,6 +434,7 @@ def pod_network(prefix: str = "ipt") -> Iterator[PodNetwork]:
                 with suppress(ProcessLookupError, ValueError):
                     os.kill(int(pid), 9)
             subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False, timeout=15)
+            shutil.rmtree(Path("/etc/netns") / ns, ignore_errors=True)
         shutil.rmtree(pod.workdir, ignore_errors=True)
 
 
