@@ -7,7 +7,6 @@ address it saw, so every assertion names the path a connection really took.
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,8 +41,6 @@ class Sidecar:
 @pytest.fixture(scope="module")
 def sidecar() -> Iterator[Sidecar]:
     require_root()
-    if not shutil.which("curl"):
-        pytest.skip("curl is needed")
     with pod_network() as pod:
         installed = pod.pilot_agent(*INJECTOR_ARGS)
         assert installed.returncode == 0, installed.stderr
@@ -123,7 +120,7 @@ def test_with_envoy_stopped_captured_inbound_fails() -> None:
             with pod.envoy(sidecar_envoy_config(pod.workdir)):
                 assert pod.http_get(f"http://{pod.pod_ip}:{APP_PORT}/").headers.get("x-captured-by")
             # The app still listens on 8080, but the rules send the connection to 15006, where nobody is.
-            with pytest.raises(ConnectionError, match=r"refused|Couldn.t connect"):
+            with pytest.raises(ConnectionError, match="ECONNREFUSED"):
                 pod.http_get(f"http://{pod.pod_ip}:{APP_PORT}/")
             assert pod.http_get(f"http://{pod.pod_ip}:15020/").status == 200
 

@@ -74,6 +74,26 @@ asyncio.run(main())
 """
 
 
+# The HTTP client, run inside a namespace: one GET, the reply as JSON on stdout; errors as "ERRNAME: text", exit 1.
+_CLIENT_CODE = r"""
+import errno, http.client, json, socket, sys, urllib.parse
+url, source, timeout = sys.argv[1], sys.argv[2], float(sys.argv[3])
+parts = urllib.parse.urlsplit(url)
+conn = http.client.HTTPConnection(parts.hostname, parts.port or 80, timeout=timeout,
+                                  source_address=(source, 0) if source else None)
+try:
+    conn.request("GET", parts.path or "/", headers={"Connection": "close"})
+    response = conn.getresponse()
+    body = response.read().decode(errors="replace")
+except OSError as exc:
+    name = errno.errorcode.get(exc.errno or 0, type(exc).__name__)
+    print(f"{name}: {exc}")
+    sys.exit(1)
+headers = {k.lower(): v for k, v in response.getheaders()}
+print(json.dumps({"status": response.status, "headers": headers, "body": body}))
+"""
+
+
 @dataclass(frozen=True)
 class HttpReply:
     status: int
@@ -222,18 +242,14 @@ class PodNetwork:
         self, url: str, *, ns: str = "client", uid: int | None = None, source: str | None = None,
         timeout: float = 5.0,
     ) -> HttpReply:  # fmt: skip
-        """GET with curl from a namespace. Raises ConnectionError when no HTTP answer came back."""
-        argv = ["curl", "-sS", "-D", "-", "--max-time", str(timeout), "-H", "Connection: close"]
-        if source:
-            argv += ["--interface", source]
-        done = self.run([*argv, url], ns=ns, uid=uid, timeout=timeout + 5)
+        """GET `url` from a namespace, as `uid`, optionally from `source` (bound before connecting). Raises
+        ConnectionError (with the errno name, e.g. ECONNREFUSED) when no HTTP answer came back."""
+        argv = [sys.executable, "-c", _CLIENT_CODE, url, source or "", str(timeout)]
+        done = self.run(argv, ns=ns, uid=uid, timeout=timeout + 10)
         if done.returncode != 0:
-            raise ConnectionError(f"curl {url} from {ns}: exit {done.returncode}: {done.stderr.strip()}")
-        head, _, body = done.stdout.replace("\r\n", "\n").partition("\n\n")
-        lines = head.splitlines()
-        status = int(lines[0].split()[1])
-        headers = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:])}
-        return HttpReply(status, headers, body)
+            raise ConnectionError(f"GET {url} from {ns}: {done.stdout.strip() or done.stderr.strip()}")
+        reply = json.loads(done.stdout)
+        return HttpReply(int(reply["status"]), dict(reply["headers"]), str(reply["body"]))
 
     # -- services -----------------------------------------------------------------------------------------------
 
