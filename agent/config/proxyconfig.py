@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from agent.config.durations import parse_duration
-from agent.config.schema import normalise_proxy_config
+from agent.config.schema import normalise_proxy_config, prune_defaults
 from agent.errors import ConfigError
 
 # istio.io/istio pkg/config/mesh DefaultProxyConfig.
@@ -124,7 +124,7 @@ class ProxyConfig:
     @classmethod
     def from_raw(cls, raw: Mapping[str, Any]) -> ProxyConfig:
         """Typed view of a normalised dict. No defaults are added here: `raw` is taken as the whole config."""
-        frozen: Mapping[str, Any] = _frozen(dict(raw))
+        frozen: Mapping[str, Any] = _frozen(prune_defaults(raw))
         conn = frozen.get("connectionSettings") or {}
         concurrency = frozen.get("concurrency")
         flush = frozen.get("fileFlushInterval")

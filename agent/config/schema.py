@@ -16,7 +16,18 @@ from agent.config.durations import format_proto, parse_duration
 from agent.errors import ConfigError
 
 Normaliser = Callable[[Any, str, str], Any]
-_DROP = object()  # marker: a proto3 default scalar, absent from proto JSON
+# Proto3 scalars, lists and maps have no presence: at their zero value they are absent from proto JSON. Parsing
+# keeps an explicit zero (an overlay that sets `controlPlaneAuthPolicy: NONE` must override MUTUAL_TLS), and
+# `prune_defaults` removes them from the merged result, as proto JSON output would.
+_DEFAULTS: dict[Normaliser, Any] = {}
+
+
+def _zero(default: Any) -> Callable[[Normaliser], Normaliser]:
+    def register(fn: Normaliser) -> Normaliser:
+        _DEFAULTS[fn] = default
+        return fn
+
+    return register
 
 
 @dataclass(frozen=True)
@@ -37,13 +48,24 @@ class Message:
                 raise ConfigError(source, where, "unknown field")
             if raw_value is None:
                 continue  # proto JSON: null means "not set"
-            normalised = self.fields[key](raw_value, source, where)
-            if normalised is not _DROP:
-                out[key] = normalised
+            out[key] = self.fields[key](raw_value, source, where)
         for group in self.oneofs:
             present = sorted(group & out.keys())
             if len(present) > 1:
                 raise ConfigError(source, path or "(top level)", f"only one of {', '.join(present)} may be set")
+        return out
+
+    def prune(self, value: Mapping[str, Any]) -> dict[str, Any]:
+        """Drop proto3 zero values (no presence), recursively; messages, wrappers and durations stay."""
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            spec = self.fields.get(key)
+            if isinstance(spec, Message) and isinstance(item, Mapping):
+                out[key] = spec.prune(item)
+            elif spec in _DEFAULTS and item == _DEFAULTS[spec] and type(item) is type(_DEFAULTS[spec]):
+                continue
+            else:
+                out[key] = item
         return out
 
 
@@ -56,10 +78,11 @@ def _kind(value: Any) -> str:
     return type(value).__name__ if not isinstance(value, Mapping) else "object"
 
 
+@_zero("")
 def string(value: Any, source: str, path: str) -> Any:
     if not isinstance(value, str):
         raise ConfigError(source, path, f"expected a string, got {_kind(value)} {value!r}")
-    return value or _DROP
+    return value
 
 
 def _integer(value: Any, source: str, path: str, lo: int, hi: int) -> int:
@@ -76,16 +99,19 @@ def _integer(value: Any, source: str, path: str, lo: int, hi: int) -> int:
     return value
 
 
+@_zero(0)
 def int32(value: Any, source: str, path: str) -> Any:
-    return _integer(value, source, path, -(2**31), 2**31 - 1) or _DROP
+    return _integer(value, source, path, -(2**31), 2**31 - 1)
 
 
+@_zero(0)
 def uint32(value: Any, source: str, path: str) -> Any:
-    return _integer(value, source, path, 0, 2**32 - 1) or _DROP
+    return _integer(value, source, path, 0, 2**32 - 1)
 
 
+@_zero(0)
 def int64(value: Any, source: str, path: str) -> Any:
-    return _integer(value, source, path, -(2**63), 2**63 - 1) or _DROP
+    return _integer(value, source, path, -(2**63), 2**63 - 1)
 
 
 def int32_wrapper(value: Any, source: str, path: str) -> Any:
@@ -106,10 +132,11 @@ def int64_wrapper(value: Any, source: str, path: str) -> Any:
     return _integer(value, source, path, -(2**63), 2**63 - 1)
 
 
+@_zero(False)
 def boolean(value: Any, source: str, path: str) -> Any:
     if not isinstance(value, bool):
         raise ConfigError(source, path, f"expected true or false, got {value!r}")
-    return value or _DROP
+    return value
 
 
 def bool_wrapper(value: Any, source: str, path: str) -> Any:
@@ -120,10 +147,11 @@ def bool_wrapper(value: Any, source: str, path: str) -> Any:
     return value
 
 
+@_zero(0.0)
 def double(value: Any, source: str, path: str) -> Any:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ConfigError(source, path, f"expected a number, got {value!r}")
-    return float(value) or _DROP
+    return float(value)
 
 
 def duration(value: Any, source: str, path: str) -> Any:
@@ -142,11 +170,13 @@ def enum(*names: str) -> Normaliser:
             value = names[value]
         if value not in names:
             raise ConfigError(source, path, f"{value!r} is not one of {', '.join(names)}")
-        return _DROP if value == names[0] else value
+        return value
 
+    _DEFAULTS[normalise] = names[0]
     return normalise
 
 
+@_zero({})
 def string_map(value: Any, source: str, path: str) -> Any:
     if not isinstance(value, Mapping):
         raise ConfigError(source, path, f"expected a map of strings, got {_kind(value)}")
@@ -155,16 +185,17 @@ def string_map(value: Any, source: str, path: str) -> Any:
         if not isinstance(v, str):
             raise ConfigError(source, f"{path}.{k}", f"expected a string, got {_kind(v)} {v!r}")
         out[str(k)] = v
-    return out or _DROP
+    return out
 
 
+@_zero([])
 def string_list(value: Any, source: str, path: str) -> Any:
     if not isinstance(value, list):
         raise ConfigError(source, path, f"expected a list of strings, got {_kind(value)}")
     for i, item in enumerate(value):
         if not isinstance(item, str):
             raise ConfigError(source, f"{path}[{i}]", f"expected a string, got {_kind(item)} {item!r}")
-    return list(value) or _DROP
+    return list(value)
 
 
 def any_object(value: Any, source: str, path: str) -> Any:
@@ -174,12 +205,14 @@ def any_object(value: Any, source: str, path: str) -> Any:
     return dict(value)
 
 
+@_zero([])
 def any_list(value: Any, source: str, path: str) -> Any:
     if not isinstance(value, list):
         raise ConfigError(source, path, f"expected a list, got {_kind(value)}")
-    return list(value) or _DROP
+    return list(value)
 
 
+@_zero({})
 def runtime_values(value: Any, source: str, path: str) -> Any:
     # The prototext/YAML list-of-entries spelling [{key: k, value: v}] is accepted too.
     if isinstance(value, list) and all(isinstance(e, Mapping) and set(e) <= {"key", "value"} for e in value):
@@ -278,7 +311,13 @@ PROXY_CONFIG = Message(
 
 
 def normalise_proxy_config(value: Any, source: str) -> dict[str, Any]:
-    """Validate a parsed PROXY_CONFIG / defaultConfig / annotation value and return its proto-JSON form."""
+    """Validate a parsed PROXY_CONFIG / defaultConfig / annotation value: camelCase keys, canonical values.
+    Explicit zero values are kept (they matter when overlaying); see prune_defaults."""
     result = PROXY_CONFIG(value, source, "")
     assert isinstance(result, dict)
     return result
+
+
+def prune_defaults(value: Mapping[str, Any]) -> dict[str, Any]:
+    """The proto3 JSON form: zero-valued scalars, lists and maps removed."""
+    return PROXY_CONFIG.prune(value)

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from agent.bootstrap import write_bootstrap
-from agent.config.schema import normalise_proxy_config
+from agent.config.schema import normalise_proxy_config, prune_defaults
 from tests.bootstrap import prototext
 from tests.bootstrap.golden import (
     comparable,
@@ -65,7 +65,7 @@ def test_golden(case: dict[str, Any], tmp_path: Path) -> None:
 def test_proxycfg_parses_to_golden_proxy_config(case: dict[str, Any]) -> None:
     """Our reading of each .proxycfg equals the golden's PROXY_CONFIG metadata (the Go test's proto-JSON)."""
     directory = conformance_dir("bootstrap")
-    ours = proxycfg_input(directory, case)
+    ours = prune_defaults(proxycfg_input(directory, case))
     golden = golden_proxy_config(directory, case)
     for key in ("configPath", "customConfigFile"):
         ours.pop(key, None)
