@@ -194,3 +194,12 @@ def test_statsd_address_resolved_or_dropped(tmp_path: Path) -> None:
     )
     unresolvable = {"PROXY_CONFIG": "statsdUdpAddress: no-such-host.invalid:9125"}
     assert load(tmp_path, unresolvable).proxy.statsd_udp_address == ""
+
+
+def test_explicit_zero_values_override_lower_layers(tmp_path: Path) -> None:
+    mesh = "defaultConfig:\n  extraStatTags: [a]\n  interceptionMode: TPROXY\n"
+    env = {"PROXY_CONFIG": "controlPlaneAuthPolicy: NONE\nextraStatTags: []\ninterceptionMode: REDIRECT\n"}
+    proxy = load(tmp_path, env, mesh=mesh).proxy
+    assert proxy.control_plane_auth_policy == "NONE" and proxy.extra_stat_tags == ()
+    # ...and, as in proto JSON, zero values are absent from node metadata PROXY_CONFIG.
+    assert not {"controlPlaneAuthPolicy", "extraStatTags", "interceptionMode"} & set(proxy.to_proto_json())
