@@ -204,3 +204,54 @@ def test_local_xds_example_goes_live_serves_and_reloads_without_restart(tmp_path
         assert envoy.poll() is None
         info = json.loads(http_get(f"http://127.0.0.1:{ports['admin']}/server_info")[1])
         assert info["state"] == "LIVE" and info["command_line_options"]["restart_epoch"] == 0
+
+
+VARIANTS: dict[str, tuple[dict[str, str], dict[str, Any]]] = {
+    # name: (extra env, extra ProxyConfig)
+    "json_logs_sotw_xds": ({"ISTIO_DELTA_XDS": "false"}, {}),
+    "dual_stack": ({"INSTANCE_IP": "fd00::7", "ISTIO_DUAL_STACK": "true"}, {}),
+    "status_proxy_protocol_secure_metrics": (
+        {
+            "ENVOY_STATUS_PORT_ENABLE_PROXY_PROTOCOL": "true",
+            "ENVOY_SECURE_METRICS_PORT": "15091",
+            "ENVOY_SECURE_MERGED_METRICS_PORT": "15092",
+        },
+        {"proxyMetadata": {"METRICS_LOCALHOST_ACCESS_ONLY": "true"}},
+    ),
+    "tracing_istio_mutual_and_services": (
+        {"HOST_IP": "10.0.0.1", "EXIT_ON_ZERO_ACTIVE_CONNECTIONS": "true"},
+        {
+            "tracing": {"zipkin": {"address": "$(HOST_IP):9411"}, "tlsSettings": {"mode": "ISTIO_MUTUAL"}},
+            "envoyMetricsService": {
+                "address": "ms:15000",
+                "tcpKeepalive": {"probes": 3, "time": "10s", "interval": "5s"},
+            },
+            "envoyAccessLogService": {
+                "address": "als:15000",
+                "tlsSettings": {"mode": "SIMPLE", "caCertificates": "/ca.pem", "subjectAltNames": ["als"]},
+            },
+            "statsdUdpAddress": "10.1.1.1:9125",
+            "runtimeValues": {"re2.max_program_size.error_level": "", "x.y": "true"},
+            "proxyStatsMatcher": {"inclusionPrefixes": ["upstream_cx"], "inclusionRegexps": [".*circuit_breakers.*"]},
+            "extraStatTags": ["dlp"],
+        },
+    ),
+    "datadog_no_compression": ({}, {"tracing": {"datadog": {"address": "dd:8126"}}, "statsCompression": False}),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_bootstrap_variants_pass_envoy_validate(tmp_path: Path, variant: str) -> None:
+    """Options no Istio golden covers, checked against the real Envoy."""
+    env, proxy_config = VARIANTS[variant]
+    environ = pod_env(tmp_path, **env)
+    environ["PROXY_CONFIG"] = json.dumps({"configPath": str(tmp_path / "proxy"), **proxy_config})
+    annotations = (
+        'sidecar.istio.io/statsHistogramBuckets="{\\"istio\\":[1,5,10]}"\n'
+        'sidecar.istio.io/statsFlushInterval="10s"\nsidecar.istio.io/statsEvictionInterval="30s"\n'
+    )
+    (tmp_path / "annotations").write_text(annotations)
+    cfg = load(tmp_path, environ, log_as_json=variant.startswith("json"))
+    path = write_bootstrap(cfg, render_bootstrap(cfg))
+    result = validate(path)
+    assert result.returncode == 0, result.stderr[-3000:]
