@@ -61,7 +61,11 @@ def given_flags(args: argparse.Namespace) -> dict[str, object]:
 
 
 def run(args: argparse.Namespace) -> int:
-    return execute(given_flags(args), os.environ, host=None, out=sys.stdout)
+    try:
+        return execute(given_flags(args), os.environ, host=None, out=sys.stdout)
+    except OSError as exc:
+        # Anything the machine refuses outside the paths above (e.g. /proc unreadable) is still one line.
+        raise AgentError(f"istio-iptables: {exc}", ExitCode.IPTABLES_FAILED) from None
 
 
 def execute(

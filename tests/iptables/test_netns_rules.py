@@ -177,3 +177,20 @@ def test_dns_capture_rules_from_resolv_conf_apply_and_clean_up(pod: PodNetwork) 
     assert "nothing changed" in pod.pilot_agent(*INJECTOR_ARGS, "--redirect-dns").stderr
     assert pod.pilot_agent(*INJECTOR_ARGS, "--redirect-dns", "--cleanup-only").returncode == 0
     assert normalize_save(pod.iptables_save()) == before
+
+
+def test_legacy_backend_is_used_when_it_holds_the_rules(pod: PodNetwork) -> None:
+    """A node whose kube-proxy/CNI uses iptables-legacy: our rules must go to the same backend."""
+    foreign = pod.run(["iptables-legacy", "-t", "nat", "-A", "OUTPUT", "-p", "udp", "--dport", "9999", "-j", "RETURN"])
+    if foreign.returncode != 0:
+        pytest.skip(f"iptables-legacy is not usable here: {foreign.stderr.strip()}")
+    before = normalize_save(pod.run(["iptables-legacy-save"]).stdout)
+    first = pod.pilot_agent(*INJECTOR_ARGS)
+    assert first.returncode == 0, first.stderr
+    assert "legacy backend" in first.stderr
+    installed = normalize_save(pod.run(["iptables-legacy-save"]).stdout)
+    assert "-A ISTIO_OUTPUT -j ISTIO_REDIRECT" in installed
+    assert "ISTIO" not in pod.run(["iptables-nft-save"]).stdout
+    assert "nothing changed" in pod.pilot_agent(*INJECTOR_ARGS).stderr
+    assert pod.pilot_agent(*INJECTOR_ARGS, "--cleanup-only").returncode == 0
+    assert normalize_save(pod.run(["iptables-legacy-save"]).stdout) == before
