@@ -83,13 +83,24 @@ class FamilyFilter:
 
     def feed(self, lines: list[bytes], out: list[bytes]) -> None:
         sample_re = _OM_SAMPLE if self.openmetrics else _TEXT_SAMPLE
+        validate = self.validate
+        # Consecutive samples mostly share a name: `same` is the previous sample's name followed by "{" or " ",
+        # and a line starting with it belongs to the family already decided (the hot path: two C calls a line).
+        same_brace = same_space = b"\x00"
         for line in lines:
             if not line:
                 continue  # blank lines: allowed in text, not in OpenMetrics; never needed
             if line[0] == 35:  # "#"
                 self._comment(line, out)
+                same_brace = same_space = b"\x00"
                 continue
-            if self.validate:
+            if line.startswith(same_brace) or line.startswith(same_space):
+                if validate and (sample_re.fullmatch(line) is None or not (line.isascii() or _utf8(line))):
+                    self._bad(line)
+                elif self._keep:
+                    out.append(line)
+                continue
+            if validate:
                 match = sample_re.fullmatch(line)
                 if match is None or not (line.isascii() or _utf8(line)):
                     self._bad(line)
@@ -106,6 +117,7 @@ class FamilyFilter:
             if name not in self._allowed:
                 self._new_family(name, out)
                 self._decide(out)
+            same_brace, same_space = name + b"{", name + b" "
             if self._keep:
                 out.append(line)
 

@@ -83,7 +83,9 @@ class MetricsMerger:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._timeout(request)
         negotiated = negotiate(request.headers.get("Accept"))
-        forward = {"User-Agent": request.headers.get("User-Agent", "pilot-agent")}
+        # identity: compressing on loopback only burns the sources' CPU and ours (a 10k-line prometheus_client
+        # body costs more to gzip than to generate); the scraper's own Accept-Encoding applies to our answer only.
+        forward = {"User-Agent": request.headers.get("User-Agent", "pilot-agent"), "Accept-Encoding": "identity"}
         if TIMEOUT_HEADER in request.headers:
             forward[TIMEOUT_HEADER] = request.headers[TIMEOUT_HEADER]
         upstreams: list[Upstream] = []
