@@ -10,12 +10,14 @@ is left in the PID namespace.
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import require_root
+from tests.support.envoy import wait_until
 from tests.support.kube_values import PodIdentity
 from tests.support.netns import pod_network
 from tests.support.pod import Pod, load_documents, pod_template
@@ -81,7 +83,27 @@ def test_no_control_plane_pod_starts_serves_through_envoy_and_stops_cleanly(dele
                     assert "local=127.0.0.1:8080" in reply.body, "the app saw Envoy's connection, not the client's"
                     assert reply.headers.get("server") == "envoy"
 
-                # 5. The app's rewritten readiness probe: kubelet -> agent :15020 -> app :8080.
+                    # 5. The ConfigMap is edited: kubelet swaps the volume's ..data link, Envoy (watched_directory)
+                    # reloads the listeners, no restart.
+                    lds = re.sub(
+                        r'(?m)^( *)domains: \["\*"\]$',
+                        lambda m: (
+                            f"{m.group(0)}\n{m.group(1)}response_headers_to_add:\n"
+                            f'{m.group(1)}- header: {{key: x-config-version, value: "2"}}'
+                        ),
+                        configmap["data"]["lds.yaml"],
+                        count=1,
+                    )
+                    assert "x-config-version" in lds
+                    pod.update_configmap(configmap["metadata"]["name"], {**configmap["data"], "lds.yaml": lds})
+                    wait_until(
+                        lambda: net.http_get(f"http://{net.pod_ip}:8080/").headers.get("x-config-version") == "2",
+                        timeout=20,
+                    )
+                    assert probes.ready
+                    assert proxy.running()
+
+                # The app's rewritten readiness probe: kubelet -> agent :15020 -> app :8080.
                 with pod.probes("app", netns=net.client_ns) as app_probes:
                     assert app_probes.wait_for(lambda p: p.ready, timeout=20)
 
