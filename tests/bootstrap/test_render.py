@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from agent.bootstrap import bootstrap_dependencies, bootstrap_path, render_bootstrap, write_atomic, write_bootstrap
 from agent.config import NodeOverrides, ProxyFlags, load_agent_config
@@ -218,3 +220,32 @@ def test_render_command_bad_input_is_one_line_exit_78(
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and expected in lines[0], result.stderr
     assert "Traceback" not in result.stderr and result.stdout == ""
+
+
+_ANNOTATION_KEYS = st.sampled_from(
+    [
+        "proxy.istio.io/config",
+        "sidecar.istio.io/statsInclusionPrefixes",
+        "sidecar.istio.io/statsInclusionRegexps",
+        "sidecar.istio.io/extraStatTags",
+        "sidecar.istio.io/statsHistogramBuckets",
+        "sidecar.istio.io/statsFlushInterval",
+        "sidecar.istio.io/statsEvictionInterval",
+        "status.sidecar.istio.io/port",
+        "sidecar.istio.io/discoveryAddress",
+        "traffic.sidecar.istio.io/excludeInterfaces",
+    ]
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.dictionaries(_ANNOTATION_KEYS, st.text(st.characters(codec="utf-8")), max_size=3) | st.text())
+def test_arbitrary_annotations_file_raises_only_config_error(tmp_path: Path, content: dict[str, str] | str) -> None:
+    if isinstance(content, dict):
+        content = "".join(f"{k}={json.dumps(v, ensure_ascii=False)}\n" for k, v in content.items())
+    (tmp_path / "annotations").write_text(content, encoding="utf-8", errors="surrogatepass")
+    try:
+        data = render_bootstrap(load(tmp_path))
+    except ConfigError:
+        return
+    assert json.loads(data)["node"]["id"].startswith("sidecar~")
