@@ -254,6 +254,11 @@ class Epochs:
                 assert isinstance(payload, EnvoyProcess)
                 self._on_exit(payload)
             elif kind in ("change", "restart"):
+                if self._retiring:
+                    draining = ", ".join(str(p.epoch) for p in self._retiring)
+                    log.info(
+                        "%s: applied once epoch %s has drained and exited (parentShutdownDuration)", payload, draining
+                    )
                 pending = True
                 forced = forced or kind == "restart"
                 log.info("%s: reconciling", payload)
@@ -440,7 +445,7 @@ class Epochs:
             if time.monotonic() >= deadline:
                 return "timeout"
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(0.05):
+                async with asyncio.timeout(0.02):
                     await proc.exited.wait()
 
     async def stop_all(self, grace: float) -> None:

@@ -13,7 +13,7 @@ import pytest
 from agent.metrics import AgentMetrics
 from agent.supervisor import WatchSettings
 from agent.watch import ChangeSet, Watcher
-from tests.supervisor.harness import Rig, bootstrap, make_cert, supervised
+from tests.supervisor.harness import Rig, bootstrap, make_cert, supervised, until
 from tests.support.envoy import free_port
 
 
@@ -97,3 +97,40 @@ async def test_cert_swap_in_watched_volume_hot_restarts_envoy(tmp_path: Path) ->
         # Deleted: a warning, and the current epoch stays.
         assert await run.admin.live_epoch() == 1
         assert run.value("istio_agent_file_changes_total", kind="cert") >= 3
+
+
+@pytest.mark.envoy
+async def test_half_written_cert_is_rejected_then_completed_file_applies(tmp_path: Path) -> None:
+    rig = Rig(tmp_path)
+    certs = tmp_path / "certs"
+    make_cert(certs, "one")
+    rig.deps = [certs / "cert-chain.pem", certs / "key.pem"]
+    rig.write_input(bootstrap(rig.admin_port, rig.listener_port, cert_dir=certs, tls_port=free_port()))
+    fresh = tmp_path / "fresh"
+    make_cert(fresh, "two")
+    full = (fresh / "cert-chain.pem").read_bytes()
+    watch = WatchSettings({p: "cert" for p in rig.deps}, debounce=0.1)
+    async with supervised(rig, watch=watch) as run:
+        await run.wait_epoch_live(0)
+        # A writer that stalls half way (longer than the debounce): validation rejects it, epoch 0 keeps serving.
+        (certs / "key.pem").write_bytes((fresh / "key.pem").read_bytes())
+        (certs / "cert-chain.pem").write_bytes(full[: len(full) // 2])
+        await until(lambda: run.value("istio_agent_hot_restarts_total", outcome="invalid") >= 1, 10)
+        assert await run.admin.live_epoch() == 0
+        (certs / "cert-chain.pem").write_bytes(full)
+        await run.wait_epoch_live(1)
+        # A burst of partial writes within the debounce window: one hot restart, nothing rejected.
+        make_cert(fresh, "three")
+        invalid = run.value("istio_agent_hot_restarts_total", outcome="invalid")
+        await until(lambda: len(run.supervisor.epochs.procs) == 1, 10)  # type: ignore[union-attr]
+        data = (fresh / "cert-chain.pem").read_bytes()
+        (certs / "key.pem").write_bytes((fresh / "key.pem").read_bytes())
+        with (certs / "cert-chain.pem").open("wb") as handle:
+            for i in range(0, len(data), 100):
+                handle.write(data[i : i + 100])
+                handle.flush()
+                await asyncio.sleep(0.01)
+        await run.wait_epoch_live(2)
+        await asyncio.sleep(0.5)
+        assert await run.admin.live_epoch() == 2
+        assert run.value("istio_agent_hot_restarts_total", outcome="invalid") == invalid
