@@ -8,18 +8,27 @@ prints a traceback for bad input.
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 from collections.abc import Sequence
 
 from agent import __version__
-from agent.commands import istio_iptables, proxy, render, request, version, wait
 from agent.errors import AgentError, ExitCode
 from agent.logs import configure
 
 log = logging.getLogger("agent.cli")
 
-COMMANDS = (proxy, wait, request, istio_iptables, version, render)
+# Subcommand name -> module. Only the module of the command being run is imported: `istio-iptables` runs as the
+# pod's init container and `wait` as a postStart hook, and neither should pay for aiohttp and jinja2 (~300 ms).
+COMMANDS = {
+    "proxy": "agent.commands.proxy",
+    "wait": "agent.commands.wait",
+    "request": "agent.commands.request",
+    "istio-iptables": "agent.commands.istio_iptables",
+    "version": "agent.commands.version",
+    "render": "agent.commands.render",
+}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -28,21 +37,32 @@ class _Parser(argparse.ArgumentParser):
         self.exit(ExitCode.USAGE, f"pilot-agent: error: {message}\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _requested_command(argv: Sequence[str]) -> str | None:
+    """The subcommand named in argv, if it is one we know (flags before it take no separate value)."""
+    for arg in argv:
+        if not arg.startswith("-"):
+            return arg if arg in COMMANDS else None
+    return None
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The full parser, or (with `only`) one that registers just that subcommand."""
     parser = _Parser(prog="pilot-agent", description="Istio sidecar agent (Python).")
     parser.add_argument("--log_output_level", default="default:info", help="scope:level,... (Istio's form)")
     parser.add_argument("--log_as_json", action="store_true", help="log lines as JSON objects")
     parser.add_argument("--version", action="version", version=f"pilot-agent {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     subparsers.required = True
-    for command in COMMANDS:
-        command.register(subparsers)
+    for name, module in COMMANDS.items():
+        if only is None or name == only:
+            importlib.import_module(module).register(subparsers)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args, unknown = parser.parse_known_args(list(sys.argv[1:] if argv is None else argv))
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(only=_requested_command(arguments))
+    args, unknown = parser.parse_known_args(arguments)
     try:
         configure(args.log_output_level, args.log_as_json)
     except ValueError as exc:
