@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
+import yaml
 
 from agent.bootstrap.params import template_params
 from agent.config.agent_config import AgentConfig
@@ -63,14 +64,27 @@ def render_template(params: dict[str, Any], template_path: Path) -> bytes:
         raise ConfigError(source, "", f"template failed to render: {exc}") from None
     except OSError as exc:
         raise ConfigError(source, "", f"cannot read: {exc.strerror or exc}") from None
-    try:
-        json.loads(text)
-    except ValueError as exc:
-        raise ConfigError(source, "", f"rendered output is not valid JSON: {exc}") from None
+    _check_document(text, template_path, source)
     try:
         return text.encode("utf-8")
     except UnicodeEncodeError as exc:
         raise ConfigError(source, "", f"rendered output is not valid UTF-8: {exc.reason}") from None
+
+
+def _check_document(text: str, template_path: Path, source: str) -> None:
+    """JSON for JSON templates; a YAML template (written to envoy-rev.yaml, as Istio does) must give a mapping."""
+    if ".yaml" in template_path.suffixes:
+        try:
+            document = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(source, "", f"rendered output is not valid YAML: {exc}") from None
+        if not isinstance(document, dict):
+            raise ConfigError(source, "", "rendered output is not a YAML mapping")
+        return
+    try:
+        json.loads(text)
+    except ValueError as exc:
+        raise ConfigError(source, "", f"rendered output is not valid JSON: {exc}") from None
 
 
 def template_path_of(cfg: AgentConfig) -> Path:

@@ -70,7 +70,13 @@ def validate(path: Path) -> subprocess.CompletedProcess[str]:
 
 
 def moved_ports() -> dict[str, int]:
-    return {name: free_port() for name in ("admin", "status", "envoy_status", "prometheus")}
+    ports: dict[str, int] = {}
+    for name in ("admin", "status", "envoy_status", "prometheus", "front", "upstream"):
+        port = free_port()
+        while port in ports.values():  # the kernel may hand the same free port out twice in a row
+            port = free_port()
+        ports[name] = port
+    return ports
 
 
 def moved_env(tmp_path: Path, ports: dict[str, int]) -> dict[str, str]:
@@ -119,13 +125,15 @@ def test_default_bootstrap_starts_envoy_waiting_for_the_control_plane(tmp_path: 
     cfg = load(tmp_path, moved_env(tmp_path, ports))
     path = write_bootstrap(cfg, render_bootstrap(cfg))
     base_id = new_base_id()
-    process = subprocess.Popen(
-        [envoy_binary(), "-c", str(path), "--base-id", str(base_id), "-l", "error"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    log = tmp_path / "envoy.log"
+    with log.open("wb") as sink:
+        process = subprocess.Popen(
+            [envoy_binary(), "-c", str(path), "--base-id", str(base_id), "-l", "error"], stdout=sink, stderr=sink
+        )
     try:
-        wait_until(lambda: http_get(f"http://127.0.0.1:{ports['admin']}/server_info")[0] == 200)
+        url = f"http://127.0.0.1:{ports['admin']}/server_info"
+        wait_until(lambda: process.poll() is not None or http_get(url)[0] == 200)
+        assert process.poll() is None, f"envoy exited {process.returncode}: {log.read_text()[-2000:]}"
         body = http_get(f"http://127.0.0.1:{ports['admin']}/server_info")[1]
         info = json.loads(body)
         assert info["state"] == "PRE_INITIALIZING"
@@ -165,11 +173,11 @@ def fake_status_server(port: int) -> Iterator[None]:
         thread.join()
 
 
-def example_copy(tmp_path: Path) -> tuple[Path, int]:
+def example_copy(tmp_path: Path, ports: dict[str, int]) -> tuple[Path, int]:
     """The bundled example with its ports (8080 front, 8081 upstream) moved to free ones."""
     directory = tmp_path / "xds"
     shutil.copytree(example_xds_dir(), directory)
-    front, upstream = free_port(), free_port()
+    front, upstream = ports["front"], ports["upstream"]
     for name in ("lds.yaml", "cds.yaml"):
         text = (directory / name).read_text()
         text = text.replace("port_value: 8080", f"port_value: {front}").replace(
@@ -188,7 +196,7 @@ def replace_by_move(path: Path, text: str) -> None:
 
 def test_local_xds_example_goes_live_serves_and_reloads_without_restart(tmp_path: Path) -> None:
     ports = moved_ports()
-    directory, front = example_copy(tmp_path)
+    directory, front = example_copy(tmp_path, ports)
     cfg = load(tmp_path, moved_env(tmp_path, ports), local_xds_dir=str(directory))
     path = write_bootstrap(cfg, render_bootstrap(cfg))
     with fake_status_server(ports["status"]), running_envoy(path, ports["admin"]) as envoy:

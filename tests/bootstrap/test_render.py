@@ -67,6 +67,17 @@ def test_template_selection_istio_bootstrap_then_template_file(tmp_path: Path) -
     assert rendered(both) == {"which": "b"}
 
 
+def test_yaml_template_renders_yaml_to_envoy_rev_yaml(tmp_path: Path) -> None:
+    template = tmp_path / "bootstrap.yaml.j2"
+    template.write_text("node:\n  id: {{ node_id | json }}\n")
+    cfg = load(tmp_path, template_file=str(template))
+    assert bootstrap_path(cfg).name == "envoy-rev.yaml"
+    assert render_bootstrap(cfg).decode().startswith('node:\n  id: "sidecar~')
+    template.write_text("node: [unclosed\n")
+    with pytest.raises(ConfigError, match="rendered output is not valid YAML"):
+        render_bootstrap(cfg)
+
+
 def test_custom_config_file_is_used_as_is(tmp_path: Path) -> None:
     custom = tmp_path / "envoy.yaml"
     custom.write_bytes(b"admin: {address: {socket_address: {address: 127.0.0.1, port_value: 1}}}\n{{ not a template")
