@@ -38,6 +38,12 @@ _OM_SAMPLE = re.compile(
     rb"(" + _NAME + rb")(?:" + _LABELS + rb")? " + _FLOAT + rb"(?: " + _FLOAT + rb")?"
     rb"(?: # " + _LABELS + rb" " + _FLOAT + rb"(?: " + _FLOAT + rb")?)?"
 )
+# The spelling every real exporter writes (no optional whitespace): ~30% cheaper to match; tried first.
+_LABEL_VALUE = rb'"[^"\\\n]*(?:\\[\\"n][^"\\\n]*)*"'
+_TIGHT_LABELS = (
+    rb"\{[a-zA-Z_][a-zA-Z0-9_]*=" + _LABEL_VALUE + rb"(?:,[a-zA-Z_][a-zA-Z0-9_]*=" + _LABEL_VALUE + rb")*,?\}"
+)
+_TIGHT_TEXT_SAMPLE = re.compile(rb"(" + _NAME + rb")(?:" + _TIGHT_LABELS + rb")? " + _FLOAT + rb"(?: -?[0-9]+)?")
 _NAME_PREFIX = re.compile(_NAME)
 _NAME_FULL = re.compile(_NAME + rb"$")
 _HELP_TEXT = re.compile(rb"(?:[^\\\n]|\\[\\n\"])*$")
@@ -49,6 +55,8 @@ _SUFFIXES: dict[bytes | None, tuple[bytes, ...]] = {
     b"summary": (b"", b"_count", b"_sum", b"_created"),
     b"info": (b"_info",),
 }
+# Types spelled the same in text 0.0.4 and OpenMetrics.
+_PORTABLE_TYPES = {b"counter", b"gauge", b"histogram", b"summary"}
 _TEXT_TYPES = {b"counter", b"gauge", b"histogram", b"summary", b"untyped"}
 _OM_TYPES = {b"counter", b"gauge", b"histogram", b"gaugehistogram", b"summary", b"info", b"stateset", b"unknown"}
 
@@ -83,6 +91,7 @@ class FamilyFilter:
 
     def feed(self, lines: list[bytes], out: list[bytes]) -> None:
         sample_re = _OM_SAMPLE if self.openmetrics else _TEXT_SAMPLE
+        tight = None if self.openmetrics else _TIGHT_TEXT_SAMPLE
         validate = self.validate
         # Consecutive samples mostly share a name: `same` is the previous sample's name followed by "{" or " ",
         # and a line starting with it belongs to the family already decided (the hot path: two C calls a line).
@@ -95,7 +104,7 @@ class FamilyFilter:
                 same_brace = same_space = b"\x00"
                 continue
             if line.startswith(same_brace) or line.startswith(same_space):
-                if validate and (sample_re.fullmatch(line) is None or not (line.isascii() or _utf8(line))):
+                if validate and not _valid_sample(line, tight, sample_re):
                     self._bad(line)
                 elif self._keep:
                     out.append(line)
@@ -120,6 +129,39 @@ class FamilyFilter:
             same_brace, same_space = name + b"{", name + b" "
             if self._keep:
                 out.append(line)
+
+    def feed_block(self, block: bytes, out: list[bytes]) -> bool:
+        """Fast path for a TRUSTED source whose every family opens with `# TYPE` (Envoy's formatter does):
+        pass a block of complete lines through untouched when no family in it clashes. Returns False (nothing
+        consumed) when the block needs the line-by-line path: a clash, a dropped current family, blank lines,
+        free comments, types the output format spells differently."""
+        if self.validate or not self._keep or not self._decided or b"\n\n" in block or block.startswith(b"\n"):
+            return False
+        # split() and find() run in C; a regex scan of every byte for `^# TYPE` costs several times more.
+        pieces = (b"\n" + block).split(b"\n# TYPE ")
+        helps = block.count(b"\n# HELP ") + block.startswith(b"# HELP ")
+        if block.count(b"\n#") + block.startswith(b"#") != len(pieces) - 1 + helps:
+            return False  # `# EOF`, `# UNIT`, free comments
+        claims: set[bytes] = set()
+        types: list[tuple[bytes, bytes]] = []
+        for piece in pieces[1:]:
+            name, _, kind = piece[: piece.find(b"\n")].partition(b" ")
+            if kind not in _PORTABLE_TYPES or not _NAME_FULL.match(name):
+                return False
+            types.append((name, kind))
+            claims.add(name)
+            for suffix in _SUFFIXES.get(kind, (b"",)):
+                claims.add(name + suffix)
+        if not claims.isdisjoint(self.claimed):
+            return False
+        if types:
+            self._name, self._kind = types[-1]
+            self._allowed = sample_names(self._name, self._kind)
+            if self.record:
+                self.new_claims |= claims
+        self._started = True
+        out.append(block)
+        return True
 
     def finish(self, out: list[bytes]) -> None:
         if not self._decided:
@@ -202,6 +244,12 @@ class FamilyFilter:
         else:
             self.dropped_families += 1
         self._pending = []
+
+
+def _valid_sample(line: bytes, tight: re.Pattern[bytes] | None, full: re.Pattern[bytes]) -> bool:
+    if (tight is None or tight.fullmatch(line) is None) and full.fullmatch(line) is None:
+        return False
+    return line.isascii() or _utf8(line)
 
 
 def _utf8(data: bytes) -> bool:

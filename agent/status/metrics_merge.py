@@ -97,15 +97,20 @@ class MetricsMerger:
         host = f"[{host}]" if ":" in host else host
         for target in self.settings.scrape_targets:
             upstreams.append(Upstream("application", f"http://{host}:{target.port}{target.path}"))
-        try:
-            await asyncio.gather(
-                *(
-                    self._open(
-                        u, {**forward, "Accept": negotiated.app_accept if u.kind != "envoy" else TEXT_ACCEPT}, deadline
-                    )
-                    for u in upstreams
+        # Connect to every source at once, and encode the agent's own registry while they answer.
+        opening = asyncio.gather(
+            *(
+                self._open(
+                    u, {**forward, "Accept": negotiated.app_accept if u.kind != "envoy" else TEXT_ACCEPT}, deadline
                 )
+                for u in upstreams
             )
+        )
+        try:
+            # The format is known for sure only once the applications answer; guess it to overlap the work.
+            guess = negotiated.wants_openmetrics and bool(self.settings.scrape_targets)
+            agent_section = self._agent_section(guess)
+            await opening
             app_types = [
                 u.response.headers.get("Content-Type", "") if u.response is not None else None
                 for u in upstreams
@@ -117,8 +122,13 @@ class MetricsMerger:
             if "gzip" in request.headers.get("Accept-Encoding", "").lower():
                 response.enable_compression(web.ContentCoding.gzip)
             await response.prepare(request)
+            if openmetrics != guess:
+                agent_section = self._agent_section(openmetrics)
             claimed: set[bytes] = set()
-            await self._write_agent(response, claimed, openmetrics)
+            if agent_section is not None:
+                body, agent_claims = agent_section
+                claimed |= agent_claims
+                await _write(response, body)
             for index, upstream in enumerate(upstreams):
                 if upstream.response is not None:
                     last = index == len(upstreams) - 1
@@ -133,6 +143,8 @@ class MetricsMerger:
             log.debug("scraper hung up during a merged scrape")
             return response
         finally:
+            if not opening.done():
+                opening.cancel()
             for upstream in upstreams:
                 if upstream.response is not None:
                     upstream.response.close()
@@ -154,7 +166,8 @@ class MetricsMerger:
             return
         upstream.response = response
 
-    async def _write_agent(self, response: web.StreamResponse, claimed: set[bytes], openmetrics: bool) -> None:
+    def _agent_section(self, openmetrics: bool) -> tuple[bytes, set[bytes]] | None:
+        """The agent's registry, encoded, and the names it claims; None (counted) if a collector fails."""
         try:
             if openmetrics:
                 body = om_exposition.generate_latest(self.metrics.registry)  # type: ignore[no-untyped-call]
@@ -162,14 +175,13 @@ class MetricsMerger:
                 body = text_exposition.generate_latest(self.metrics.registry)
         except Exception as exc:  # a broken custom collector must not cost Envoy's and the app's metrics
             self._fail("agent", f"{type(exc).__name__}: {exc}")
-            return
-        filt = FamilyFilter(claimed, openmetrics, validate=False)
+            return None
+        filt = FamilyFilter(frozenset(), openmetrics, validate=False)
         out: list[bytes] = []
         filt.feed(body.split(b"\n"), out)
         filt.finish(out)
-        claimed |= filt.new_claims
-        if out:
-            await _write(response, b"\n".join(out) + b"\n")
+        out.append(b"")
+        return b"\n".join(out), filt.new_claims
 
     async def _stream(
         self,
@@ -201,7 +213,14 @@ class MetricsMerger:
                     chunk = chunk[: cap - total]
                     failure = f"{upstream.url}: body exceeds the {cap}-byte cap; truncated"
                 total += len(chunk)
-                lines = (carry + chunk).split(b"\n")
+                data = carry + chunk
+                cut = data.rfind(b"\n") + 1
+                if failure is None and cut and filt.feed_block(data[:cut], out):
+                    carry = data[cut:]
+                    await _write(response, b"".join(out))
+                    out.clear()
+                    continue
+                lines = data.split(b"\n")
                 carry = lines.pop()
                 if failure is not None:
                     filt.feed(lines, out)
