@@ -118,7 +118,12 @@ class Epochs:
         self.procs: dict[int, EnvoyProcess] = {}
         self.current: EnvoyProcess | None = None
         self._retiring: set[EnvoyProcess] = set()
+        # The state of the newest epoch seen LIVE: what a crash restart or a recovery starts on.
         self.last_good: DesiredState | None = None
+        # The state the current (newest) epoch runs on, LIVE or not yet.
+        self._current_state: DesiredState | None = None
+        # Set by every change request: cuts a crash backoff short (a fixed config should not wait 100 s).
+        self._changed = asyncio.Event()
         self._last_desired_digest: str | None = None
         self._rejected: str | None = None
         self._budget_left = settings.restart_budget
@@ -130,10 +135,12 @@ class Epochs:
 
     def notify_change(self, reason: str = "inputs changed") -> None:
         self._events.put_nowait(("change", reason))
+        self._changed.set()
 
     def request_hot_restart(self) -> None:
         """SIGHUP: restart into a new epoch even when the desired state has not changed."""
         self._events.put_nowait(("restart", "hot restart requested"))
+        self._changed.set()
 
     def wake(self) -> None:
         self._events.put_nowait(("wake", None))
@@ -191,13 +198,16 @@ class Epochs:
         log.warning("restarting Envoy in %.1fs (restart budget left: %d)", delay, self._budget_left)
 
     async def _backoff_sleep(self, delay: float) -> None:
-        # The backoff must not delay a shutdown: race the (injectable) sleep against the request.
+        # The backoff must not delay a shutdown, nor the fix of a config that made Envoy crash: race the
+        # (injectable) sleep against both.
+        self._changed.clear()
         sleeper = asyncio.ensure_future(self._sleep(delay))
         stopper = asyncio.ensure_future(self.lifecycle.shutdown_requested.wait())
+        changed = asyncio.ensure_future(self._changed.wait())
         try:
-            await asyncio.wait({sleeper, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({sleeper, stopper, changed}, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            for task in (sleeper, stopper):
+            for task in (sleeper, stopper, changed):
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
@@ -209,11 +219,22 @@ class Epochs:
         self.metrics.restart_budget.set(self._budget_left)
 
     def _state_for_start(self) -> DesiredState:
-        if self.last_good is not None:
+        """A (re)start runs the last state seen LIVE, then reconciles to the desired one through a validated hot
+        restart. With none seen LIVE yet (first start, or crashing since), it renders the desired state afresh,
+        so fixing a config that crashes Envoy at start takes effect. A config error with nothing to fall back on
+        is raised (fatal: the supervisor exits CONFIG_ERROR)."""
+        try:
+            desired = self._desired_state()
+        except AgentError as exc:
+            if self.last_good is None:
+                raise
+            self.metrics.config_errors.labels("render").inc()
+            log.error("configuration does not render (%s): restarting on the last good one", exc)
             return self.last_good
-        state = self._desired_state()  # at first start a config error is fatal: raised to the supervisor
-        self._last_desired_digest = state.digest
-        return state
+        if self._last_desired_digest is not None and desired.digest != self._last_desired_digest:
+            self._reset_budget("desired state changed")
+        self._last_desired_digest = desired.digest
+        return self.last_good if self.last_good is not None else desired
 
     async def _run_family(self) -> None:
         """One hot-restart family, from epoch 0 until a crash (raises EnvoyCrashed) or shutdown (raises _Stop)."""
@@ -225,6 +246,11 @@ class Epochs:
         self.current = proc
         self.lifecycle.envoy_up()
         family_started = time.monotonic()
+        # Learn whether this state goes LIVE (then it is the one to fall back on). Exits and shutdown end the
+        # wait at once; without a control plane Envoy may never be LIVE, and the loop goes on after the timeout.
+        if await self._wait_live(proc, self.settings.live_timeout) == "live":
+            self.last_good = state
+            log.info("Envoy epoch 0 is LIVE")
         # Right after a (re)start the desired state may differ from what we started on (last good): reconcile.
         pending, forced = True, False
         retry_at: float | None = None
@@ -332,8 +358,7 @@ class Epochs:
         self.procs[epoch] = proc
         self._spawn(proc.run(on_exit=lambda p: self._events.put_nowait(("exit", p))))
         self.metrics.envoy_epoch.set(epoch)
-        if epoch == 0 or self.last_good is None:
-            self.last_good = state
+        self._current_state = state
         return proc
 
     async def _apply(self, forced: bool) -> str:
@@ -349,7 +374,8 @@ class Epochs:
             self._reset_budget("desired state changed")
         current = self.current
         assert current is not None
-        if not forced and self.last_good is not None and desired.digest == self.last_good.digest:
+        running = self._current_state
+        if not forced and running is not None and desired.digest == running.digest:
             return "unchanged"
         if not forced and desired.digest == self._rejected:
             return "unchanged"
@@ -357,6 +383,8 @@ class Epochs:
             log.warning("configuration changed but hot restart is disabled: it applies at Envoy's next start")
             return "unchanged"
         live = await self._wait_live(current, self.settings.live_timeout)
+        if live == "live" and running is not None:
+            self.last_good = running
         if live != "live":
             if live == "timeout":
                 log.warning("Envoy epoch %d is not LIVE yet: postponing the hot restart", current.epoch)
@@ -389,6 +417,7 @@ class Epochs:
         self.metrics.config_errors.labels("start").inc()
         self._rejected = failed.digest
         await child.stop(self.settings.stop_grace)
+        self._current_state = self.last_good
         info = child.exit_info
         assert info is not None
         log.error(

@@ -95,3 +95,23 @@ async def test_budget_resets_after_healthy_period(tmp_path: Path) -> None:
         await until(lambda: run.value("istio_agent_envoy_restart_budget_remaining") == 9)
         await run.wait_epoch_live(0)
         await until(lambda: run.value("istio_agent_envoy_restart_budget_remaining") == 10, 5)
+
+
+async def test_config_fixed_during_crash_loop_is_picked_up(tmp_path: Path) -> None:
+    """Envoy crashes at start on a bad config; the fix lands during the backoff; the next start uses it."""
+    rig = Rig(tmp_path)
+    rig.write_input(b'{"admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": "x"}}}}')
+    good = bootstrap(rig.admin_port, rig.listener_port, body="fixed")
+
+    async def fix_on_second_backoff(_seconds: float) -> None:
+        if run.value("istio_agent_envoy_restart_budget_remaining") <= 8:
+            rig.write_input(good)
+            run.supervisor.epochs.notify_change("test")  # type: ignore[union-attr]
+        await asyncio.sleep(0)
+
+    async with supervised(rig, sleep=fix_on_second_backoff) as run:
+        await run.wait_epoch_live(0)
+        assert run.value("istio_agent_envoy_exits_total", cause="error") >= 2
+        # A new desired state earns the whole budget back.
+        await until(lambda: run.value("istio_agent_envoy_restart_budget_remaining") == 10)
+        assert not run.task.done()
