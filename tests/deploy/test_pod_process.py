@@ -14,9 +14,10 @@ import pytest
 
 from tests.conftest import require_root
 from tests.support.atomic_writer import format_map
+from tests.support.container import ContainerProcess, Identity
 from tests.support.envoy import wait_until
 from tests.support.kube_values import PodIdentity
-from tests.support.pod import ContainerProcess, Identity, Image, Pod
+from tests.support.pod import Image, Pod
 
 pytestmark = pytest.mark.root
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
@@ -92,6 +93,26 @@ def test_container_runs_as_its_user_with_its_capabilities_as_pid1(
     container.append(init)
     assert init.wait(10) == 0
     assert init.log_text().split() == ["0", "CapBnd:", "0000000000003000"]
+
+
+def test_read_only_root_leaves_only_the_writable_volumes_writable(
+    tmp_path: Path, container: list[ContainerProcess]
+) -> None:
+    volume = tmp_path / "istio-envoy"
+    volume.mkdir(mode=0o777)
+    volume.chmod(0o777)
+    script = f"touch {volume}/ok && ! touch {tmp_path}/denied 2>/dev/null && echo done"
+    process = ContainerProcess(
+        # Root without capabilities: pytest's 0700 tmp directories stay reachable, only the mount flags decide.
+        argv=["sh", "-c", script], env={"PATH": "/usr/bin:/bin"}, cwd=tmp_path, identity=Identity(0, 0, ()),
+        netns=None, log_path=tmp_path / "log", read_only_root=True, writable=[volume],
+    )  # fmt: skip
+    container.append(process)
+    assert process.wait(10) == 0, process.log_text()
+    assert process.log_text().strip() == "done"
+    assert (volume / "ok").exists()
+    assert not (tmp_path / "denied").exists()
+    (tmp_path / "host-still-writable").touch()  # the remount stayed inside the container's mount namespace
 
 
 def test_exec_runs_inside_the_containers_namespaces(tmp_path: Path, container: list[ContainerProcess]) -> None:

@@ -5,28 +5,24 @@ What it reproduces, and where:
   atomic writer (tests/support/atomic_writer.py), updated later with the same `..data` symlink swap;
 - the container's environment and argv (tests/support/kube_values.py): env in order with `$(VAR)` expansion,
   fieldRef / resourceFieldRef values from a PodIdentity the test supplies;
-- the process (here): PID 1 of a new PID namespace (`unshare --pid --fork --mount-proc`), inside the pod's network
-  namespace, as the container's runAsUser/runAsGroup with its capability bounding set; working directory = the pod
-  root, which plays the image's `/` (so Istio's relative `./etc/istio/pod/labels` finds the downward-API volume
-  mounted at /etc/istio/pod: every mountPath lives under the pod root, nothing is mounted on the host's /etc);
+- the process (tests/support/container.py): PID 1 of a new PID namespace, inside the pod's network namespace, as
+  the container's runAsUser/runAsGroup with its capability bounding set, its own /dev/shm, a read-only filesystem
+  but for its emptyDir volumes when `readOnlyRootFilesystem` is set; working directory = the pod root, which plays
+  the image's `/` (so Istio's relative `./etc/istio/pod/labels` finds the downward-API volume mounted at
+  /etc/istio/pod: every mountPath lives under the pod root, nothing is mounted on the host's /etc);
 - exec hooks (postStart / preStop) run inside the container's namespaces with its env (nsenter);
 - termination as kubelet does it (here): preStop within the grace period, SIGTERM to PID 1, the rest of the grace
   period (at least 2 s, kubelet's minimum, unless the test lowers it), then SIGKILL;
 - probes (tests/support/probes.py): kubelet's period / timeout / threshold semantics.
 
-A signal from outside to a PID namespace's init is delivered only if init has a handler for it (SIGKILL excepted):
-the same rule a container's PID 1 lives under, which is what makes these tests meaningful for the agent.
 Not reproduced: image layers (the host's filesystem is the image), cgroups and resource limits, fsGroup, tmpfs
 for `medium: Memory`, subPath mounts.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,11 +35,11 @@ from typing import Any
 import yaml
 
 from tests.support.atomic_writer import AtomicWriter, FileProjection, downward_api_payload
+from tests.support.container import KUBELET_MIN_GRACE_S, ContainerProcess, Identity, Termination, netns_path
 from tests.support.envoy import envoy_binary
 from tests.support.kube_values import PodIdentity, container_argv, container_env, field_value, resource_value
 from tests.support.probes import ContainerProbes, ProbeSpec
 
-KUBELET_MIN_GRACE_S = 2.0
 _VENV_BIN = Path(sys.executable).parent
 
 
@@ -69,7 +65,7 @@ def find_container(spec: Mapping[str, Any], name: str) -> tuple[dict[str, Any], 
     raise KeyError(f"no container named {name}")
 
 
-def probe_specs(container: Mapping[str, object]) -> dict[str, ProbeSpec]:
+def probe_specs(container: Mapping[str, Any]) -> dict[str, ProbeSpec]:
     ports = container.get("ports") or []
     assert isinstance(ports, list)
     found: dict[str, ProbeSpec] = {}
@@ -78,210 +74,6 @@ def probe_specs(container: Mapping[str, object]) -> dict[str, ProbeSpec]:
         if isinstance(probe, Mapping):
             found[kind] = ProbeSpec.from_manifest(kind, probe, ports)
     return found
-
-
-# ---- processes -------------------------------------------------------------------------------------------------------
-def netns_path(netns: str | Path | None) -> Path | None:
-    if netns is None:
-        return None
-    return Path(netns) if "/" in str(netns) else Path("/run/netns") / str(netns)
-
-
-@dataclass(frozen=True)
-class Identity:
-    """runAsUser / runAsGroup and the capability bounding set (None = leave as is)."""
-
-    uid: int = 0
-    gid: int = 0
-    capabilities: tuple[str, ...] | None = None
-
-    @classmethod
-    def of(cls, container: Mapping[str, object], pod_spec: Mapping[str, object], image_uid: int = 1337) -> Identity:
-        ctx = container.get("securityContext") or {}
-        pod_ctx = pod_spec.get("securityContext") or {}
-        assert isinstance(ctx, Mapping) and isinstance(pod_ctx, Mapping)
-        uid = int(str(ctx.get("runAsUser", pod_ctx.get("runAsUser", image_uid))))
-        gid = int(str(ctx.get("runAsGroup", pod_ctx.get("runAsGroup", uid))))
-        caps = ctx.get("capabilities") or {}
-        assert isinstance(caps, Mapping)
-        bounding: tuple[str, ...] | None = None
-        if "ALL" in (caps.get("drop") or []):
-            bounding = tuple(str(c).lower() for c in caps.get("add") or [])
-        return cls(uid, gid, bounding)
-
-    def setpriv(self) -> list[str]:
-        argv = ["setpriv"]
-        if self.uid or self.gid:
-            argv += [f"--reuid={self.uid}", f"--regid={self.gid}", "--clear-groups"]
-        if self.capabilities is not None:
-            caps = ",".join(["-all", *(f"+{c}" for c in self.capabilities)])
-            argv += [f"--bounding-set={caps}", f"--inh-caps={caps}"]
-        return [*argv, "--"]
-
-
-@dataclass(frozen=True)
-class Termination:
-    exit_code: int | None  # the container's exit code; None when it died of a signal
-    signal: int | None
-    killed: bool  # the harness had to SIGKILL it (the grace period ran out)
-    seconds: float  # from the start of termination (preStop included) to exit
-
-
-class ContainerProcess:
-    """One container's PID 1, in its own PID namespace, in the pod's network namespace."""
-
-    def __init__(
-        self,
-        *,
-        argv: Sequence[str],
-        env: Mapping[str, str],
-        cwd: Path,
-        identity: Identity,
-        netns: str | Path | None,
-        log_path: Path,
-    ) -> None:
-        self.argv = list(argv)
-        self.env = dict(env)
-        self.cwd = cwd
-        self.identity = identity
-        self.netns = netns_path(netns)
-        self.log_path = log_path
-        prefix = ["nsenter", f"--net={self.netns}"] if self.netns else []
-        # Each container has its own /dev/shm, as a container runtime gives it: Envoy's hot-restart shared memory
-        # (named after --base-id, 0 by default) must not meet another pod's on this machine.
-        own_shm = 'mount -t tmpfs -o mode=1777,size=64m shm /dev/shm && exec "$@"'
-        command = [
-            *prefix, "unshare", "--pid", "--fork", "--mount-proc",
-            "sh", "-c", own_shm, "sh", *identity.setpriv(), *self.argv,
-        ]  # fmt: skip
-        # The child keeps its own copy of the descriptor; the harness reads the file by path.
-        with log_path.open("ab") as log:
-            self._popen = subprocess.Popen(
-                command, env=self.env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
-            )
-        # Host pid of the container's PID 1; None when it was over before it could be seen (a quick init container).
-        self.pid1 = self._find_pid1()
-        self.pid_ns = self._read_pid_ns()
-        self._wait_for_exec()
-
-    def _find_pid1(self, timeout: float = 5.0) -> int | None:
-        deadline = time.monotonic() + timeout
-        pid = self._popen.pid
-        while time.monotonic() < deadline:
-            try:
-                children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-            except FileNotFoundError:
-                children = []
-            if children:
-                return int(children[0])
-            if self._popen.poll() is not None:
-                return None
-            time.sleep(0.005)
-        raise RuntimeError("unshare did not fork the container's PID 1")
-
-    def _wait_for_exec(self, timeout: float = 5.0) -> None:
-        """Return once PID 1 runs the container's command, not the harness's sh/setpriv wrappers before it."""
-        deadline = time.monotonic() + timeout
-        while self.pid1 is not None and time.monotonic() < deadline:
-            try:
-                cmdline = Path(f"/proc/{self.pid1}/cmdline").read_bytes()
-            except (FileNotFoundError, ProcessLookupError):
-                return
-            if not cmdline.startswith((b"unshare\0", b"nsenter\0", b"sh\0-c\0mount -t tmpfs", b"setpriv\0")):
-                return
-            time.sleep(0.002)
-
-    def _read_pid_ns(self) -> str | None:
-        if self.pid1 is None:
-            return None
-        try:
-            return os.readlink(f"/proc/{self.pid1}/ns/pid")
-        except FileNotFoundError:
-            return None
-
-    # ---- state ------------------------------------------------------------------------------------------------------
-    def running(self) -> bool:
-        return self._popen.poll() is None
-
-    def log_text(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-
-    def processes(self) -> list[int]:
-        """Host pids of every process in the container's PID namespace (PID 1 included)."""
-        found: list[int] = []
-        if self.pid_ns is None:
-            return found
-        for entry in Path("/proc").iterdir():
-            if entry.name.isdigit():
-                try:
-                    if os.readlink(entry / "ns" / "pid") == self.pid_ns:
-                        found.append(int(entry.name))
-                except OSError:
-                    continue
-        return found
-
-    def wait(self, timeout: float | None = None) -> int:
-        return self._popen.wait(timeout)
-
-    # ---- kubelet's actions ------------------------------------------------------------------------------------------
-    def signal(self, sig: int) -> None:
-        # To PID 1 itself: unshare's parent blocks SIGTERM/SIGINT and would not pass them on.
-        if self.pid1 is None or not self.running():
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(self.pid1, sig)
-
-    def exec(self, argv: Sequence[str], timeout: float) -> subprocess.CompletedProcess[bytes]:
-        """Run a command inside the container (an exec hook or `kubectl exec`): same namespaces, user and env."""
-        if self.pid1 is None or not self.running():
-            raise RuntimeError("the container is not running")
-        command = [
-            "nsenter",
-            f"--target={self.pid1}",
-            "--pid",
-            "--net",
-            "--mount",
-            *self.identity.setpriv(),
-            *argv,
-        ]
-        return subprocess.run(command, env=self.env, cwd=self.cwd, capture_output=True, timeout=timeout, check=False)
-
-    def terminate(
-        self, grace_s: float = 30.0, pre_stop: Sequence[str] | None = None, min_grace_s: float = KUBELET_MIN_GRACE_S
-    ) -> Termination:
-        """kubelet's killContainer: preStop (counted against the grace period), SIGTERM, wait, SIGKILL."""
-        start = time.monotonic()
-        if pre_stop is not None and self.running():
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.exec(pre_stop, timeout=grace_s)
-        remaining = max(grace_s - (time.monotonic() - start), min_grace_s)
-        self.signal(signal.SIGTERM)
-        killed = False
-        try:
-            self._popen.wait(timeout=remaining)
-        except subprocess.TimeoutExpired:
-            killed = True
-            self.signal(signal.SIGKILL)
-            self._popen.wait(timeout=10)
-        return self._termination(start, killed)
-
-    def kill(self) -> None:
-        if self.running():
-            self.signal(signal.SIGKILL)
-            self._popen.wait(timeout=10)
-
-    def _termination(self, start: float, killed: bool) -> Termination:
-        seconds = time.monotonic() - start
-        code = self._popen.returncode
-        if killed:
-            # unshare re-raises its child's fatal signal on itself, except SIGKILL, for which it exits 1.
-            return Termination(None, signal.SIGKILL, True, seconds)
-        if code < 0:
-            return Termination(None, -code, False, seconds)
-        return Termination(code, None, False, seconds)
 
 
 # ---- the pod ---------------------------------------------------------------------------------------------------------
@@ -311,8 +103,8 @@ class Pod:
 
     def __init__(
         self,
-        metadata: Mapping[str, object],
-        spec: Mapping[str, object],
+        metadata: Mapping[str, Any],
+        spec: Mapping[str, Any],
         *,
         identity: PodIdentity | None = None,
         netns: str | Path | None = None,
@@ -321,8 +113,8 @@ class Pod:
         images: Mapping[str, Image] | None = None,
         root: Path | None = None,
     ) -> None:
-        labels = dict(metadata.get("labels") or {})  # type: ignore[call-overload]
-        annotations = dict(metadata.get("annotations") or {})  # type: ignore[call-overload]
+        labels = dict(metadata.get("labels") or {})
+        annotations = dict(metadata.get("annotations") or {})
         self.identity = identity or PodIdentity(labels=labels, annotations=annotations)
         self.spec = spec
         self.netns = netns
@@ -360,12 +152,12 @@ class Pod:
     def _mount_volumes(self) -> None:
         mounts: dict[str, list[str]] = {}
         for key in ("initContainers", "containers"):
-            for container in self.spec.get(key) or []:  # type: ignore[attr-defined]
+            for container in self.spec.get(key) or []:
                 for mount in container.get("volumeMounts") or []:
                     if mount.get("subPath"):
                         raise NotImplementedError("subPath mounts are not reproduced by this harness")
                     mounts.setdefault(mount["name"], []).append(mount["mountPath"])
-        for volume in self.spec.get("volumes") or []:  # type: ignore[attr-defined]
+        for volume in self.spec.get("volumes") or []:
             paths = mounts.get(volume["name"], [])
             if not paths:
                 continue
@@ -378,7 +170,7 @@ class Pod:
                 if not alias.exists():
                     alias.symlink_to(target)
 
-    def _materialize(self, volume: Mapping[str, object], target: Path) -> None:
+    def _materialize(self, volume: Mapping[str, Any], target: Path) -> None:
         if "emptyDir" in volume:
             target.mkdir(parents=True, exist_ok=True)
             os.chmod(target, 0o777)  # kubelet creates emptyDir volumes world-writable
@@ -388,18 +180,18 @@ class Pod:
         writer.write(self._payload(volume))
         os.chmod(target, 0o755)
 
-    def _payload(self, volume: Mapping[str, object]) -> dict[str, FileProjection]:
+    def _payload(self, volume: Mapping[str, Any]) -> dict[str, FileProjection]:
         if "projected" in volume:
             payload: dict[str, FileProjection] = {}
-            for source in volume["projected"]["sources"]:  # type: ignore[index]
+            for source in volume["projected"]["sources"]:
                 payload.update(self._payload(source))
             return payload
         if "serviceAccountToken" in volume:
             token = volume["serviceAccountToken"]
             # A stand-in: no API server issues tokens here. Files only need to exist for the agent's readers.
-            return {str(token["path"]): FileProjection(b"not-a-real-service-account-token", 0o644)}  # type: ignore[index]
+            return {str(token["path"]): FileProjection(b"not-a-real-service-account-token", 0o644)}
         if "downwardAPI" in volume:
-            items = volume["downwardAPI"]["items"]  # type: ignore[index]
+            items = volume["downwardAPI"]["items"]
             return downward_api_payload(
                 items, self.identity.labels, self.identity.annotations, self._downward_fields(items)
             )
@@ -422,7 +214,7 @@ class Pod:
                 return {key: FileProjection(value, mode) for key, value in data.items()}
         raise NotImplementedError(f"volume type {sorted(volume)} is not reproduced by this harness")
 
-    def _downward_fields(self, items: Sequence[Mapping[str, object]]) -> dict[str, str]:
+    def _downward_fields(self, items: Sequence[Mapping[str, Any]]) -> dict[str, str]:
         fields: dict[str, str] = {}
         for item in items:
             ref = item.get("fieldRef")
@@ -460,13 +252,13 @@ class Pod:
 
     def _rewrite(self, selects: object) -> None:
         assert callable(selects)
-        for volume in self.spec.get("volumes") or []:  # type: ignore[attr-defined]
+        for volume in self.spec.get("volumes") or []:
             if selects(volume):
                 for writer in self._writers.get(volume["name"], []):
                     writer.write(self._payload(volume))
 
     # ---- containers -------------------------------------------------------------------------------------------------
-    def container_spec(self, name: str) -> dict[str, object]:
+    def container_spec(self, name: str) -> dict[str, Any]:
         return find_container(self.spec, name)[0]
 
     def image(self, name: str) -> Image:
@@ -499,9 +291,17 @@ class Pod:
             identity=Identity.of(container, self.spec, self.image(name).user),
             netns=self.netns,
             log_path=self.root / f"{name}.log",
+            read_only_root=bool((container.get("securityContext") or {}).get("readOnlyRootFilesystem")),
+            writable=self._writable_paths(container),
         )
         self.containers[name] = process
         return process
+
+    def _writable_paths(self, container: Mapping[str, Any]) -> list[Path]:
+        """The container's emptyDir mounts: what stays writable under readOnlyRootFilesystem."""
+        empty_dirs = {v["name"] for v in self.spec.get("volumes") or [] if "emptyDir" in v}
+        paths = [self.path(m["mountPath"]) for m in container.get("volumeMounts") or [] if m["name"] in empty_dirs]
+        return [p.resolve() for p in paths]
 
     def run_to_completion(self, name: str, timeout: float = 60.0) -> tuple[int, str]:
         """An init container: start, wait for exit; (exit code, its output)."""
@@ -568,11 +368,11 @@ class Pod:
         self.close()
 
 
-def _is_native_sidecar(container: Mapping[str, object]) -> bool:
+def _is_native_sidecar(container: Mapping[str, Any]) -> bool:
     return container.get("restartPolicy") == "Always"
 
 
-def iter_containers(spec: Mapping[str, object]) -> Iterator[tuple[dict[str, object], bool]]:
+def iter_containers(spec: Mapping[str, Any]) -> Iterator[tuple[dict[str, Any], bool]]:
     for key, init in (("initContainers", True), ("containers", False)):
-        for container in spec.get(key) or []:  # type: ignore[attr-defined]
+        for container in spec.get(key) or []:
             yield dict(container), init
