@@ -21,7 +21,8 @@ from typing import Any
 import yaml
 
 from agent.bootstrap import bootstrap_dependencies, render_bootstrap
-from agent.bootstrap.write import CERT_FILES, bootstrap_path, write_side_files
+from agent.bootstrap.render import template_path_of
+from agent.bootstrap.write import bootstrap_path, write_side_files
 from agent.config import AgentConfig, ProxyFlags, add_proxy_flags, flags_from_args, load_agent_config
 from agent.config.durations import parse_duration
 from agent.config.envvars import env_bool, env_int
@@ -81,21 +82,24 @@ def config_yaml(cfg: AgentConfig) -> str:
     return json.dumps(data, separators=(",", ":")) if data else ""
 
 
+# Kinds of file the agent itself reads to render the bootstrap: a change shows in the rendered bytes, so their
+# contents are not hashed into the desired state (a label Envoy never sees must not restart it).
+RENDER_INPUTS = frozenset({"annotations", "labels", "mesh", "template", "custom_config", "bootstrap_override"})
+
+
 def watch_files(cfg: AgentConfig, dependencies: list[Path]) -> dict[Path, str]:
+    """{path: kind} for every dependency: the render inputs by name, the rest (files Envoy reads) as `cert`."""
     kinds = {
         str(cfg.annotations_path): "annotations",
         str(cfg.labels_path): "labels",
         str(cfg.mesh_config_path): "mesh",
-        cfg.bootstrap_override: "bootstrap_override",
-        cfg.proxy.custom_config_file: "custom_config",
+        str(template_path_of(cfg)): "template",
     }
-    files: dict[Path, str] = {}
-    for path in dependencies:
-        kind = kinds.get(str(path))
-        if kind is None:
-            kind = "cert" if path.name in CERT_FILES or path.suffix in (".pem", ".crt", ".key") else "template"
-        files[path] = kind
-    return files
+    if cfg.bootstrap_override:
+        kinds[cfg.bootstrap_override] = "bootstrap_override"
+    if cfg.proxy.custom_config_file:
+        kinds[cfg.proxy.custom_config_file] = "custom_config"
+    return {path: kinds.get(str(path), "cert") for path in dependencies}
 
 
 def supervisor_settings(cfg: AgentConfig, binary: str) -> ProxySettings:
@@ -157,7 +161,10 @@ def render_desired_state(flags: ProxyFlags, environ: Mapping[str, str]) -> Desir
     cfg = load_agent_config(flags, environ)
     write_side_files(cfg)
     data = render_bootstrap(cfg)
-    deps = tuple((str(p), content_hash(p) or "") for p in bootstrap_dependencies(cfg))
+    # Envoy reads these files itself (certs, TLS files the bootstrap names): their contents are part of what it
+    # runs even though the bootstrap bytes stay the same.
+    files = watch_files(cfg, bootstrap_dependencies(cfg))
+    deps = tuple((str(p), content_hash(p) or "") for p, kind in files.items() if kind not in RENDER_INPUTS)
     return DesiredState(data, deps)
 
 

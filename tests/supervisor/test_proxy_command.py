@@ -1,0 +1,106 @@
+"""`pilot-agent proxy`: AgentConfig -> supervisor settings, and what goes into the desired state."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from agent.bootstrap import bootstrap_dependencies
+from agent.commands.proxy import render_desired_state, supervisor_settings, watch_files
+from agent.config import ProxyFlags, load_agent_config
+from agent.errors import ConfigError
+
+
+def env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    proxy_config = {"configPath": str(tmp_path / "proxy"), "drainDuration": "7s", "parentShutdownDuration": "9s"}
+    return {
+        "POD_NAME": "p",
+        "POD_NAMESPACE": "ns",
+        "INSTANCE_IP": "10.0.0.1",
+        "PROXY_CONFIG": json.dumps(proxy_config),
+        "ISTIO_META_TLS_SERVER_CERT_CHAIN": str(tmp_path / "certs" / "cert-chain.pem"),
+        **extra,
+    }
+
+
+@pytest.fixture(autouse=True)
+def in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # the downward-API and mesh paths are relative, as in Istio's image
+
+
+def test_settings_from_config(tmp_path: Path) -> None:
+    cfg = load_agent_config(ProxyFlags(proxy_type="router"), env(tmp_path, ENVOY_BASE_ID="12"))
+    settings = supervisor_settings(cfg, "/bin/envoy")
+    assert settings.launch.binary == "/bin/envoy"
+    assert settings.launch.drain_duration == 7 and settings.launch.parent_shutdown_duration == 9
+    assert settings.launch.hot_restart and settings.launch.base_id == 12
+    assert settings.launch.ip_version == "v4"
+    assert settings.drain.proxy_type == "router"
+    assert settings.supervision.restart_budget == 10 and not settings.supervision.exit_on_envoy_exit
+    assert settings.supervision.termination_log == Path("/dev/termination-log")
+
+
+def test_istio_mode_settings(tmp_path: Path) -> None:
+    extra = {"ENVOY_DISABLE_HOT_RESTART": "true", "ENVOY_RESTART_POLICY": "exit", "TERMINATION_LOG_PATH": ""}
+    cfg = load_agent_config(ProxyFlags(), env(tmp_path, **extra))
+    settings = supervisor_settings(cfg, "envoy")
+    assert not settings.launch.hot_restart
+    assert settings.launch.bootstrap_path(0).name == "envoy-rev.json"
+    assert settings.supervision.exit_on_envoy_exit
+    assert settings.supervision.termination_log is None
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("ENVOY_RESTART_POLICY", "sometimes"),
+        ("ENVOY_BASE_ID", "-1"),
+        ("ENVOY_RESTART_BUDGET", "ten"),
+        ("ENVOY_DISABLE_HOT_RESTART", "maybe"),
+        ("FILE_DEBOUNCE_DURATION", "soon"),
+        ("MINIMUM_DRAIN_DURATION", "-5s"),
+    ],
+)
+def test_bad_settings_name_the_variable(tmp_path: Path, name: str, value: str) -> None:
+    cfg = load_agent_config(ProxyFlags(), env(tmp_path, **{name: value}))
+    with pytest.raises(ConfigError) as info:
+        supervisor_settings(cfg, "envoy")
+    assert f"env {name}" in str(info.value)
+
+
+def test_bootstrap_override_becomes_config_yaml(tmp_path: Path) -> None:
+    override = tmp_path / "override.yaml"
+    override.write_text("node:\n  locality: {zone: $(HOST_IP)}\n")
+    cfg = load_agent_config(ProxyFlags(), env(tmp_path, ISTIO_BOOTSTRAP_OVERRIDE=str(override), HOST_IP="1.2.3.4"))
+    assert json.loads(supervisor_settings(cfg, "envoy").launch.config_yaml) == {
+        "node": {"locality": {"zone": "1.2.3.4"}}
+    }
+    override.write_text("node: [\n")
+    with pytest.raises(ConfigError) as info:
+        supervisor_settings(cfg, "envoy")
+    assert "ISTIO_BOOTSTRAP_OVERRIDE" in str(info.value)
+
+
+def test_desired_state_hashes_files_envoy_reads_not_render_inputs(tmp_path: Path) -> None:
+    environ = env(tmp_path)
+    cert = tmp_path / "certs" / "cert-chain.pem"
+    cert.parent.mkdir()
+    cert.write_text("one")
+    cfg = load_agent_config(ProxyFlags(), environ)
+    kinds = watch_files(cfg, bootstrap_dependencies(cfg))
+    assert kinds[cert] == "cert"
+    assert kinds[cfg.annotations_path] == "annotations"
+    assert kinds[cfg.mesh_config_path] == "mesh"
+    first = render_desired_state(ProxyFlags(), environ)
+    cert.write_text("two")
+    second = render_desired_state(ProxyFlags(), environ)
+    assert second.bootstrap == first.bootstrap and second.digest != first.digest
+    # A label change shows in the bootstrap (node metadata) and only there.
+    labels = tmp_path / "etc" / "istio" / "pod" / "labels"
+    labels.parent.mkdir(parents=True)
+    labels.write_text('app="demo"\n')
+    third = render_desired_state(ProxyFlags(), environ)
+    assert third.bootstrap != second.bootstrap
+    assert third.dependencies == second.dependencies
