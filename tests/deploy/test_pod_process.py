@@ -154,6 +154,7 @@ def test_pod_from_manifest_has_kubelets_volumes_env_and_argv(container: list[Con
         DEPLOY / "sidecar.yaml",
         identity=identity,
         configmaps={"istio-ca-root-cert": {"root-cert.pem": "-----BEGIN CERTIFICATE-----\n"}},
+        secrets={"istio.echo": {"cert-chain.pem": b"chain-1", "key.pem": b"key-1"}},
         images={"istio-proxy": Image(entrypoint=("sh", "-c"))},
     ) as pod:
         podinfo = pod.path("/etc/istio/pod")
@@ -178,3 +179,33 @@ def test_pod_from_manifest_has_kubelets_volumes_env_and_argv(container: list[Con
         pod.update_metadata(labels={"app": "echo-sidecar", "version": "v2"})
         assert os.readlink(podinfo / "..data") != before
         assert 'version="v2"' in (podinfo / "labels").read_text()
+        # A rotated Secret arrives the same way: one rename, both files of the new version at once.
+        certs = pod.path("/etc/certs")
+        assert (certs / "cert-chain.pem").read_bytes() == b"chain-1"
+        before = os.readlink(certs / "..data")
+        pod.update_secret("istio.echo", {"cert-chain.pem": b"chain-2", "key.pem": b"key-2"})
+        assert os.readlink(certs / "..data") != before
+        assert ((certs / "cert-chain.pem").read_bytes(), (certs / "key.pem").read_bytes()) == (b"chain-2", b"key-2")
+
+
+def test_pod_deletion_stops_app_containers_before_native_sidecars(container: list[ContainerProcess]) -> None:
+    loop = 'trap "echo $NAME >> ./order; exit 0" TERM; while :; do sleep 0.05; done'
+
+    def looping(name: str, **extra: object) -> dict[str, object]:
+        env = [{"name": "NAME", "value": name}]
+        return {"name": name, "command": ["sh", "-c", loop], "env": env, "securityContext": {"runAsUser": 0}, **extra}
+
+    spec = {
+        "initContainers": [looping("istio-proxy", restartPolicy="Always")],
+        "containers": [looping("app"), looping("worker")],
+        "terminationGracePeriodSeconds": 10,
+    }
+    with Pod({"labels": {"app": "x"}}, spec) as pod:
+        for name in ("istio-proxy", "app", "worker"):
+            container.append(pod.start(name))
+        time.sleep(0.3)  # the traps are installed
+        results = pod.delete()
+        assert {name: r.exit_code for name, r in results.items()} == {"istio-proxy": 0, "app": 0, "worker": 0}
+        order = (pod.root / "order").read_text().split()
+    assert sorted(order[:2]) == ["app", "worker"], "the app containers are stopped together, first"
+    assert order[2] == "istio-proxy", "the native sidecar only after them"
