@@ -88,6 +88,7 @@ class FamilyFilter:
     _decided: bool = True
     _pending: list[bytes] = field(default_factory=list)
     _started: bool = False
+    _meta_seen: set[bytes] = field(default_factory=set)
 
     def feed(self, lines: list[bytes], out: list[bytes]) -> None:
         sample_re = _OM_SAMPLE if self.openmetrics else _TEXT_SAMPLE
@@ -200,6 +201,11 @@ class FamilyFilter:
         if name != self._name:
             self.finish(out)
             self._new_family(name, out)
+        if keyword in self._meta_seen or (keyword == b"TYPE" and self._decided):
+            # A second HELP/TYPE for one family, or a TYPE after its samples: parsers reject the whole scrape.
+            self.invalid_lines += 1
+            return
+        self._meta_seen.add(keyword)
         if keyword == b"TYPE" and not self._decided:
             self._kind = b"untyped" if rest.strip() == b"unknown" else rest.strip()
             if line:
@@ -225,6 +231,7 @@ class FamilyFilter:
         return b"# TYPE " + name + b" " + kind
 
     def _new_family(self, name: bytes, out: list[bytes]) -> None:
+        self._meta_seen = set()
         self._name = name
         self._kind = None
         self._decided = False

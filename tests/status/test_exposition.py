@@ -116,3 +116,13 @@ def test_any_mix_of_real_exporters_merges_into_one_valid_exposition(
     list(text_string_to_metric_families(body.decode()))
     result = subprocess.run(["promtool", "check", "metrics"], input=body, capture_output=True, check=False)
     assert "error while linting" not in result.stderr.decode(), (body, result.stderr)
+
+
+def test_repeated_metadata_and_late_type_lines_are_dropped() -> None:
+    source = (
+        b"# HELP a x\n# HELP a y\n# TYPE a gauge\n# TYPE a counter\na 1\n# TYPE b gauge\nb 1\nc 2\n# TYPE c gauge\n"
+    )
+    body = run_filter([source], openmetrics=False)
+    assert body == b"# HELP a x\n# TYPE a gauge\na 1\n# TYPE b gauge\nb 1\nc 2\n"
+    result = subprocess.run(["promtool", "check", "metrics"], input=body, capture_output=True, check=False)
+    assert "error while linting" not in result.stderr.decode()

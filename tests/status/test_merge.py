@@ -7,6 +7,8 @@ import socket
 import subprocess
 import threading
 import time
+import tracemalloc
+from pathlib import Path
 
 import pytest
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -15,7 +17,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from agent.status.settings import ScrapeTarget
 from tests.status.conftest import exporter, raw_http_server, running_agent, settings_for
-from tests.status.envoy_stack import EnvoyStack
+from tests.status.envoy_stack import EnvoyStack, envoy_stack
+from tests.support.envoy import free_port
 
 pytestmark = pytest.mark.envoy
 
@@ -236,3 +239,38 @@ async def test_localhost_only_metrics_refuse_other_peers(stack: EnvoyStack) -> N
     async with running_agent(settings_for(stack, metrics_localhost_only=True)) as agent:
         status, _, _ = await agent.get("/stats/prometheus")
     assert status == 200
+
+
+@pytest.mark.parametrize("lines", [100_000, 200_000])
+async def test_a_100k_line_source_is_streamed_not_buffered(stack: EnvoyStack, lines: int) -> None:
+    """Python allocations while merging a 5-10 MB application body stay under 2 MiB, whatever the body's size."""
+    payload = b"".join(b'big_family_%d{pod="pod-%d",shard="%d"} %d\n' % (i // 100, i, i % 7, i) for i in range(lines))
+    with raw_http_server(_fixed_app(payload)) as app_port:
+        settings = settings_for(stack, scrape_targets=(ScrapeTarget(app_port, "/metrics"),))
+        async with running_agent(settings) as agent:
+            await agent.get("/metrics")  # warm: connection pools, regex caches
+            tracemalloc.start()
+            try:
+                received = 0
+                async with agent.session.get(agent.base + "/metrics") as response:
+                    async for chunk in response.content.iter_chunked(65536):
+                        received += len(chunk)
+                _, peak = tracemalloc.get_traced_memory()
+            finally:
+                tracemalloc.stop()
+            assert agent.failures("application") == 0
+    assert received > len(payload)
+    assert peak < 2 * 2**20, f"peak {peak} bytes while merging a {len(payload)}-byte source"
+
+
+async def test_envoy_killed_between_scrapes_is_counted(tmp_path: Path) -> None:
+    agent_port = free_port()
+    with envoy_stack(tmp_path, agent_port) as doomed:
+        async with running_agent(settings_for(doomed)) as agent:
+            assert b"\nenvoy_server_live" in (await agent.get("/stats/prometheus"))[1]
+            doomed.process.kill()
+            doomed.process.wait()
+            status, body, _ = await agent.get("/stats/prometheus")
+            assert status == 200 and agent.failures("envoy") == 1
+    check_valid(body)
+    assert b"\nenvoy_" not in body and b"istio_agent_scrapes_total 2.0" in body
