@@ -76,6 +76,14 @@ def test_no_control_plane_pod_starts_serves_through_envoy_and_stops_cleanly(dele
                     assert probes.wait_for(lambda p: p.ready, timeout=60), proxy.log_text()[-4000:]
                     ready_after = time.monotonic() - started
                     assert probes.started
+                    # The agent is the container's PID 1; Envoy runs under it as 1337 (what capture exempts).
+                    assert proxy.pid1 is not None
+                    assert proxy.pid_in_namespace(proxy.pid1) == 1
+                    assert b"pilot-agent" in Path(f"/proc/{proxy.pid1}/cmdline").read_bytes()
+                    envoys = proxy.named("envoy")
+                    assert len(envoys) == 1
+                    assert proxy.uid_of(envoys[0]) == 1337
+                    assert proxy.uid_of(proxy.pid1) == 1337
 
                     # 4. A client reaches the app on its own port: captured to 15006, Envoy, then 127.0.0.1:8080.
                     reply = net.http_get(f"http://{net.pod_ip}:8080/hello")

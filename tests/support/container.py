@@ -174,6 +174,31 @@ class ContainerProcess:
                     continue
         return found
 
+    def named(self, comm: str) -> list[int]:
+        """Host pids of the container's processes whose name (/proc/PID/comm) is `comm`, e.g. "envoy"."""
+        found = []
+        for pid in self.processes():
+            with contextlib.suppress(OSError):
+                if Path(f"/proc/{pid}/comm").read_text().strip() == comm:
+                    found.append(pid)
+        return found
+
+    @staticmethod
+    def uid_of(pid: int) -> int:
+        """The real uid of a process (the first field of `Uid:` in /proc/PID/status)."""
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("Uid:"):
+                return int(line.split()[1])
+        raise ValueError(f"no Uid line for pid {pid}")
+
+    @staticmethod
+    def pid_in_namespace(pid: int) -> int:
+        """The pid as the container sees it (the last field of `NSpid:`)."""
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("NSpid:"):
+                return int(line.split()[-1])
+        raise ValueError(f"no NSpid line for pid {pid}")
+
     def wait(self, timeout: float | None = None) -> int:
         return self._popen.wait(timeout)
 
