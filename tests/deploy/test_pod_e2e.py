@@ -5,7 +5,8 @@ istio-init container run to completion (real iptables); the app (the netns harne
 agnhost image); the manifest's istio-proxy container as PID 1 of its own PID namespace, uid 1337, with kubelet's
 downward-API and ConfigMap volumes; kubelet's startup and readiness probes from the node side; a client request
 captured into Envoy; then pod deletion: SIGTERM, the agent drains and exits 0 within the grace period, and nothing
-is left in the PID namespace.
+is left in the PID namespace. And a bad annotation, delivered as kubelet delivers annotation changes, is refused
+while Envoy keeps serving.
 """
 
 from __future__ import annotations
@@ -137,3 +138,48 @@ def test_no_control_plane_pod_starts_serves_through_envoy_and_stops_cleanly(dele
             assert proxy.processes() == [], "Envoy and every other process died with the agent"
     # Reported, not asserted: timing goals belong in benchmarks.
     print(f"{deletion}: istio-proxy start -> kubelet Ready {ready_after:.2f}s, termination {termination.seconds:.2f}s")
+
+
+def test_a_bad_annotation_is_refused_while_the_running_envoy_keeps_serving() -> None:
+    """The pod's proxy.istio.io/config annotation is edited into something that cannot render: kubelet rewrites the
+    downward-API file (..data swap), the agent sees it, refuses it (log, istio_agent_config_errors), and the Envoy
+    that is running keeps serving and stays ready."""
+    require_root()
+    docs = load_documents(DEPLOY / "no-control-plane.yaml")
+    configmap = next(d for d in docs if d["kind"] == "ConfigMap")
+    meta, spec = pod_template(next(d for d in docs if d["kind"] == "Deployment"))
+    with pod_network("dep") as net:
+        identity = PodIdentity(
+            labels=dict(meta["labels"]), annotations=dict(meta["annotations"]), pod_ip=net.pod_ip, host_ip=net.client_ip
+        )
+        configmaps = {configmap["metadata"]["name"]: configmap["data"]}
+        with Pod(meta, spec, identity=identity, netns=net.pod_ns, configmaps=configmaps) as pod:
+            assert pod.run_to_completion("istio-init")[0] == 0
+            with net.app([8080]):
+                proxy = pod.start(
+                    "istio-proxy", env_overrides={"ISTIO_LOCAL_XDS_DIR": str(pod.path("/etc/istio/local-xds"))}
+                )
+                with pod.probes("istio-proxy", netns=net.client_ns) as probes:
+                    assert probes.wait_for(lambda p: p.ready, timeout=60), proxy.log_text()[-4000:]
+                    envoys = proxy.named("envoy")
+                    assert net.http_get(f"http://{net.pod_ip}:8080/").status == 200
+
+                    bad = {**identity.annotations, "proxy.istio.io/config": "concurrency: [not, a, number]\n"}
+                    pod.update_metadata(annotations=bad)
+
+                    def refused() -> bool:
+                        metrics = net.http_get(f"http://{net.pod_ip}:15020/stats/prometheus").body
+                        return any(
+                            line.startswith("istio_agent_config_errors_total") and not line.rstrip().endswith(" 0.0")
+                            for line in metrics.splitlines()
+                        )
+
+                    wait_until(refused, timeout=20)
+                    errors = [ln for ln in proxy.log_text().splitlines() if "\terror\t" in ln]
+                    assert any("annotations" in ln and "proxy.istio.io/config" in ln for ln in errors), errors
+                    # Still the same Envoy, still serving, still ready.
+                    assert proxy.named("envoy") == envoys
+                    assert net.http_get(f"http://{net.pod_ip}:8080/").status == 200
+                    assert probes.ready
+                termination = pod.delete(grace_s=10)["istio-proxy"]
+            assert termination.exit_code == 0, proxy.log_text()[-4000:]
