@@ -31,6 +31,9 @@ class NotReady(Exception):
 
 
 class Probe(Protocol):
+    # True once the fact held: it is remembered (until forget()), so no further admin request is needed.
+    passed: bool
+
     async def check(self) -> None:
         """Return when this fact holds; raise NotReady(reason) otherwise."""
 
@@ -120,6 +123,10 @@ class Readiness:
 
     async def check(self) -> str | None:
         """None when ready, else the reason. Concurrent callers share one evaluation."""
+        if self.lifecycle.not_ready_reason() is None and all(probe.passed for probe in self.probes):
+            # Hot path of every kubelet probe once ready: nothing to ask Envoy, no task to create.
+            self._record(None)
+            return None
         if self._inflight is None or self._inflight.done():
             self._inflight = asyncio.ensure_future(self._evaluate())
         # shield: one prober hanging up must not cancel the check the others are waiting for.
