@@ -1,0 +1,168 @@
+"""The agent's DEFAULT bootstrap (ADS over `<configPath>/XDS`) takes a real Envoy to LIVE against a control plane.
+
+No istiod can run here, so `tests/support/fake_istiod.py` (a fake ADS server) stands in for it on the pipe the
+bootstrap's `xds-grpc` cluster names; the bootstrap (rendered by agent/bootstrap exactly as `pilot-agent proxy
+sidecar` renders it for a pod) and Envoy are real. Both of Istio's ADS flavours: delta (the default,
+ISTIO_DELTA_XDS=true) and state of the world (ISTIO_DELTA_XDS=false).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent.bootstrap import render_bootstrap, write_bootstrap
+from tests.bootstrap.test_envoy import load, moved_env, moved_ports
+from tests.support.envoy import free_port, http_get, running_envoy, wait_until
+from tests.support.fake_istiod import CLUSTER, LISTENER, FakeIstiod, cluster, listener
+
+pytestmark = pytest.mark.envoy
+
+PROTOCOLS = {"delta": {}, "sotw": {"ISTIO_DELTA_XDS": "false"}}
+_HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
+_ROUTER = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
+
+
+@dataclass(frozen=True)
+class Live:
+    istiod: FakeIstiod
+    bootstrap: dict[str, Any]
+    admin_port: int
+
+    def stat(self, name: str) -> int:
+        body = http_get(f"http://127.0.0.1:{self.admin_port}/stats?filter=^{name}$")[1].decode()
+        values = [int(line.split(":")[1]) for line in body.splitlines() if line.startswith(f"{name}:")]
+        return values[0] if values else 0
+
+
+def xds_socket(bootstrap: dict[str, Any]) -> Path:
+    """Where the rendered `xds-grpc` cluster tells Envoy to find istiod (in Istio: the agent's XDS proxy)."""
+    (xds,) = [c for c in bootstrap["static_resources"]["clusters"] if c["name"] == "xds-grpc"]
+    (endpoint,) = xds["load_assignment"]["endpoints"][0]["lb_endpoints"]
+    return Path(endpoint["endpoint"]["address"]["pipe"]["path"])
+
+
+@contextmanager
+def live_default_bootstrap(tmp_path: Path, protocol: str) -> Iterator[Live]:
+    """Render the default sidecar bootstrap (Istio's ports moved to free ones), serve it empty CDS/LDS from the
+    fake istiod, run the real Envoy on it and wait for admin /ready to say LIVE."""
+    ports = moved_ports()
+    env = {**moved_env(tmp_path, ports), **PROTOCOLS[protocol]}
+    cfg = load(tmp_path, env)
+    path = write_bootstrap(cfg, render_bootstrap(cfg))
+    bootstrap = json.loads(path.read_text())
+    socket = xds_socket(bootstrap)
+    assert socket == tmp_path / "proxy" / "XDS"
+    with FakeIstiod(socket) as istiod, running_envoy(path, ports["admin"]):
+        yield Live(istiod, bootstrap, ports["admin"])
+
+
+def demo_listener(name: str, port: int, body: str) -> Any:
+    route = {"match": {"prefix": "/"}, "direct_response": {"status": 200, "body": {"inline_string": body}}}
+    return listener(
+        {
+            "name": name,
+            "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
+            "filter_chains": [
+                {
+                    "filters": [
+                        {
+                            "name": "envoy.filters.network.http_connection_manager",
+                            "typed_config": {
+                                "@type": _HCM,
+                                "stat_prefix": name,
+                                "route_config": {"virtual_hosts": [{"name": "v", "domains": ["*"], "routes": [route]}]},
+                                "http_filters": [
+                                    {"name": "envoy.filters.http.router", "typed_config": {"@type": _ROUTER}}
+                                ],
+                            },
+                        }
+                    ]
+                }
+            ],
+        }
+    )
+
+
+def broken_listener(name: str, port: int) -> Any:
+    """Valid protobuf, invalid Envoy config: a network filter whose typed_config is a type no filter registers."""
+    bogus = {"@type": "type.googleapis.com/envoy.config.cluster.v3.Cluster", "name": "not-a-filter"}
+    return listener(
+        {
+            "name": name,
+            "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
+            "filter_chains": [{"filters": [{"name": "bogus", "typed_config": bogus}]}],
+        }
+    )
+
+
+def static_cluster(name: str, port: int) -> Any:
+    endpoint = {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": port}}}}
+    return cluster(
+        {
+            "name": name,
+            "type": "STATIC",
+            "connect_timeout": "1s",
+            "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [endpoint]}]},
+        }
+    )
+
+
+@pytest.mark.parametrize("protocol", sorted(PROTOCOLS))
+def test_default_bootstrap_goes_live_and_istiod_sees_the_rendered_node(tmp_path: Path, protocol: str) -> None:
+    with live_default_bootstrap(tmp_path, protocol) as live:
+        istiod = live.istiod
+        assert istiod.protocols == [protocol]
+        # Empty CDS and LDS were enough: LIVE means Envoy accepted both (initial_fetch_timeout 0s waits forever).
+        assert istiod.acked(CLUSTER) and istiod.acked(LISTENER)
+        assert istiod.nacks(CLUSTER) == istiod.nacks(LISTENER) == []
+        # set_node_on_first_message_only: exactly one node, the one the agent rendered.
+        (node,) = istiod.nodes
+        rendered = live.bootstrap["node"]
+        assert node.id == "sidecar~10.244.0.7~reviews-v1-6d8f.default~default.svc.cluster.local" == rendered["id"]
+        assert node.cluster == "reviews.default" == rendered["cluster"]
+        assert node.metadata["NAMESPACE"] == "default"
+        assert node.metadata["LABELS"] == {"app": "reviews", "version": "v1"}
+        assert node.metadata["SERVICE_ACCOUNT"] == "bookinfo-reviews"
+        assert node.metadata == rendered["metadata"]  # everything istiod uses to pick this proxy's config
+
+
+@pytest.mark.parametrize("protocol", sorted(PROTOCOLS))
+def test_listener_and_cluster_pushed_by_istiod_serve_traffic(tmp_path: Path, protocol: str) -> None:
+    port, upstream = free_port(), free_port()
+    with live_default_bootstrap(tmp_path, protocol) as live:
+        live.istiod.set_resources(CLUSTER, [static_cluster("outbound|9080||demo", upstream)])
+        live.istiod.set_resources(LISTENER, [demo_listener("demo", port, "pushed by istiod")])
+        wait_until(lambda: http_get(f"http://127.0.0.1:{port}/") == (200, b"pushed by istiod"))
+        wait_until(lambda: live.istiod.acked(LISTENER) and live.istiod.acked(CLUSTER))
+        clusters = http_get(f"http://127.0.0.1:{live.admin_port}/clusters")[1].decode()
+        assert f"outbound|9080||demo::127.0.0.1:{upstream}" in clusters
+
+        # A second push replaces the first: the listener's new body is served without a restart.
+        live.istiod.set_resources(LISTENER, [demo_listener("demo", port, "second push")])
+        wait_until(lambda: http_get(f"http://127.0.0.1:{port}/") == (200, b"second push"))
+
+
+@pytest.mark.parametrize("protocol", sorted(PROTOCOLS))
+def test_invalid_listener_is_nacked_and_counted_as_rejected(tmp_path: Path, protocol: str) -> None:
+    port, bad_port = free_port(), free_port()
+    with live_default_bootstrap(tmp_path, protocol) as live:
+        live.istiod.set_resources(LISTENER, [demo_listener("demo", port, "good")])
+        wait_until(lambda: live.istiod.acked(LISTENER))
+        assert live.stat("listener_manager.lds.update_rejected") == 0
+
+        live.istiod.set_resources(LISTENER, [demo_listener("demo", port, "good"), broken_listener("bad", bad_port)])
+        wait_until(lambda: live.istiod.nacks(LISTENER) != [])
+        (nack,) = live.istiod.nacks(LISTENER)
+        assert nack.protocol == protocol and "envoy.config.cluster.v3.Cluster" in nack.error, nack.error
+        assert not live.istiod.acked(LISTENER)
+        wait_until(lambda: live.stat("listener_manager.lds.update_rejected") == 1)
+        # The rejected update did not take Envoy down or the good listener away.
+        assert http_get(f"http://127.0.0.1:{port}/") == (200, b"good")
+        assert http_get(f"http://127.0.0.1:{live.admin_port}/ready") == (200, b"LIVE\n")

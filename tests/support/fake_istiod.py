@@ -1,0 +1,292 @@
+"""A FAKE istiod for tests: a minimal ADS server on a unix socket, speaking to a real Envoy.
+
+This is a fake, standing in for istiod only because no control plane can run here (no istiod, no Kubernetes).
+Everything on the other side of it is real: the agent's rendered default bootstrap, the real Envoy, the agent's
+status port. In Istio, Envoy's `xds-grpc` cluster is a pipe at `<configPath>/XDS` where the agent's XDS proxy
+listens and forwards to istiod; here the fake listens on that pipe itself.
+
+What it does:
+- serves `envoy.service.discovery.v3.AggregatedDiscoveryService`, both StreamAggregatedResources (state of the
+  world, `ISTIO_DELTA_XDS=false`) and DeltaAggregatedResources (incremental, Istio's default);
+- answers every type URL Envoy subscribes to: the configured resources of that type (default: none, i.e. empty
+  CDS and LDS), so Envoy's initialization never waits on a type the test did not think of;
+- `hold=True` withholds every response until `release()`: Envoy connected but "istiod has not answered yet";
+- records the node Envoy sent (id, cluster, metadata: what istiod would see), and every ACK and NACK per type;
+- `set_resources()` replaces a type's resources and pushes them to every open stream (an istiod config push).
+
+It is not istiod: no ordering of CDS before LDS, no EDS/RDS semantics beyond answering by name, no debouncing.
+"""
+
+from __future__ import annotations
+
+import itertools
+import queue
+import threading
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from concurrent import futures
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.listener.v3 import listener_pb2
+
+# Imported so JSON resources may name these types in `@type` (json_format resolves Any by the descriptor pool).
+from envoy.extensions.filters.http.router.v3 import router_pb2  # noqa: F401
+from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2  # noqa: F401
+from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
+from google.protobuf import any_pb2, json_format
+
+LISTENER = "type.googleapis.com/envoy.config.listener.v3.Listener"
+CLUSTER = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
+ROUTE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
+ENDPOINT = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
+SECRET = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
+
+_END = object()  # wakes a stream's sender when the stream or the server ends
+
+
+@dataclass(frozen=True)
+class SeenNode:
+    """The node Envoy identified itself with, as istiod would see it."""
+
+    id: str
+    cluster: str
+    metadata: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Reply:
+    """Envoy's answer to one response: an ACK (accepted) or a NACK (rejected, with Envoy's error message)."""
+
+    protocol: str  # "sotw" or "delta"
+    type_url: str
+    nonce: str
+    version: str
+    accepted: bool
+    error: str
+
+
+@dataclass(frozen=True)
+class _Resource:
+    name: str
+    version: str
+    body: Any  # google.protobuf.Any
+
+
+def listener(config: Mapping[str, Any]) -> Any:
+    """An Envoy v3 Listener from its JSON/YAML form (the shape of an LDS resource, without `@type`)."""
+    return json_format.ParseDict(dict(config), listener_pb2.Listener())
+
+
+def cluster(config: Mapping[str, Any]) -> Any:
+    """An Envoy v3 Cluster from its JSON/YAML form."""
+    return json_format.ParseDict(dict(config), cluster_pb2.Cluster())
+
+
+@dataclass
+class _Stream:
+    protocol: str
+    outbox: queue.Queue[object] = field(default_factory=queue.Queue)
+    subscribed: set[str] = field(default_factory=set)
+    pending: set[str] = field(default_factory=set)  # subscribed while held: answered at release()
+    last_nonce: dict[str, str] = field(default_factory=dict)
+    last_version: dict[str, str] = field(default_factory=dict)
+    sent_names: dict[str, set[str]] = field(default_factory=dict)  # delta: what Envoy holds, for removals
+
+
+class FakeIstiod:
+    """Use as a context manager: `with FakeIstiod(config_path / "XDS") as istiod: ...`."""
+
+    def __init__(self, socket_path: Path, resources: Mapping[str, Sequence[Any]] | None = None, *, hold: bool = False):
+        # sun_path is 108 bytes; a longer path would fail inside grpc with a less obvious message.
+        assert len(str(socket_path)) < 100, f"unix socket path too long: {socket_path}"
+        self.socket_path = socket_path
+        self._lock = threading.Lock()
+        self._nonces = itertools.count(1)
+        self._versions: dict[str, int] = {}  # per type URL; a type never set is served empty at version 0
+        self._resources: dict[str, list[_Resource]] = {}
+        for type_url, items in (resources or {}).items():
+            self._versions[type_url] = 1
+            self._resources[type_url] = self._pack(items, "1")
+        self._held = hold
+        self._streams: list[_Stream] = []
+        self._nodes: list[SeenNode] = []
+        self._replies: list[Reply] = []
+        self._server: Any = None
+
+    # -- lifecycle -------------------------------------------------------------------------------------------
+
+    def __enter__(self) -> FakeIstiod:
+        self.socket_path.parent.mkdir(parents=True, exist_ok=True)
+        self.socket_path.unlink(missing_ok=True)
+        # A stream takes two threads (sender, request reader); Envoy opens one ADS stream at a time.
+        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
+        ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(self, self._server)
+        bound = self._server.add_insecure_port(f"unix:{self.socket_path}")
+        assert bound, f"could not listen on unix:{self.socket_path}"
+        self._server.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        with self._lock:
+            streams = list(self._streams)
+        for stream in streams:
+            stream.outbox.put(_END)
+        self._server.stop(grace=None).wait(5)
+        self.socket_path.unlink(missing_ok=True)
+
+    # -- what tests drive ------------------------------------------------------------------------------------
+
+    def release(self) -> None:
+        """Stop withholding: answer every subscription made so far, and every later one at once."""
+        with self._lock:
+            self._held = False
+            for stream in self._streams:
+                for type_url in sorted(stream.pending):
+                    self._send(stream, type_url)
+                stream.pending.clear()
+
+    def set_resources(self, type_url: str, items: Iterable[Any]) -> None:
+        """Replace the resources of a type (protos or google.protobuf.Any) and push them to every open stream."""
+        with self._lock:
+            version = self._versions.get(type_url, 0) + 1
+            self._versions[type_url] = version
+            self._resources[type_url] = self._pack(items, str(version))
+            if self._held:
+                return
+            for stream in self._streams:
+                if type_url in stream.subscribed:
+                    self._send(stream, type_url)
+
+    # -- what tests read -------------------------------------------------------------------------------------
+
+    @property
+    def nodes(self) -> list[SeenNode]:
+        with self._lock:
+            return list(self._nodes)
+
+    @property
+    def protocols(self) -> list[str]:
+        """The protocol of every stream Envoy opened, in order."""
+        with self._lock:
+            return [stream.protocol for stream in self._streams]
+
+    def replies(self, type_url: str | None = None) -> list[Reply]:
+        with self._lock:
+            return [r for r in self._replies if type_url is None or r.type_url == type_url]
+
+    def acked(self, type_url: str) -> bool:
+        """Envoy ACKed the current version of `type_url` (what the last set_resources, or the start, gave it)."""
+        with self._lock:
+            version = str(self._versions.get(type_url, 0))
+            return any(r.accepted and r.version == version for r in self._replies if r.type_url == type_url)
+
+    def nacks(self, type_url: str) -> list[Reply]:
+        return [r for r in self.replies(type_url) if not r.accepted]
+
+    # -- the gRPC service (called by grpc's threads) ---------------------------------------------------------
+
+    def StreamAggregatedResources(self, request_iterator: Iterator[Any], context: Any) -> Iterator[Any]:
+        return self._serve("sotw", request_iterator, context)
+
+    def DeltaAggregatedResources(self, request_iterator: Iterator[Any], context: Any) -> Iterator[Any]:
+        return self._serve("delta", request_iterator, context)
+
+    def _serve(self, protocol: str, requests: Iterator[Any], context: Any) -> Iterator[Any]:
+        stream = _Stream(protocol)
+        with self._lock:
+            self._streams.append(stream)
+        context.add_callback(lambda: stream.outbox.put(_END))
+        reader = threading.Thread(target=self._read, args=(stream, requests), daemon=True)
+        reader.start()
+        while True:
+            item = stream.outbox.get()
+            if item is _END:
+                return
+            yield item
+
+    def _read(self, stream: _Stream, requests: Iterator[Any]) -> None:
+        try:
+            for request in requests:
+                with self._lock:
+                    self._on_request(stream, request)
+        except grpc.RpcError:
+            pass  # Envoy went away or the server is stopping
+        finally:
+            stream.outbox.put(_END)
+
+    def _on_request(self, stream: _Stream, request: Any) -> None:
+        if request.HasField("node"):
+            metadata = json_format.MessageToDict(request.node.metadata) if request.node.HasField("metadata") else {}
+            self._nodes.append(SeenNode(request.node.id, request.node.cluster, metadata))
+        type_url = request.type_url
+        nonce = request.response_nonce
+        if nonce:
+            if nonce != stream.last_nonce.get(type_url):
+                return  # a reply to a response already superseded: xDS says ignore it
+            failed = request.HasField("error_detail")
+            self._replies.append(
+                Reply(
+                    stream.protocol,
+                    type_url,
+                    nonce,
+                    stream.last_version[type_url],
+                    accepted=not failed,
+                    error=request.error_detail.message if failed else "",
+                )
+            )
+            # A delta request may also change the subscription; a SotW ACK/NACK changes nothing here.
+            if stream.protocol == "sotw" or not request.resource_names_subscribe:
+                return
+        stream.subscribed.add(type_url)
+        if self._held:
+            stream.pending.add(type_url)
+        else:
+            self._send(stream, type_url)
+
+    def _send(self, stream: _Stream, type_url: str) -> None:
+        resources = self._resources.get(type_url, [])
+        nonce = str(next(self._nonces))
+        version = str(self._versions.get(type_url, 0))
+        stream.last_nonce[type_url] = nonce
+        stream.last_version[type_url] = version
+        if stream.protocol == "sotw":
+            response = discovery_pb2.DiscoveryResponse(
+                version_info=version, type_url=type_url, nonce=nonce, resources=[r.body for r in resources]
+            )
+        else:
+            names = {r.name for r in resources}
+            removed = sorted(stream.sent_names.get(type_url, set()) - names)
+            stream.sent_names[type_url] = names
+            response = discovery_pb2.DeltaDiscoveryResponse(
+                system_version_info=version,
+                type_url=type_url,
+                nonce=nonce,
+                removed_resources=removed,
+                resources=[discovery_pb2.Resource(name=r.name, version=r.version, resource=r.body) for r in resources],
+            )
+        stream.outbox.put(response)
+
+    @staticmethod
+    def _pack(items: Iterable[Any], version: str) -> list[_Resource]:
+        packed = []
+        for item in items:
+            body = item if isinstance(item, any_pb2.Any) else _to_any(item)
+            packed.append(_Resource(_name_of(body), version, body))
+        return packed
+
+
+def _to_any(message: Any) -> Any:
+    body = any_pb2.Any()
+    body.Pack(message)
+    return body
+
+
+def _name_of(body: Any) -> str:
+    # Every xDS resource type this fake serves names itself in a `name` (or `cluster_name`) field.
+    message = json_format.MessageToDict(body)
+    name = message.get("name", message.get("clusterName"))
+    assert isinstance(name, str) and name, f"resource of {body.type_url} has no name"
+    return name
