@@ -20,13 +20,18 @@ import pytest
 from agent.bootstrap import render_bootstrap, write_bootstrap
 from tests.bootstrap.test_envoy import load, moved_env, moved_ports
 from tests.support.envoy import free_port, http_get, running_envoy, wait_until
-from tests.support.fake_istiod import CLUSTER, LISTENER, FakeIstiod, cluster, listener
+from tests.support.fake_istiod import (
+    CLUSTER,
+    LISTENER,
+    FakeIstiod,
+    broken_listener,
+    demo_listener,
+    static_cluster,
+)
 
 pytestmark = pytest.mark.envoy
 
 PROTOCOLS = {"delta": {}, "sotw": {"ISTIO_DELTA_XDS": "false"}}
-_HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
-_ROUTER = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
 
 
 @dataclass(frozen=True)
@@ -63,57 +68,6 @@ def live_default_bootstrap(tmp_path: Path, protocol: str) -> Iterator[Live]:
         yield Live(istiod, bootstrap, ports["admin"])
 
 
-def demo_listener(name: str, port: int, body: str) -> Any:
-    route = {"match": {"prefix": "/"}, "direct_response": {"status": 200, "body": {"inline_string": body}}}
-    return listener(
-        {
-            "name": name,
-            "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
-            "filter_chains": [
-                {
-                    "filters": [
-                        {
-                            "name": "envoy.filters.network.http_connection_manager",
-                            "typed_config": {
-                                "@type": _HCM,
-                                "stat_prefix": name,
-                                "route_config": {"virtual_hosts": [{"name": "v", "domains": ["*"], "routes": [route]}]},
-                                "http_filters": [
-                                    {"name": "envoy.filters.http.router", "typed_config": {"@type": _ROUTER}}
-                                ],
-                            },
-                        }
-                    ]
-                }
-            ],
-        }
-    )
-
-
-def broken_listener(name: str, port: int) -> Any:
-    """Valid protobuf, invalid Envoy config: a network filter whose typed_config is a type no filter registers."""
-    bogus = {"@type": "type.googleapis.com/envoy.config.cluster.v3.Cluster", "name": "not-a-filter"}
-    return listener(
-        {
-            "name": name,
-            "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
-            "filter_chains": [{"filters": [{"name": "bogus", "typed_config": bogus}]}],
-        }
-    )
-
-
-def static_cluster(name: str, port: int) -> Any:
-    endpoint = {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": port}}}}
-    return cluster(
-        {
-            "name": name,
-            "type": "STATIC",
-            "connect_timeout": "1s",
-            "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [endpoint]}]},
-        }
-    )
-
-
 @pytest.mark.parametrize("protocol", sorted(PROTOCOLS))
 def test_default_bootstrap_goes_live_and_istiod_sees_the_rendered_node(tmp_path: Path, protocol: str) -> None:
     with live_default_bootstrap(tmp_path, protocol) as live:
@@ -147,6 +101,19 @@ def test_listener_and_cluster_pushed_by_istiod_serve_traffic(tmp_path: Path, pro
         # A second push replaces the first: the listener's new body is served without a restart.
         live.istiod.set_resources(LISTENER, [demo_listener("demo", port, "second push")])
         wait_until(lambda: http_get(f"http://127.0.0.1:{port}/") == (200, b"second push"))
+
+        # A push without it removes it (delta: removed_resources; SotW: absent from the full set).
+        live.istiod.set_resources(LISTENER, [])
+        wait_until(lambda: refused(port))
+        wait_until(lambda: live.istiod.acked(LISTENER))
+
+
+def refused(port: int) -> bool:
+    try:
+        http_get(f"http://127.0.0.1:{port}/", timeout=0.5)
+    except OSError:
+        return True
+    return False
 
 
 @pytest.mark.parametrize("protocol", sorted(PROTOCOLS))

@@ -278,6 +278,65 @@ class FakeIstiod:
         return packed
 
 
+# Resource builders for tests (Envoy v3 protos, ready for set_resources).
+
+_HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
+_ROUTER = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
+
+
+def demo_listener(name: str, port: int, body: str) -> Any:
+    """An HTTP listener on 127.0.0.1:`port` answering every request 200 `body` (a direct_response route)."""
+    route = {"match": {"prefix": "/"}, "direct_response": {"status": 200, "body": {"inline_string": body}}}
+    return listener(
+        {
+            "name": name,
+            "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
+            "filter_chains": [
+                {
+                    "filters": [
+                        {
+                            "name": "envoy.filters.network.http_connection_manager",
+                            "typed_config": {
+                                "@type": _HCM,
+                                "stat_prefix": name,
+                                "route_config": {"virtual_hosts": [{"name": "v", "domains": ["*"], "routes": [route]}]},
+                                "http_filters": [
+                                    {"name": "envoy.filters.http.router", "typed_config": {"@type": _ROUTER}}
+                                ],
+                            },
+                        }
+                    ]
+                }
+            ],
+        }
+    )
+
+
+def broken_listener(name: str, port: int) -> Any:
+    """Valid protobuf, invalid Envoy config: a network filter whose typed_config is a type no filter registers."""
+    bogus = {"@type": "type.googleapis.com/envoy.config.cluster.v3.Cluster", "name": "not-a-filter"}
+    return listener(
+        {
+            "name": name,
+            "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
+            "filter_chains": [{"filters": [{"name": "bogus", "typed_config": bogus}]}],
+        }
+    )
+
+
+def static_cluster(name: str, port: int) -> Any:
+    """A STATIC cluster of one endpoint, 127.0.0.1:`port`."""
+    endpoint = {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": port}}}}
+    return cluster(
+        {
+            "name": name,
+            "type": "STATIC",
+            "connect_timeout": "1s",
+            "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [endpoint]}]},
+        }
+    )
+
+
 def _to_any(message: Any) -> Any:
     body = any_pb2.Any()
     body.Pack(message)

@@ -1,0 +1,137 @@
+"""End to end: `pilot-agent proxy sidecar` with its default bootstrap, against a control plane on `<configPath>/XDS`.
+
+No istiod can run here, so tests/support/fake_istiod.py (a fake ADS server) stands in for it on the pipe where, in
+Istio, the agent's XDS proxy would listen; the agent (a subprocess, as kubelet runs it), the Envoy it starts and
+the readiness it serves are real.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import pytest
+
+from agent.proxy.epochs import shm_path
+from tests.supervisor.test_agent_e2e import ROOT, agent_env
+from tests.support.envoy import free_port, http_get, new_base_id, wait_until
+from tests.support.fake_istiod import CLUSTER, LISTENER, FakeIstiod, broken_listener, demo_listener
+
+pytestmark = pytest.mark.envoy
+
+
+@dataclass(frozen=True)
+class Sidecar:
+    proc: subprocess.Popen[bytes]
+    istiod: FakeIstiod
+    ports: dict[str, int]
+    base_id: int
+    log: Path
+
+    def ready(self, port_name: str) -> tuple[int, bytes]:
+        return http_get(f"http://127.0.0.1:{self.ports[port_name]}/healthz/ready")
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")[-3000:]
+
+
+@contextmanager
+def running_sidecar(tmp_path: Path, **extra_env: str) -> Iterator[Sidecar]:
+    """The agent running `proxy sidecar` (Istio's ports moved to free ones); the fake istiod listening on the XDS
+    pipe but answering nothing until the test calls `release()`."""
+    ports: dict[str, int] = {}
+    for name in ("admin", "status", "envoy_status", "prom"):
+        port = free_port()
+        while port in ports.values():
+            port = free_port()
+        ports[name] = port
+    base_id = new_base_id()
+    labels = '{"app":"e2e"}'
+    env = agent_env(tmp_path, base_id, ports, SERVICE_ACCOUNT="e2e-sa", ISTIO_METAJSON_LABELS=labels, **extra_env)
+    log = tmp_path / "agent.log"
+    with FakeIstiod(tmp_path / "proxy" / "XDS", hold=True) as istiod, log.open("wb") as sink:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "agent", "proxy", "sidecar", "--meshConfig", str(tmp_path / "none")],
+            env={**env, "PYTHONPATH": str(ROOT)},
+            cwd=tmp_path,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            yield Sidecar(proc, istiod, ports, base_id, log)
+        finally:
+            children = psutil.Process(proc.pid).children(recursive=True) if proc.poll() is None else []
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            for child in children:
+                child.kill()
+            shm_path(base_id).unlink(missing_ok=True)
+
+
+def wait_envoy_connected(sidecar: Sidecar) -> None:
+    """Envoy (started by the agent on its default bootstrap) dialled the XDS pipe and introduced itself."""
+    wait_until(lambda: sidecar.proc.poll() is not None or sidecar.istiod.nodes != [], timeout=20)
+    assert sidecar.proc.poll() is None, sidecar.output()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("delta", ["true", "false"])
+def test_sidecar_not_ready_until_istiod_answers_then_ready_through_envoy_then_sigterm(
+    tmp_path: Path, delta: str
+) -> None:
+    with running_sidecar(tmp_path, ISTIO_DELTA_XDS=delta) as sidecar:
+        istiod = sidecar.istiod
+        wait_envoy_connected(sidecar)
+        (node,) = istiod.nodes
+        assert node.id == "sidecar~127.0.0.1~e2e.test~test.svc.cluster.local"
+        assert node.metadata["NAMESPACE"] == "test" and node.metadata["LABELS"] == {"app": "e2e"}
+        assert istiod.protocols == ["delta" if delta == "true" else "sotw"]
+
+        # istiod has not answered: the agent's status port says not ready, and why.
+        wait_until(lambda: sidecar.ready("status")[0] == 503)
+        status, body = sidecar.ready("status")
+        assert status == 503
+        assert b"config not received from XDS server (is Istiod running?)" in body, body
+        info = json.loads(http_get(f"http://127.0.0.1:{sidecar.ports['admin']}/server_info")[1])
+        assert info["state"] == "PRE_INITIALIZING"
+
+        istiod.release()
+        wait_until(lambda: istiod.acked(CLUSTER) and istiod.acked(LISTENER))
+        # Ready as kubelet sees it: through Envoy's status listener, routed to the agent's status port.
+        wait_until(lambda: sidecar.ready("envoy_status")[0] == 200, timeout=20)
+        assert sidecar.ready("status")[0] == 200
+
+        envoy = [p for p in psutil.Process(sidecar.proc.pid).children() if "envoy" in p.name()]
+        assert len(envoy) == 1
+        sidecar.proc.send_signal(signal.SIGTERM)
+        assert sidecar.proc.wait(20) == 0, sidecar.output()
+        assert not psutil.pid_exists(envoy[0].pid) or psutil.Process(envoy[0].pid).status() == psutil.STATUS_ZOMBIE
+        assert not shm_path(sidecar.base_id).exists()
+
+
+@pytest.mark.slow
+def test_rejected_listeners_keep_the_sidecar_not_ready_until_istiod_fixes_them(tmp_path: Path) -> None:
+    port, bad_port = free_port(), free_port()
+    with running_sidecar(tmp_path) as sidecar:
+        istiod = sidecar.istiod
+        istiod.set_resources(LISTENER, [broken_listener("bad", bad_port)])
+        wait_envoy_connected(sidecar)
+        istiod.release()
+        wait_until(lambda: istiod.nacks(LISTENER) != [] and istiod.acked(CLUSTER))
+        wait_until(lambda: b"rejected" in sidecar.ready("status")[1])
+        status, body = sidecar.ready("status")
+        assert status == 503
+        assert b"config received from XDS server, but was rejected: cds updates: 1 successful" in body, body
+        assert b"lds updates: 0 successful, 1 rejected" in body, body
+
+        istiod.set_resources(LISTENER, [demo_listener("demo", port, "fixed")])
+        wait_until(lambda: sidecar.ready("envoy_status")[0] == 200, timeout=20)
+        assert http_get(f"http://127.0.0.1:{port}/") == (200, b"fixed")
