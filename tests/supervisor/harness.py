@@ -29,7 +29,10 @@ _ROUTER = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
 _TLS = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext"
 
 
-def _http_filter(body: str, cluster: str | None) -> dict[str, Any]:
+_FILE_LOG = "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog"
+
+
+def _http_filter(body: str, cluster: str | None, access_log: Path | None = None) -> dict[str, Any]:
     route: dict[str, Any] = (
         {"route": {"cluster": cluster, "timeout": "30s"}}
         if cluster
@@ -44,6 +47,9 @@ def _http_filter(body: str, cluster: str | None) -> dict[str, Any]:
                 "virtual_hosts": [{"name": "v", "domains": ["*"], "routes": [{"match": {"prefix": "/"}, **route}]}]
             },
             "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {"@type": _ROUTER}}],
+            "access_log": (
+                [{"name": "file", "typed_config": {"@type": _FILE_LOG, "path": str(access_log)}}] if access_log else []
+            ),
         },
     }
 
@@ -58,6 +64,7 @@ def bootstrap(
     tls_port: int | None = None,
     extra_port: int | None = None,
     unknown_cluster: bool = False,
+    access_log: Path | None = None,
 ) -> bytes:
     clusters: list[dict[str, Any]] = []
     cluster = None
@@ -90,7 +97,7 @@ def bootstrap(
         cluster = "no-such-cluster"
 
     def listener(name: str, port: int, tls: bool = False) -> dict[str, Any]:
-        chain: dict[str, Any] = {"filters": [_http_filter(body, cluster)]}
+        chain: dict[str, Any] = {"filters": [_http_filter(body, cluster, access_log)]}
         if tls:
             assert cert_dir is not None
             chain["transport_socket"] = {

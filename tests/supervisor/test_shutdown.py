@@ -13,8 +13,15 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from agent.errors import AgentError, ExitCode
+from agent.lifecycle import Lifecycle
+from agent.metrics import AgentMetrics
 from agent.pid1 import SignalDispatcher
-from agent.proxy.epochs import shm_path
+from agent.proxy.admin import AdminClient
+from agent.proxy.epochs import SupervisionSettings, shm_path
+from agent.status.server import StatusServer
+from agent.status.settings import StatusSettings
+from agent.supervisor import DrainSettings, Supervisor
 from tests.supervisor.harness import Rig, bootstrap, envoy_children, supervised, until
 from tests.support.envoy import free_port
 
@@ -103,6 +110,38 @@ async def test_exit_on_zero_active_connections(tmp_path: Path, slow_upstream: in
         assert 0.9 < time.monotonic() - started < 5
 
 
+async def test_status_port_in_use_fails_before_envoy_starts(tmp_path: Path) -> None:
+    rig = Rig(tmp_path)
+    rig.write_input(bootstrap(rig.admin_port, rig.listener_port))
+    blocker = socket.socket()
+    blocker.bind(("127.0.0.1", 0))
+    blocker.listen()
+    lifecycle = Lifecycle()
+    metrics = AgentMetrics(process_metrics=False)
+    admin = AdminClient(port=rig.admin_port)
+    settings = StatusSettings(status_port=blocker.getsockname()[1], listen_host="127.0.0.1", admin_port=rig.admin_port)
+    supervisor = Supervisor(
+        rig.launch(),
+        SupervisionSettings(termination_log=None),
+        DrainSettings(),
+        rig.desired_state,
+        lifecycle=lifecycle,
+        metrics=metrics,
+        admin=admin,
+        status=StatusServer(settings, lifecycle, metrics, admin),
+        signals=False,
+        reap=False,
+    )
+    try:
+        with pytest.raises(AgentError) as info:
+            await supervisor.run()
+    finally:
+        blocker.close()
+    assert info.value.exit_code == ExitCode.STARTUP_FAILED
+    assert not envoy_children()
+    assert not shm_path(rig.base_id).exists()
+
+
 async def test_shutdown_during_hot_restart_stops_every_epoch(tmp_path: Path) -> None:
     rig = Rig(tmp_path)
     rig.write_input(bootstrap(rig.admin_port, rig.listener_port, body="a"))
@@ -119,7 +158,8 @@ async def test_shutdown_during_hot_restart_stops_every_epoch(tmp_path: Path) -> 
 
 async def test_sighup_hot_restarts_and_sigusr1_is_forwarded(tmp_path: Path) -> None:
     rig = Rig(tmp_path)
-    rig.write_input(bootstrap(rig.admin_port, rig.listener_port))
+    access_log = tmp_path / "access.log"
+    rig.write_input(bootstrap(rig.admin_port, rig.listener_port, access_log=access_log))
     async with supervised(rig) as run:
         await run.wait_epoch_live(0)
         epochs = run.supervisor.epochs
@@ -129,9 +169,14 @@ async def test_sighup_hot_restarts_and_sigusr1_is_forwarded(tmp_path: Path) -> N
         )
         dispatcher.dispatch(signal.SIGHUP)
         await run.wait_epoch_live(1)
-        # Envoy reopens its access logs on SIGUSR1 and keeps running; our forwarding must not kill it.
+        # Log rotation: the file is moved away; after SIGUSR1 Envoy reopens the path and logs there again.
+        assert (await _get(rig.listener_port))[0] == 200
+        await until(access_log.exists)
+        access_log.rename(tmp_path / "access.log.1")
         dispatcher.dispatch(signal.SIGUSR1)
         await asyncio.sleep(0.3)
+        assert (await _get(rig.listener_port))[0] == 200
+        await until(lambda: access_log.exists() and access_log.stat().st_size > 0, 5)
         assert await run.admin.live_epoch() == 1
         dispatcher.dispatch(signal.SIGTERM)
         assert run.lifecycle.shutdown_cause == "received signal: SIGTERM"
