@@ -107,6 +107,13 @@ class AppProber:
 
     async def _http(self, request: web.Request, probe: AppProbe, action: HTTPGetAction) -> web.Response:
         headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_HEADERS}
+        # Istio passes kubelet's Host on (podIP:15020 by default), with the status port swapped for the app's.
+        # It names the application, never the destination, which stays the configured address and port.
+        host, _, port = request.host.rpartition(":")
+        if host and port == str(self.settings.status_port):
+            headers["Host"] = f"{host}:{action.port}"
+        elif request.host:
+            headers["Host"] = request.host
         for name, value in action.headers:
             headers[name] = value
         headers.setdefault("User-Agent", "kube-probe/istio")

@@ -94,7 +94,7 @@ class MetricsMerger:
             query = f"?{request.query_string}" if request.query_string else ""
             port = self.settings.envoy_prometheus_port
             upstreams.append(Upstream("envoy", f"http://127.0.0.1:{port}/stats/prometheus{query}"))
-        host = self.settings.probe_host
+        host = self.settings.scrape_host
         host = f"[{host}]" if ":" in host else host
         for target in self.settings.scrape_targets:
             upstreams.append(Upstream("application", f"http://{host}:{target.port}{target.path}"))

@@ -76,6 +76,8 @@ class StatusSettings:
     probe_host: str = "127.0.0.1"
     # Source address of probes: the capture rules RETURN traffic from 127.0.0.6 so it bypasses Envoy.
     probe_source_ip: str = "127.0.0.6"
+    # Where application metrics are scraped: Istio's appMetricsURL is always http://localhost:<port><path>.
+    scrape_host: str = "localhost"
     # "" = all interfaces, as Istio's net.Listen(":15020").
     listen_host: str = ""
     app_probes: Mapping[str, AppProbe] = field(default_factory=dict)

@@ -146,10 +146,14 @@ async def test_nothing_in_the_request_chooses_the_destination() -> None:
         running_agent(settings_for(None, app_probes=parse_app_probers(probers(port)))) as agent,
     ):
         assert (await call(agent, "/app-health/web/readyz/../../x"))[0] in (400, 404)
-        status, _ = await call(agent, "/app-health/web/readyz?port=1&host=10.0.0.1", Host="evil.example:15020")
+        status, _ = await call(agent, "/app-health/web/readyz?port=1&host=10.0.0.1", Host=f"other.example:{agent.port}")
         assert status == 200
-        # The destination is the configured one; the Host header the app sees is its own address.
-        assert seen[-1].path == "/ok" and seen[-1].host == f"127.0.0.1:{port}"
+        # The destination is the configured one. Like Istio, kubelet's Host goes on with the status port swapped
+        # for the application's: it names the application, it does not route.
+        assert seen[-1].path == "/ok" and seen[-1].host == f"other.example:{port}"
+        assert seen[-1].remote == "127.0.0.6"
+        await call(agent, "/app-health/web/readyz")
+        assert seen[-1].host == f"127.0.0.1:{port}"
         status, body = await call(agent, "/app-health/nope/livez")
         assert (status, body) == (400, b"app prober config does not exists for /app-health/nope/livez")
 
