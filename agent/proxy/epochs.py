@@ -393,6 +393,9 @@ class Epochs:
         if self.settings.validate and not await self._validate(epoch, desired):
             self._rejected = desired.digest
             return "invalid"
+        if self.lifecycle.shutdown_requested.is_set():
+            remove_file(self.launch.bootstrap_path(epoch))
+            raise _Stop  # asked to stop while validating: do not start an epoch only to stop it
         log.info("hot restart: starting Envoy epoch %d", epoch)
         self.lifecycle.envoy_down(f"hot restart to epoch {epoch} in progress")
         child = await self._start_epoch(epoch, desired)
