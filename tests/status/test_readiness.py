@@ -46,7 +46,7 @@ async def test_envoy_down_is_not_ready_and_a_restarted_envoy_must_earn_readiness
         agent.lifecycle.envoy_down("Envoy exited (signal 9); restarting in 1s")
         assert await probe(agent.session, agent.port) == (503, "Envoy exited (signal 9); restarting in 1s\n")
         # The facts remembered about the old Envoy are forgotten: the new one is asked again.
-        assert not any(p.passed for p in agent.server.readiness.probes)  # type: ignore[attr-defined]
+        assert not any(p.passed for p in agent.server.readiness.probes)
         agent.lifecycle.envoy_up()
         assert (await probe(agent.session, agent.port))[0] == 200
 
