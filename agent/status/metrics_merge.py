@@ -98,7 +98,7 @@ class MetricsMerger:
         host = f"[{host}]" if ":" in host else host
         for target in self.settings.scrape_targets:
             upstreams.append(Upstream("application", f"http://{host}:{target.port}{target.path}"))
-        # Connect to every source at once, and encode the agent's own registry while they answer.
+        # Every source is asked at once (the requests go out at the first await below).
         opening = asyncio.gather(
             *(
                 self._open(
@@ -108,7 +108,8 @@ class MetricsMerger:
             )
         )
         try:
-            # The format is known for sure only once the applications answer; guess it to overlap the work.
+            # The format is known for sure only once the applications answer; the guess is right unless they
+            # disagree with the scraper's Accept, and then the agent's section is encoded again.
             guess = negotiated.wants_openmetrics and bool(self.settings.scrape_targets)
             agent_section = self._agent_section(guess)
             await opening
