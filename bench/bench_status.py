@@ -61,6 +61,7 @@ def serve_agent(args: argparse.Namespace) -> None:
         probe_host="127.0.0.1",
         scrape_targets=targets,
         default_scrape_timeout=30.0,
+        merge_envoy_stats=not args.no_envoy,
     )
 
     async def main() -> None:
@@ -235,16 +236,27 @@ def run_bench(args: argparse.Namespace) -> dict[str, object]:
         with envoy_stack(Path(tmp), agent_port) as stack:
             common = ["--envoy-prom-port", str(stack.prometheus_port), "--admin-port", str(stack.admin_port)]
             n = args.scrapes
-            # 1a. Envoy alone.
-            with child("serve", "--status-port", str(agent_port), *common):
+            # 1a. Envoy alone; and the agent's fixed cost: its own section only, in a second agent process.
+            agent_only_port = free_port()
+            with (
+                child("serve", "--status-port", str(agent_port), *common),
+                child("serve", "--status-port", str(agent_only_port), "--no-envoy", *common),
+            ):
                 scrape_times(stack.prometheus_port, "/stats/prometheus", 20)  # warm-up
                 scrape_times(agent_port, "/stats/prometheus", 20)
-                (direct, direct_size), (merged, merged_size) = interleaved(
-                    [(stack.prometheus_port, "/stats/prometheus"), (agent_port, "/stats/prometheus")], n
+                scrape_times(agent_only_port, "/stats/prometheus", 20)
+                (direct, direct_size), (merged, merged_size), (own, own_size) = interleaved(
+                    [
+                        (stack.prometheus_port, "/stats/prometheus"),
+                        (agent_port, "/stats/prometheus"),
+                        (agent_only_port, "/stats/prometheus"),
+                    ],
+                    n,
                 )
                 results["envoy_alone"] = {
                     "direct_envoy": {**summary(direct), "bytes": direct_size},
                     "merged": {**summary(merged), "bytes": merged_size},
+                    "agent_section_only": {**summary(own), "bytes": own_size},
                     "ratio_median": statistics.median(merged) / statistics.median(direct),
                     "ratio_p99": summary(merged)["p99_ms"] / summary(direct)["p99_ms"],
                 }
@@ -322,6 +334,7 @@ def main() -> None:
     serve.add_argument("--envoy-prom-port", type=int, required=True)
     serve.add_argument("--admin-port", type=int, required=True)
     serve.add_argument("--app-port", type=int, default=0)
+    serve.add_argument("--no-envoy", action="store_true", help="PILOT_AGENT_MERGE_ENVOY_STATS=false")
     app = sub.add_parser("app")
     app.add_argument("--port", type=int, required=True)
     app.add_argument("--lines", type=int, required=True)
