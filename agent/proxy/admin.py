@@ -76,14 +76,15 @@ class AdminClient:
         """The restart epoch of the Envoy answering on the admin port when it is LIVE, else None.
 
         During a hot restart the parent answers until the child takes the admin socket over, so "LIVE" alone does
-        not say which epoch is live; the epoch in the command line does."""
+        not say which epoch is live; `server.hot_restart_epoch` does. (Two gauges: far lighter than /server_info
+        for the supervisor's polling.)"""
         try:
-            info = await self.server_info(timeout)
+            stats = await self.stats(r"^server\.(state|hot_restart_epoch)$", timeout=timeout)
         except AdminError:
             return None
-        options = info.get("command_line_options")
-        epoch = options.get("restart_epoch", 0) if isinstance(options, dict) else 0
-        return int(epoch) if info.get("state") == "LIVE" else None
+        if stats.get("server.state") != 0:  # 0 is LIVE
+            return None
+        return stats.get("server.hot_restart_epoch", 0)
 
     async def is_live(self, timeout: float = 1.0) -> bool:
         try:
