@@ -9,6 +9,8 @@ ISTIO_DELTA_XDS=true) and state of the world (ISTIO_DELTA_XDS=false).
 from __future__ import annotations
 
 import json
+import random
+import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -18,7 +20,7 @@ from typing import Any
 import pytest
 
 from agent.bootstrap import render_bootstrap, write_bootstrap
-from tests.bootstrap.test_envoy import load, moved_env, moved_ports
+from tests.bootstrap.test_envoy import load, moved_env
 from tests.support.envoy import free_port, http_get, running_envoy, wait_until
 from tests.support.fake_istiod import (
     CLUSTER,
@@ -32,6 +34,31 @@ from tests.support.fake_istiod import (
 pytestmark = pytest.mark.envoy
 
 PROTOCOLS = {"delta": {}, "sotw": {"ISTIO_DELTA_XDS": "false"}}
+
+
+def quiet_ports(*names: str) -> dict[str, int]:
+    """Free ports BELOW the kernel's ephemeral range, so no outgoing connection on this busy machine can grab one
+    between the pick and Envoy's bind (free_port()'s ports are ephemeral ones: under a concurrent load test they
+    were taken within milliseconds, and Envoy exited with "cannot bind ... Address already in use")."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    if low <= 20000:
+        return {name: free_port() for name in names}  # no quiet range here; take the usual chance
+    rng = random.SystemRandom()
+    ports: dict[str, int] = {}
+    while len(ports) < len(names):
+        port = rng.randrange(20000, low)
+        if port not in ports.values() and _bindable(port):
+            ports[names[len(ports)]] = port
+    return ports
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("0.0.0.0", port))
+        except OSError:
+            return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -57,7 +84,7 @@ def xds_socket(bootstrap: dict[str, Any]) -> Path:
 def live_default_bootstrap(tmp_path: Path, protocol: str) -> Iterator[Live]:
     """Render the default sidecar bootstrap (Istio's ports moved to free ones), serve it empty CDS/LDS from the
     fake istiod, run the real Envoy on it and wait for admin /ready to say LIVE."""
-    ports = moved_ports()
+    ports = quiet_ports("admin", "status", "envoy_status", "prometheus")
     env = {**moved_env(tmp_path, ports), **PROTOCOLS[protocol]}
     cfg = load(tmp_path, env)
     path = write_bootstrap(cfg, render_bootstrap(cfg))
@@ -74,7 +101,7 @@ def test_default_bootstrap_goes_live_and_istiod_sees_the_rendered_node(tmp_path:
         istiod = live.istiod
         assert istiod.protocols == [protocol]
         # Empty CDS and LDS were enough: LIVE means Envoy accepted both (initial_fetch_timeout 0s waits forever).
-        assert istiod.acked(CLUSTER) and istiod.acked(LISTENER)
+        wait_until(lambda: istiod.acked(CLUSTER) and istiod.acked(LISTENER))
         assert istiod.nacks(CLUSTER) == istiod.nacks(LISTENER) == []
         # set_node_on_first_message_only: exactly one node, the one the agent rendered.
         (node,) = istiod.nodes
@@ -89,7 +116,7 @@ def test_default_bootstrap_goes_live_and_istiod_sees_the_rendered_node(tmp_path:
 
 @pytest.mark.parametrize("protocol", sorted(PROTOCOLS))
 def test_listener_and_cluster_pushed_by_istiod_serve_traffic(tmp_path: Path, protocol: str) -> None:
-    port, upstream = free_port(), free_port()
+    port, upstream = quiet_ports("port", "upstream").values()
     with live_default_bootstrap(tmp_path, protocol) as live:
         live.istiod.set_resources(CLUSTER, [static_cluster("outbound|9080||demo", upstream)])
         live.istiod.set_resources(LISTENER, [demo_listener("demo", port, "pushed by istiod")])
@@ -118,7 +145,7 @@ def refused(port: int) -> bool:
 
 @pytest.mark.parametrize("protocol", sorted(PROTOCOLS))
 def test_invalid_listener_is_nacked_and_counted_as_rejected(tmp_path: Path, protocol: str) -> None:
-    port, bad_port = free_port(), free_port()
+    port, bad_port = quiet_ports("port", "bad_port").values()
     with live_default_bootstrap(tmp_path, protocol) as live:
         live.istiod.set_resources(LISTENER, [demo_listener("demo", port, "good")])
         wait_until(lambda: live.istiod.acked(LISTENER))

@@ -20,8 +20,9 @@ import psutil
 import pytest
 
 from agent.proxy.epochs import shm_path
+from tests.bootstrap.test_default_bootstrap_live import quiet_ports
 from tests.supervisor.test_agent_e2e import ROOT, agent_env
-from tests.support.envoy import free_port, http_get, new_base_id, wait_until
+from tests.support.envoy import http_get, new_base_id, wait_until
 from tests.support.fake_istiod import CLUSTER, LISTENER, FakeIstiod, broken_listener, demo_listener
 
 pytestmark = pytest.mark.envoy
@@ -46,12 +47,7 @@ class Sidecar:
 def running_sidecar(tmp_path: Path, **extra_env: str) -> Iterator[Sidecar]:
     """The agent running `proxy sidecar` (Istio's ports moved to free ones); the fake istiod listening on the XDS
     pipe but answering nothing until the test calls `release()`."""
-    ports: dict[str, int] = {}
-    for name in ("admin", "status", "envoy_status", "prom"):
-        port = free_port()
-        while port in ports.values():
-            port = free_port()
-        ports[name] = port
+    ports = quiet_ports("admin", "status", "envoy_status", "prom")
     base_id = new_base_id()
     labels = '{"app":"e2e"}'
     env = agent_env(tmp_path, base_id, ports, SERVICE_ACCOUNT="e2e-sa", ISTIO_METAJSON_LABELS=labels, **extra_env)
@@ -119,7 +115,7 @@ def test_sidecar_not_ready_until_istiod_answers_then_ready_through_envoy_then_si
 
 @pytest.mark.slow
 def test_rejected_listeners_keep_the_sidecar_not_ready_until_istiod_fixes_them(tmp_path: Path) -> None:
-    port, bad_port = free_port(), free_port()
+    port, bad_port = quiet_ports("port", "bad_port").values()
     with running_sidecar(tmp_path) as sidecar:
         istiod = sidecar.istiod
         istiod.set_resources(LISTENER, [broken_listener("bad", bad_port)])
