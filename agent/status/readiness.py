@@ -16,6 +16,8 @@ import logging
 import time
 from typing import Protocol
 
+import psutil
+
 from agent.lifecycle import Lifecycle
 from agent.metrics import AgentMetrics
 from agent.proxy.admin import SERVER_STATES, AdminClient, AdminError
@@ -24,6 +26,15 @@ log = logging.getLogger("agent.status")
 
 CONFIG_FILTER = r"^(cluster_manager\.cds|listener_manager\.lds)\.(update_success|update_rejected)$"
 LIVE_FILTER = r"^(server\.state|listener_manager\.workers_started)$"
+
+
+def process_start_monotonic() -> float:
+    """This process's start on the monotonic clock (the kernel's start time, converted once)."""
+    try:
+        age = time.time() - psutil.Process().create_time()
+    except psutil.Error:
+        age = 0.0
+    return time.monotonic() - max(age, 0.0)
 
 
 class NotReady(Exception):
@@ -111,8 +122,8 @@ class Readiness:
         self.lifecycle = lifecycle
         self.metrics = metrics
         self.probes = probes
-        # Monotonic start of the agent; startup_duration is measured from it (Istio: process start).
-        self.started_at = time.monotonic() if started_at is None else started_at
+        # Monotonic time of the agent's start; startup_duration is measured from it (Istio: process start).
+        self.started_at = process_start_monotonic() if started_at is None else started_at
         self.ever_ready = False
         self._last: str | None = "not checked yet"
         self._inflight: asyncio.Future[str | None] | None = None
