@@ -65,7 +65,11 @@ def _bindable(port: int) -> bool:
 class Live:
     istiod: FakeIstiod
     bootstrap: dict[str, Any]
-    admin_port: int
+    ports: dict[str, int]
+
+    @property
+    def admin_port(self) -> int:
+        return self.ports["admin"]
 
     def stat(self, name: str) -> int:
         body = http_get(f"http://127.0.0.1:{self.admin_port}/stats?filter=^{name}$")[1].decode()
@@ -92,7 +96,7 @@ def live_default_bootstrap(tmp_path: Path, protocol: str) -> Iterator[Live]:
     socket = xds_socket(bootstrap)
     assert socket == tmp_path / "proxy" / "XDS"
     with FakeIstiod(socket) as istiod, running_envoy(path, ports["admin"]):
-        yield Live(istiod, bootstrap, ports["admin"])
+        yield Live(istiod, bootstrap, ports)
 
 
 @pytest.mark.parametrize("protocol", sorted(PROTOCOLS))
@@ -112,6 +116,12 @@ def test_default_bootstrap_goes_live_and_istiod_sees_the_rendered_node(tmp_path:
         assert node.metadata["LABELS"] == {"app": "reviews", "version": "v1"}
         assert node.metadata["SERVICE_ACCOUNT"] == "bookinfo-reviews"
         assert node.metadata == rendered["metadata"]  # everything istiod uses to pick this proxy's config
+        # The ports moved by the environment are the ones istiod is told about (it builds inbound config
+        # around ENVOY_STATUS_PORT/ENVOY_PROMETHEUS_PORT and reads PROXY_CONFIG).
+        assert node.metadata["ENVOY_STATUS_PORT"] == live.ports["envoy_status"]
+        assert node.metadata["ENVOY_PROMETHEUS_PORT"] == live.ports["prometheus"]
+        assert node.metadata["PROXY_CONFIG"]["proxyAdminPort"] == live.ports["admin"]
+        assert node.metadata["PROXY_CONFIG"]["statusPort"] == live.ports["status"]
 
 
 @pytest.mark.parametrize("protocol", sorted(PROTOCOLS))
