@@ -22,6 +22,7 @@ import aiohttp
 import h2.config
 import h2.connection
 import h2.events
+import h2.exceptions
 from aiohttp import web
 
 from agent.status.settings import AppProbe, GRPCAction, HTTPGetAction, StatusSettings, TCPSocketAction
@@ -154,7 +155,7 @@ class AppProber:
                     user_agent=request.headers.get("User-Agent", "kube-probe/istio"),
                     timeout=self._timeout(probe),
                 )
-        except (OSError, TimeoutError, GRPCError) as exc:
+        except (OSError, TimeoutError, GRPCError, h2.exceptions.H2Error) as exc:
             log.info("grpc probe %s:%d (service %r) failed: %s", self.host, action.port, action.service, exc)
             return False
         if status != GRPC_SERVING:

@@ -208,6 +208,15 @@ async def test_grpc_probe_uses_the_standard_health_service() -> None:
             assert (await call(agent, "/app-health/overall/livez"))[0] == 200  # "" = the server overall
 
 
+async def test_grpc_probe_against_a_plain_http_server_fails_cleanly(caplog: pytest.LogCaptureFixture) -> None:
+    async with application() as (port, _):
+        config = {"/app-health/x/readyz": {"grpc": {"port": port}, "timeoutSeconds": 1}}
+        async with running_agent(settings_for(None, app_probes=parse_app_probers(json.dumps(config)))) as agent:
+            assert await call(agent, "/app-health/x/readyz") == (500, b"")
+    # (the test application itself logs the HTTP/2 preface it could not parse; the agent logs no traceback)
+    assert not [r for r in caplog.records if r.exc_info and r.name.startswith("agent")]
+
+
 async def test_grpc_probe_against_a_server_without_the_health_service_fails() -> None:
     server = grpc.aio.server()
     port = server.add_insecure_port("127.0.0.1:0")
