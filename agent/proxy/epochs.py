@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import shlex
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
@@ -348,6 +349,7 @@ class Epochs:
         proc = EnvoyProcess(
             envoy_argv(self.launch, path, epoch), epoch, tail_lines=self.settings.stderr_tail_lines, sink=self._sink
         )
+        log.info("Envoy command: %s", " ".join(shlex.quote(arg) for arg in proc.argv))
         try:
             await proc.start()
         except OSError as exc:
