@@ -355,6 +355,8 @@ class Epochs:
         except OSError as exc:
             remove_file(path)
             info = ExitInfo(epoch, 0, 127, False, 0.0, (f"cannot execute {self.launch.binary}: {exc}",))
+            self._crashes += 1
+            self.metrics.envoy_exits.labels("error").inc()
             self.lifecycle.envoy_down(f"cannot start Envoy: {exc}")
             raise EnvoyCrashed(info) from exc
         self.procs[epoch] = proc

@@ -115,3 +115,15 @@ async def test_config_fixed_during_crash_loop_is_picked_up(tmp_path: Path) -> No
         # A new desired state earns the whole budget back.
         await until(lambda: run.value("istio_agent_envoy_restart_budget_remaining") == 10)
         assert not run.task.done()
+
+
+async def test_envoy_binary_gone_counts_as_crash_and_gives_up(tmp_path: Path) -> None:
+    """The binary vanished after start-up (an image or volume problem): the same budget, then exit 70."""
+    rig = Rig(tmp_path)
+    rig.write_input(bootstrap(rig.admin_port, rig.listener_port))
+    missing = str(tmp_path / "no-envoy")
+    async with supervised(rig, launch={"binary": missing}, supervision={"restart_budget": 2}) as run:
+        code = await asyncio.wait_for(run.task, 10)
+    assert code == ExitCode.ENVOY_RESTART_BUDGET_EXHAUSTED
+    assert f"cannot execute {missing}" in (tmp_path / "termination-log").read_text()
+    assert run.value("istio_agent_envoy_exits_total", cause="error") == 3
