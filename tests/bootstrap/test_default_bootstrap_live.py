@@ -24,9 +24,11 @@ from tests.bootstrap.test_envoy import load, moved_env
 from tests.support.envoy import free_port, http_get, running_envoy, wait_until
 from tests.support.fake_istiod import (
     CLUSTER,
+    ENDPOINT,
     LISTENER,
     FakeIstiod,
     broken_listener,
+    cluster,
     demo_listener,
     static_cluster,
 )
@@ -170,3 +172,23 @@ def test_invalid_listener_is_nacked_and_counted_as_rejected(tmp_path: Path, prot
         # The rejected update did not take Envoy down or the good listener away.
         assert http_get(f"http://127.0.0.1:{port}/") == (200, b"good")
         assert http_get(f"http://127.0.0.1:{live.admin_port}/ready") == (200, b"LIVE\n")
+
+
+@pytest.mark.parametrize("protocol", sorted(PROTOCOLS))
+def test_types_nobody_configured_are_answered_so_an_eds_cluster_warms(tmp_path: Path, protocol: str) -> None:
+    """Istio's outbound clusters take endpoints over ADS too: Envoy subscribes to EDS on the same stream. The fake
+    answers it (a ClusterLoadAssignment without endpoints for a name the test gave nothing) so the cluster leaves
+    warming."""
+    with live_default_bootstrap(tmp_path, protocol) as live:
+        eds_config = {"eds_config": {"ads": {}, "resource_api_version": "V3"}}
+        eds = {
+            "name": "outbound|80||eds-demo",
+            "type": "EDS",
+            "connect_timeout": "1s",
+            "eds_cluster_config": eds_config,
+        }
+        live.istiod.set_resources(CLUSTER, [cluster(eds)])
+        wait_until(lambda: live.istiod.acked(CLUSTER) and live.istiod.acked(ENDPOINT))
+        wait_until(lambda: live.stat("cluster_manager.warming_clusters") == 0)
+        assert live.stat("cluster_manager.active_clusters") > 0
+        assert "outbound|80||eds-demo::" in http_get(f"http://127.0.0.1:{live.admin_port}/clusters")[1].decode()

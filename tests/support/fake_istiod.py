@@ -22,7 +22,7 @@ from __future__ import annotations
 import itertools
 import queue
 import threading
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +30,9 @@ from typing import Any
 
 import grpc
 from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.config.listener.v3 import listener_pb2
+from envoy.config.route.v3 import route_pb2
 
 # Imported so JSON resources may name these types in `@type` (json_format resolves Any by the descriptor pool).
 from envoy.extensions.filters.http.router.v3 import router_pb2  # noqa: F401
@@ -43,6 +45,12 @@ CLUSTER = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
 ROUTE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
 ENDPOINT = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
 SECRET = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
+
+# Types Envoy asks for by name, and the empty resource of a name that is valid Envoy config.
+_EMPTY_BY_NAME: dict[str, Callable[[str], Any]] = {
+    ENDPOINT: lambda name: endpoint_pb2.ClusterLoadAssignment(cluster_name=name),
+    ROUTE: lambda name: route_pb2.RouteConfiguration(name=name),
+}
 
 _END = object()  # wakes a stream's sender when the stream or the server ends
 
@@ -89,7 +97,8 @@ def cluster(config: Mapping[str, Any]) -> Any:
 class _Stream:
     protocol: str
     outbox: queue.Queue[object] = field(default_factory=queue.Queue)
-    subscribed: set[str] = field(default_factory=set)
+    # type URL -> the resource names Envoy asked for; None: a wildcard subscription (all of them, as LDS and CDS)
+    subscribed: dict[str, set[str] | None] = field(default_factory=dict)
     pending: set[str] = field(default_factory=set)  # subscribed while held: answered at release()
     last_nonce: dict[str, str] = field(default_factory=dict)
     last_version: dict[str, str] = field(default_factory=dict)
@@ -237,17 +246,51 @@ class FakeIstiod:
                     error=request.error_detail.message if failed else "",
                 )
             )
-            # A delta request may also change the subscription; a SotW ACK/NACK changes nothing here.
-            if stream.protocol == "sotw" or not request.resource_names_subscribe:
-                return
-        stream.subscribed.add(type_url)
+        # A first request for a type is answered; later ones only when they change what Envoy asks for (an ACK
+        # that also subscribes a new EDS cluster's name, say).
+        first = type_url not in stream.subscribed
+        changed = self._subscribe(stream, request)
+        if not (first or changed):
+            return
         if self._held:
             stream.pending.add(type_url)
         else:
             self._send(stream, type_url)
 
-    def _send(self, stream: _Stream, type_url: str) -> None:
+    @staticmethod
+    def _subscribe(stream: _Stream, request: Any) -> bool:
+        """Update what `stream` asked for of request's type; True if that changed."""
+        type_url = request.type_url
+        before = stream.subscribed.get(type_url, set())
+        if stream.protocol == "sotw":
+            names = set(request.resource_names)  # SotW: every request carries the full set
+            after = None if not names or "*" in names else names
+        elif type_url not in stream.subscribed:
+            names = set(request.resource_names_subscribe)  # delta: the first request subscribes, empty = wildcard
+            after = None if not names or "*" in names else names
+        elif before is None:
+            after = None  # a wildcard already covers every name
+        else:
+            after = (before | set(request.resource_names_subscribe)) - set(request.resource_names_unsubscribe)
+        stream.subscribed[type_url] = after
+        return after != before
+
+    def _answer(self, stream: _Stream, type_url: str) -> list[_Resource]:
         resources = self._resources.get(type_url, [])
+        names = stream.subscribed.get(type_url)
+        if names is None:
+            return resources
+        chosen = [r for r in resources if r.name in names]
+        empty = _EMPTY_BY_NAME.get(type_url)
+        if empty is not None:
+            # What istiod does for a name it knows nothing better about: an empty resource of that name (a
+            # ClusterLoadAssignment without endpoints). Envoy would otherwise wait for it (initial_fetch_timeout).
+            missing = sorted(names - {r.name for r in chosen})
+            chosen += [_Resource(name, "0", _to_any(empty(name))) for name in missing]
+        return chosen
+
+    def _send(self, stream: _Stream, type_url: str) -> None:
+        resources = self._answer(stream, type_url)
         nonce = str(next(self._nonces))
         version = str(self._versions.get(type_url, 0))
         stream.last_nonce[type_url] = nonce
