@@ -12,6 +12,8 @@ scrape. Here each source is streamed line by line through `FamilyFilter`:
 * A family whose claims meet a name claimed by an EARLIER source is dropped whole (HELP, TYPE and samples): the
   earlier source wins, agent > Envoy > application, in the order of the output. Only the claimed names of the
   sources before the last are kept in memory, never samples.
+* A family a source already wrote, met again further down in the same source, is dropped as well (family names
+  only, at most OWN_NAMES_CAP of them).
 * An application source is untrusted: each sample line is checked against the exposition grammar; a bad line is
   dropped (counted), and a source whose first line is bad is garbage and left out whole.
 """
@@ -47,6 +49,9 @@ _TIGHT_TEXT_SAMPLE = re.compile(rb"(" + _NAME + rb")(?:" + _TIGHT_LABELS + rb")?
 _NAME_PREFIX = re.compile(_NAME)
 _NAME_FULL = re.compile(_NAME + rb"$")
 _HELP_TEXT = re.compile(rb"(?:[^\\\n]|\\[\\n\"])*$")
+
+# Family names remembered per source to catch a source repeating its own family (~70 bytes each: ~3.5 MiB at most).
+OWN_NAMES_CAP = 50_000
 
 _SUFFIXES: dict[bytes | None, tuple[bytes, ...]] = {
     b"counter": (b"", b"_total", b"_created"),
@@ -89,6 +94,7 @@ class FamilyFilter:
     _pending: list[bytes] = field(default_factory=list)
     _started: bool = False
     _meta_seen: set[bytes] = field(default_factory=set)
+    _own_names: set[bytes] = field(default_factory=set)
 
     def feed(self, lines: list[bytes], out: list[bytes]) -> None:
         sample_re = _OM_SAMPLE if self.openmetrics else _TEXT_SAMPLE
@@ -242,12 +248,16 @@ class FamilyFilter:
         allowed = sample_names(self._name, self._kind)
         claims = allowed | {self._name}
         self._allowed = allowed
-        self._keep = claims.isdisjoint(self.claimed)
+        # A family this source already wrote, met again further down, is dropped too: a second TYPE/HELP for
+        # one name makes parsers reject the scrape. Only names are kept, and at most OWN_NAMES_CAP of them.
+        self._keep = self._name not in self._own_names and claims.isdisjoint(self.claimed)
         self._decided = True
         if self._keep:
             out.extend(self._pending)
             if self.record:
                 self.new_claims |= claims
+            if len(self._own_names) < OWN_NAMES_CAP:
+                self._own_names.add(self._name)
         else:
             self.dropped_families += 1
         self._pending = []

@@ -126,3 +126,58 @@ def test_repeated_metadata_and_late_type_lines_are_dropped() -> None:
     assert body == b"# HELP a x\n# TYPE a gauge\na 1\n# TYPE b gauge\nb 1\nc 2\n"
     result = subprocess.run(["promtool", "check", "metrics"], input=body, capture_output=True, check=False)
     assert "error while linting" not in result.stderr.decode()
+
+
+JUNK = st.one_of(
+    st.text(max_size=40).map(lambda s: s.replace("\n", " ").encode()),
+    st.binary(max_size=40).map(lambda b: b.replace(b"\n", b" ")),
+    st.sampled_from(
+        [
+            b'half{a="b',
+            b"# TYPE x bogus",
+            b"# TYPE alpha counter",
+            b"# HELP bad \\q escape",
+            b"x 1 2 3",
+            b"y{a=b} 1",
+            b"z NaNx",
+            b'w{a="\\x"} 1',
+            b"v 1 1.5",
+            b"u{} 1",
+            b"# EOF",
+            b't 1 # {trace="1"} 1',
+        ]
+    ),
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.tuples(NAMES, KINDS), max_size=5),
+    st.lists(st.tuples(st.integers(min_value=1), JUNK), max_size=8),
+    st.booleans(),
+)
+def test_junk_inside_an_application_body_never_reaches_the_output(
+    families: list[tuple[str, type]], junk: list[tuple[int, bytes]], openmetrics: bool
+) -> None:
+    encode = generate_om if openmetrics else generate_latest
+    agent = generate_latest(registry_of([("alpha", Gauge)]))
+    lines = encode(registry_of(families)).split(b"\n")
+    for position, line in junk:
+        lines.insert(1 + position % max(len(lines), 1), line)  # after the first line: a garbage FIRST line is
+    app = b"\n".join(lines)  # a different rule (the source is left out), tested above
+    try:
+        body = run_filter([agent, app], openmetrics)
+    except SourceGarbage:
+        return
+    types = [line.split()[2] for line in body.decode().splitlines() if line.startswith("# TYPE ")]
+    assert len(types) == len(set(types))
+    list(text_string_to_metric_families(body.decode()))
+    if not openmetrics:  # promtool parses the text format only (OpenMetrics exemplars are not text)
+        result = subprocess.run(["promtool", "check", "metrics"], input=body, capture_output=True, check=False)
+        assert "error while linting" not in result.stderr.decode(), (body, result.stderr)
+
+
+def test_a_source_repeating_its_own_family_keeps_the_first() -> None:
+    source = b"# TYPE a gauge\na 1\n# TYPE b gauge\nb 1\n# TYPE a gauge\na 2\nc 1\nd 1\nc 2\n"
+    body = run_filter([b"# TYPE z gauge\nz 1\n", source], openmetrics=False)
+    assert body == b"# TYPE z gauge\nz 1\n# TYPE a gauge\na 1\n# TYPE b gauge\nb 1\nc 1\nd 1\n"
