@@ -45,8 +45,9 @@ POD_IP = "10.10.0.2"
 CLIENT_IP = "10.10.0.1"
 
 # The application: one asyncio process, several ports, HTTP/1.1 keep-alive, answers with what it saw.
+# `GET /sleep/<ms>` answers after <ms> milliseconds: a request that stays in flight (pod deletion scenarios).
 _APP_CODE = r"""
-import asyncio, sys
+import asyncio, re, sys
 
 async def handle(reader, writer):
     peer = writer.get_extra_info("peername")
@@ -56,6 +57,9 @@ async def handle(reader, writer):
     try:
         while True:
             request = await reader.readuntil(b"\r\n\r\n")
+            slow = re.match(rb"GET /sleep/(\d+)", request)
+            if slow:
+                await asyncio.sleep(int(slow.group(1)) / 1000)
             writer.write(head + body)
             await writer.drain()
             if b"connection: close" in request.lower():
