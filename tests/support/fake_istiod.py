@@ -148,6 +148,11 @@ class FakeIstiod:
 
     # -- what tests drive ------------------------------------------------------------------------------------
 
+    def hold(self) -> None:
+        """Withhold answers to subscriptions from now on (open streams keep what they have) until `release()`."""
+        with self._lock:
+            self._held = True
+
     def release(self) -> None:
         """Stop withholding: answer every subscription made so far, and every later one at once."""
         with self._lock:
