@@ -9,8 +9,9 @@ What it does:
 - serves `envoy.service.discovery.v3.AggregatedDiscoveryService`, both StreamAggregatedResources (state of the
   world, `ISTIO_DELTA_XDS=false`) and DeltaAggregatedResources (incremental, Istio's default);
 - answers every type URL Envoy subscribes to: the configured resources of that type (default: none, i.e. empty
-  CDS and LDS), so Envoy's initialization never waits on a type the test did not think of;
-- `hold=True` withholds every response until `release()`: Envoy connected but "istiod has not answered yet";
+  CDS and LDS; for EDS/RDS names nobody configured, an empty resource of that name, as istiod sends), so Envoy's
+  initialization never waits on a type the test did not think of;
+- `hold=True` (or `hold()` later) withholds responses until `release()`: Envoy connected, istiod not answering;
 - records the node Envoy sent (id, cluster, metadata: what istiod would see), and every ACK and NACK per type;
 - `set_resources()` replaces a type's resources and pushes them to every open stream (an istiod config push).
 
@@ -44,7 +45,6 @@ LISTENER = "type.googleapis.com/envoy.config.listener.v3.Listener"
 CLUSTER = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
 ROUTE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
 ENDPOINT = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
-SECRET = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
 
 # Types Envoy asks for by name, and the empty resource of a name that is valid Envoy config.
 _EMPTY_BY_NAME: dict[str, Callable[[str], Any]] = {
@@ -130,7 +130,8 @@ class FakeIstiod:
     def __enter__(self) -> FakeIstiod:
         self.socket_path.parent.mkdir(parents=True, exist_ok=True)
         self.socket_path.unlink(missing_ok=True)
-        # A stream takes two threads (sender, request reader); Envoy opens one ADS stream at a time.
+        # A stream takes one pool thread (its sender) and a reader thread of its own; Envoy opens one ADS stream
+        # at a time (a restarted Envoy a new one, after the old one ended).
         self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
         ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(self, self._server)
         bound = self._server.add_insecure_port(f"unix:{self.socket_path}")
@@ -168,10 +169,12 @@ class FakeIstiod:
             version = self._versions.get(type_url, 0) + 1
             self._versions[type_url] = version
             self._resources[type_url] = self._pack(items, str(version))
-            if self._held:
-                return
             for stream in self._streams:
-                if type_url in stream.subscribed:
+                if type_url not in stream.subscribed:
+                    continue
+                if self._held:
+                    stream.pending.add(type_url)  # pushed at release()
+                else:
                     self._send(stream, type_url)
 
     # -- what tests read -------------------------------------------------------------------------------------
