@@ -30,6 +30,7 @@ from tests.support.pod_run import (
     Outcome,
     get_once,
     http_text_or_none,
+    in_netns,
     no_control_plane_pod,
     self_signed,
     summary,
@@ -168,3 +169,28 @@ def test_pod_deleted_with_slow_requests_in_flight_they_complete_and_the_agent_ex
         assert not termination.killed
         assert termination.seconds < run.pod.termination_grace_s()
         assert run.proxy.processes() == [], "nothing is left in the PID namespace"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="agent bug: after a crash restart, /healthz/ready on 15020 reuses the facts remembered from the dead "
+    "Envoy when no probe came during the outage (agent/status/readiness.py hot path; agent/proxy/epochs.py calls "
+    "envoy_up() as soon as the new epoch is exec'd). Through 15021 this is masked: Envoy serves 15021 itself.",
+)
+def test_after_a_crash_the_agents_own_readiness_waits_for_the_new_envoy() -> None:
+    """The agent's /healthz/ready (15020, what Envoy's 15021 listener forwards to, and what `pilot-agent wait`
+    and other local checks read) must not pass before the restarted Envoy serves, even when nobody probed while
+    Envoy was down (kubelet probes every 15 s; an outage is ~0.3 s)."""
+    require_root()
+    with no_control_plane_pod("rdy") as run:
+        [envoy] = run.proxy.named("envoy")
+        os.kill(envoy, signal.SIGKILL)
+        # No probe during the outage: wait, without asking the agent anything, for the agent's new Envoy process.
+        wait_until(lambda: [p for p in run.proxy.named("envoy") if p != envoy], timeout=10, interval=0.001)
+
+        def ready_then_request() -> tuple[int | None, Outcome]:
+            status = http_text_or_none(f"http://{run.net.pod_ip}:15020/healthz/ready")
+            return status, get_once(run.net.pod_ip, 8080)
+
+        status, outcome = in_netns(run.client_ns, ready_then_request)
+        assert status != 200 or outcome.ok, f"15020 said ready ({status}) while a request got {outcome.error}"
