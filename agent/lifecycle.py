@@ -24,6 +24,10 @@ class Lifecycle:
     immediate: bool = False
     # None while the supervisor believes an Envoy epoch is running; otherwise why it is not.
     envoy_down_reason: str | None = "Envoy has not been started yet"
+    # Envoy cold starts so far (first start, crash restart, recovery of a wedged hot-restart family), counted by the
+    # supervisor. A reader caching what it verified about Envoy (config received) must verify again when it changes:
+    # the new Envoy knows nothing yet, even if no probe happened to land while it was down.
+    envoy_starts: int = 0
 
     def request_shutdown(self, cause: str, *, skip_drain: bool = False) -> None:
         if self.shutdown_requested.is_set():

@@ -360,6 +360,8 @@ class Epochs:
             self.lifecycle.envoy_down(f"cannot start Envoy: {exc}")
             raise EnvoyCrashed(info) from exc
         self.procs[epoch] = proc
+        if epoch == 0:
+            self.lifecycle.envoy_starts += 1
         self._spawn(proc.run(on_exit=lambda p: self._events.put_nowait(("exit", p))))
         self.metrics.envoy_epoch.set(epoch)
         self._current_state = state

@@ -34,6 +34,7 @@ async def test_sigkill_turns_readiness_off_and_envoy_comes_back(tmp_path: Path) 
         assert reasons and "SIGKILL" in (reasons[0] or "")
         assert [p.pid for p in envoy_children()] != [victim.pid]
         assert delays == [0.2]
+        assert run.lifecycle.envoy_starts == 2  # readers of Lifecycle learn that this is a new Envoy
         assert run.value("istio_agent_envoy_exits_total", cause="oom") == 1
         assert run.value("istio_agent_envoy_restart_budget_remaining") == 9
         # A second crash doubles the delay.
