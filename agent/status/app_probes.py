@@ -61,6 +61,8 @@ class AppProber:
     def __init__(self, settings: StatusSettings) -> None:
         self.settings = settings
         self.host = settings.probe_host
+        # The port kubelet called us on, swapped out of the Host header it sent (the server sets the bound one).
+        self.status_port = settings.status_port
         self.source: str | None = settings.probe_source_ip
         if settings.app_probes and not source_address_usable(settings.probe_source_ip):
             # Without it the probe is captured by Envoy like any inbound connection (fails under STRICT mTLS),
@@ -111,7 +113,7 @@ class AppProber:
         # Istio passes kubelet's Host on (podIP:15020 by default), with the status port swapped for the app's.
         # It names the application, never the destination, which stays the configured address and port.
         host, _, port = request.host.rpartition(":")
-        if host and port == str(self.settings.status_port):
+        if host and port == str(self.status_port):
             headers["Host"] = f"{host}:{action.port}"
         elif request.host:
             headers["Host"] = request.host

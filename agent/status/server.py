@@ -116,13 +116,16 @@ class StatusServer:
             ) from None
         self._runner = runner
         self.port = self._bound_port(runner)
+        self.prober.status_port = self.port
         log.info("status server listening on port %d", self.port)
 
     @staticmethod
     def _bound_port(runner: web.AppRunner) -> int:
-        for address in runner.addresses:
-            if isinstance(address, tuple) and len(address) >= 2:
-                return int(address[1])
+        """The port really bound (status_port 0 lets the kernel choose: tests). IPv4 first: with port 0 on all
+        interfaces, the IPv4 and IPv6 sockets get different ports."""
+        addresses = [a for a in runner.addresses if isinstance(a, tuple) and len(a) >= 2]
+        for address in sorted(addresses, key=len):  # IPv4 (host, port) before IPv6 (host, port, flow, scope)
+            return int(address[1])
         raise AgentError("status server: no listening socket", ExitCode.STARTUP_FAILED)
 
     async def stop(self) -> None:

@@ -52,7 +52,9 @@ class Agent:
 
 def settings_for(stack: EnvoyStack | None, **overrides: object) -> StatusSettings:
     base = StatusSettings(
-        status_port=stack.agent_port if stack else free_port(),
+        # 0: the kernel picks a free port at bind time (a port from free_port() can be taken by someone else's
+        # ephemeral connection before we bind it). With a stack, Envoy already points at agent_port.
+        status_port=stack.agent_port if stack else 0,
         envoy_prometheus_port=stack.prometheus_port if stack else free_port(),
         admin_port=stack.admin_port if stack else free_port(),
         listen_host="127.0.0.1",
@@ -80,10 +82,9 @@ async def running_agent(settings: StatusSettings, *, envoy_up: bool = True) -> A
 @contextmanager
 def exporter(registry: CollectorRegistry) -> Iterator[int]:
     """prometheus_client's own HTTP exporter (honours Accept: text or OpenMetrics), on a free port."""
-    port = free_port()
-    server, thread = start_http_server(port, addr="127.0.0.1", registry=registry)
+    server, thread = start_http_server(0, addr="127.0.0.1", registry=registry)
     try:
-        yield port
+        yield int(server.server_address[1])
     finally:
         server.shutdown()
         server.server_close()

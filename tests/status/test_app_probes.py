@@ -46,8 +46,8 @@ async def application(ssl_context: ssl.SSLContext | None = None) -> AsyncIterato
     app.router.add_route("*", "/{tail:.*}", handler)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port, ssl_context=ssl_context).start()
+    await web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ssl_context).start()
+    port = int(runner.addresses[0][1])
     try:
         yield port, seen
     finally:
