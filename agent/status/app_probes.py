@@ -13,9 +13,11 @@ success, status mirrored, at most 10 KiB of body copied.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import ssl
+import struct
 from urllib.parse import urljoin, urlsplit
 
 import aiohttp
@@ -101,6 +103,7 @@ class AppProber:
         except (OSError, TimeoutError) as exc:
             log.debug("tcp probe %s:%d failed: %s", self.host, action.port, exc)
             return False
+        _linger(writer)
         writer.close()
         return True
 
@@ -165,6 +168,15 @@ class AppProber:
         return status == GRPC_SERVING
 
 
+def _linger(writer: asyncio.StreamWriter) -> None:
+    """SO_LINGER {on, 1 s}: Istio's probe dialer sets it (status/dialer_others.go, copied from kubelet's prober),
+    kept for parity in how probe connections are torn down."""
+    sock = writer.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 1))
+
+
 class GRPCError(Exception):
     """The health call failed: gRPC status not OK (Unimplemented, NotFound...), or a protocol error."""
 
@@ -225,6 +237,7 @@ async def grpc_health_check(
     from 127.0.0.6 to bypass the capture rules (Istio's Go dialer does the same with LocalAddr).
     """
     reader, writer = await asyncio.open_connection(host, port, local_addr=local_addr)
+    _linger(writer)
     try:
         conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))
         conn.initiate_connection()
