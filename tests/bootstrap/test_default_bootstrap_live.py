@@ -9,8 +9,6 @@ ISTIO_DELTA_XDS=true) and state of the world (ISTIO_DELTA_XDS=false).
 from __future__ import annotations
 
 import json
-import random
-import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -39,28 +37,13 @@ PROTOCOLS = {"delta": {}, "sotw": {"ISTIO_DELTA_XDS": "false"}}
 
 
 def quiet_ports(*names: str) -> dict[str, int]:
-    """Free ports BELOW the kernel's ephemeral range, so no outgoing connection on this busy machine can grab one
-    between the pick and Envoy's bind (free_port()'s ports are ephemeral ones: under a concurrent load test they
-    were taken within milliseconds, and Envoy exited with "cannot bind ... Address already in use")."""
-    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    if low <= 20000:
-        return {name: free_port() for name in names}  # no quiet range here; take the usual chance
-    rng = random.SystemRandom()
+    """Distinct free ports, one per name (free_port() picks them below the ephemeral range)."""
     ports: dict[str, int] = {}
     while len(ports) < len(names):
-        port = rng.randrange(20000, low)
-        if port not in ports.values() and _bindable(port):
+        port = free_port()
+        if port not in ports.values():
             ports[names[len(ports)]] = port
     return ports
-
-
-def _bindable(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        try:
-            sock.bind(("0.0.0.0", port))
-        except OSError:
-            return False
-    return True
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,38 @@ def remove_shm(base_id: int) -> None:
     shm_segment(base_id).unlink(missing_ok=True)
 
 
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("0.0.0.0", port))
+        except OSError:
+            return False
+    return True
+
+
+_port_picker = random.SystemRandom()
+
+
 def free_port() -> int:
+    """A TCP port nothing listens on, chosen BELOW the kernel's ephemeral range.
+
+    A port the kernel hands out for bind(0) is an ephemeral one: on a busy machine an outgoing connection can take
+    it between the pick and Envoy's bind ("cannot bind ... Address already in use"). Ports under the ephemeral
+    range are never chosen for outgoing connections, so only another listener can race us, and picks are random.
+    """
+    low = _ephemeral_low()
+    if low > 20000:
+        for _ in range(200):
+            port = _port_picker.randrange(20000, low)
+            if _bindable(port):
+                return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
