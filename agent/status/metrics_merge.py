@@ -139,7 +139,10 @@ class MetricsMerger:
                     )
             if openmetrics:
                 await _write(response, b"# EOF\n")
-            await response.write_eof()
+            try:
+                await response.write_eof()
+            except (ConnectionError, RuntimeError) as exc:
+                raise _ClientGone(str(exc)) from exc
             return response
         except _ClientGone:
             log.debug("scraper hung up during a merged scrape")

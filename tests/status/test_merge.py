@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import socket
 import subprocess
@@ -274,3 +275,16 @@ async def test_envoy_killed_between_scrapes_is_counted(tmp_path: Path) -> None:
             assert status == 200 and agent.failures("envoy") == 1
     check_valid(body)
     assert b"\nenvoy_" not in body and b"istio_agent_scrapes_total 2.0" in body
+
+
+async def test_scraper_hanging_up_mid_scrape_is_harmless(stack: EnvoyStack, caplog: pytest.LogCaptureFixture) -> None:
+    with raw_http_server(_slow_app(0.0, 30.0)) as app_port:
+        settings = settings_for(stack, scrape_targets=(ScrapeTarget(app_port, "/metrics"),))
+        async with running_agent(settings) as agent:
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(0.3):
+                    await agent.get("/metrics", headers={"X-Prometheus-Scrape-Timeout-Seconds": "1.2"})
+            await asyncio.sleep(1.5)  # past the scrape's deadline: the abandoned handler has finished
+            status, body, _ = await agent.get("/metrics", headers={"X-Prometheus-Scrape-Timeout-Seconds": "1"})
+    assert status == 200 and b"slow_one 1" in body
+    assert not [r for r in caplog.records if r.exc_info], [r.getMessage() for r in caplog.records if r.exc_info]
