@@ -118,7 +118,7 @@ def _cert_env(pod: Pod) -> dict[str, str]:
 def rotation(workdir: Path, threads: int) -> dict[str, int | float]:
     first, second = self_signed("echo", workdir), self_signed("echo-rotated", workdir)
     with no_control_plane_pod("bpr", secrets={CERT_SECRET: first}, env=_cert_env) as run:
-        with run.load(threads=threads, timeout=15) as load:
+        with run.load(threads=threads, timeout=5) as load:
             time.sleep(1.0)
             swapped = time.monotonic()
             run.pod.update_secret(CERT_SECRET, second)

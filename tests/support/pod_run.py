@@ -97,7 +97,8 @@ class Outcome:
 
 
 def get_once(host: str, port: int, path: str = "/", timeout: float = 5.0) -> Outcome:
-    """One `GET` on a new connection (`Connection: close`), read to EOF. Never raises for network errors."""
+    """One `GET` on a new connection (`Connection: close`), read to the end of the answer. Never raises for
+    network errors."""
     started = time.monotonic()
     connected = False
     connect_s = 0.0
@@ -107,8 +108,15 @@ def get_once(host: str, port: int, path: str = "/", timeout: float = 5.0) -> Out
             connect_s = time.monotonic() - started
             sock.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: close\r\n\r\n".encode())
             data = bytearray()
-            while chunk := sock.recv(65536):
+            # Done at the end of the answer (Content-Length), as HTTP clients are, not at the server's close: a
+            # draining Envoy answers at once but may keep the connection open for seconds (docs/bench-pod.md).
+            eof = False
+            while not _complete(bytes(data), eof):
+                chunk = sock.recv(65536)
+                eof = not chunk
                 data += chunk
+                if eof:
+                    break
     except TimeoutError:
         return Outcome(started, time.monotonic(), connected, None, "timeout", connect_s)
     except OSError as exc:
@@ -116,12 +124,13 @@ def get_once(host: str, port: int, path: str = "/", timeout: float = 5.0) -> Out
         return Outcome(started, time.monotonic(), connected, None, name, connect_s)
     head = bytes(data).split(b"\r\n", 1)[0].split()
     # A complete answer: a status line and the body announced by Content-Length (or read to EOF).
-    if len(head) < 2 or not head[1].isdigit() or not _complete(bytes(data)):
+    if len(head) < 2 or not head[1].isdigit() or not _complete(bytes(data), eof):
         return Outcome(started, time.monotonic(), connected, None, "EOF", connect_s)
     return Outcome(started, time.monotonic(), connected, int(head[1]), None, connect_s)
 
 
-def _complete(data: bytes) -> bool:
+def _complete(data: bytes, eof: bool) -> bool:
+    """Headers and the body Content-Length announces; without Content-Length, whatever came before EOF."""
     header, sep, body = data.partition(b"\r\n\r\n")
     if not sep:
         return False
@@ -129,7 +138,7 @@ def _complete(data: bytes) -> bool:
         name, _, value = line.partition(b":")
         if name.strip().lower() == b"content-length":
             return len(body) >= int(value.strip())
-    return True
+    return eof
 
 
 @dataclass
