@@ -137,11 +137,11 @@ def env_bool(environ: Mapping[str, str], name: str, default: bool) -> bool:
 def _port(value: Any, source: str, key: str) -> int:
     """A port given as a JSON number or a numeric string (annotations are strings), 1-65535."""
     if isinstance(value, bool) or not isinstance(value, int | str):
-        raise ConfigError(source, key, f"port must be a number, got {value!r}")
+        raise ConfigError(source, key, f"must be an integer port, got {value!r}")
     try:
         port = int(value)
     except ValueError:
-        raise ConfigError(source, key, f"port must be a number, got {value!r}") from None
+        raise ConfigError(source, key, f"must be an integer port, got {value!r}") from None
     if not 1 <= port <= 65535:
         raise ConfigError(source, key, f"port {port} is out of range 1-65535")
     return port

@@ -108,7 +108,7 @@ def test_prometheus_annotations() -> None:
     ("raw", "message"),
     [
         ('{"port": "80', "ISTIO_PROMETHEUS_ANNOTATIONS: invalid JSON"),
-        ('{"port": "eighty"}', "ISTIO_PROMETHEUS_ANNOTATIONS: port: port must be a number, got 'eighty'"),
+        ('{"port": "eighty"}', "ISTIO_PROMETHEUS_ANNOTATIONS: port: must be an integer port, got 'eighty'"),
         ('{"port": "15020"}', "ISTIO_PROMETHEUS_ANNOTATIONS: port: port 15020 is the status port itself"),
         (
             '{"targets": [{"port": "15090"}]}',
