@@ -70,6 +70,10 @@ def test_app_probers_of_every_kind() -> None:
             "ISTIO_KUBE_APP_PROBERS: /app-health/web/readyz.tcpSocket.port: port 70000 is out of range 1-65535",
         ),
         (
+            '{"/app-health/web/readyz": {"tcpSocket": {"port": 8080.5}}}',
+            "ISTIO_KUBE_APP_PROBERS: /app-health/web/readyz.tcpSocket.port: must be an integer port, got 8080.5",
+        ),
+        (
             '{"/app-health/web/readyz": {"grpc": {}}}',
             "ISTIO_KUBE_APP_PROBERS: /app-health/web/readyz.grpc.port: is required",
         ),
