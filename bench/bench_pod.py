@@ -3,11 +3,12 @@ requests served and failed through a certificate rotation and through a pod dele
 
     sudo /work/venv/bin/python -m bench.bench_pod [--runs 5] [--threads 8] [--in-flight 32]
 
-Pod start, per run: istio-init started -> 15021 answers 200 from the node side (polled every 5 ms, not kubelet's
-1 s startup period) and -> the first client request captured into Envoy answered 200. Baseline in the same run, in
-the same pod network namespace once the agent has exited: the Envoy binary started directly (uid 1337) on the very
-bootstrap the agent rendered (envoy-rev0.json, copied), with the agent's command line, -> admin /server_info LIVE
-and -> the first captured request answered 200.
+Pod start, per run: istio-init started -> 15021 answers 200 from the node side (polled every 10 ms, not kubelet's
+1 s startup period) and -> the first client request captured into Envoy answered 200; with the agent's share
+(istio-proxy started -> the agent execs Envoy, from its log) and Envoy's inside the pod (exec -> LIVE, its log).
+Baseline in the same run, in the same pod network namespace once the agent has exited: the Envoy binary started
+directly (uid 1337) on the very bootstrap the agent rendered (envoy-rev0.json, copied), with the agent's command
+line, -> admin /server_info LIVE and -> the first captured request answered 200.
 
 Rotation, per run: `--threads` clients send GETs back to back (a new connection each) while the Secret volume is
 updated (kubelet's ..data swap); load continues until 1 s after epoch 1 is LIVE. Deletion, per run: `--in-flight`
@@ -25,6 +26,7 @@ import statistics
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
 from pathlib import Path
 
 from tests.support.envoy import envoy_binary, new_base_id, remove_shm, wait_until
@@ -86,9 +88,21 @@ def _envoy_direct(run: RunningPod, bootstrap: Path, argv: list[str]) -> tuple[fl
         remove_shm(base_id)
 
 
+def _log_time(log: str, needle: str) -> float:
+    """The wall-clock time (epoch seconds) of the agent's first log line containing `needle`."""
+    line = next(ln for ln in log.splitlines() if needle in ln)
+    stamp = datetime.strptime(line.split("\t", 1)[0], "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
+    return stamp.timestamp()
+
+
 def pod_start(workdir: Path) -> dict[str, float]:
     with no_control_plane_pod("bps") as run:
         served_at = _first_served(run)
+        # The agent logs in wall-clock time; the harness measures in monotonic time.
+        proxy_started_wall = time.time() - (time.monotonic() - run.proxy_started)
+        log = run.proxy.log_text()
+        exec_wall = _log_time(log, "Envoy epoch 0 started")
+        live_wall = _log_time(log, "Envoy epoch 0 is LIVE")
         [envoy] = run.proxy.named("envoy")
         argv = Path(f"/proc/{envoy}/cmdline").read_bytes().decode().split("\0")[:-1]
         bootstrap = workdir / "envoy-rev0.json"
@@ -99,6 +113,8 @@ def pod_start(workdir: Path) -> dict[str, float]:
     return {
         "init_s": run.init_done - run.init_started,
         "proxy_to_ready_s": run.ready_at - run.proxy_started,
+        "proxy_to_envoy_exec_s": exec_wall - proxy_started_wall,
+        "envoy_exec_to_live_in_pod_s": live_wall - exec_wall,
         "pod_to_ready_s": run.ready_at - run.init_started,
         "pod_to_served_s": served_at - run.init_started,
         "envoy_to_live_s": envoy_live,
