@@ -125,6 +125,8 @@ class Readiness:
         # Monotonic time of the agent's start; startup_duration is measured from it (Istio: process start).
         self.started_at = process_start_monotonic() if started_at is None else started_at
         self.ever_ready = False
+        # The Envoy cold start (Lifecycle.envoy_starts) the probes' remembered facts belong to.
+        self._verified_start = lifecycle.envoy_starts
         self._last: str | None = "not checked yet"
         self._inflight: asyncio.Future[str | None] | None = None
 
@@ -134,6 +136,7 @@ class Readiness:
 
     async def check(self) -> str | None:
         """None when ready, else the reason. Concurrent callers share one evaluation."""
+        self._forget_facts_of_a_previous_envoy()
         if self.lifecycle.not_ready_reason() is None and all(probe.passed for probe in self.probes):
             # Hot path of every kubelet probe once ready: nothing to ask Envoy, no task to create.
             self._record(None)
@@ -142,6 +145,15 @@ class Readiness:
             self._inflight = asyncio.ensure_future(self._evaluate())
         # shield: one prober hanging up must not cancel the check the others are waiting for.
         return await asyncio.shield(self._inflight)
+
+    def _forget_facts_of_a_previous_envoy(self) -> None:
+        """A cold-started Envoy (crash restart, recovery) knows nothing yet: what the probes verified about the
+        one before it must be verified again, even if no probe happened to land while Envoy was down (kubelet
+        probes every few seconds; a crash restart takes a fraction of one)."""
+        if self.lifecycle.envoy_starts != self._verified_start:
+            self._verified_start = self.lifecycle.envoy_starts
+            for probe in self.probes:
+                probe.forget()
 
     async def _evaluate(self) -> str | None:
         reason = self.lifecycle.not_ready_reason()

@@ -171,12 +171,6 @@ def test_pod_deleted_with_slow_requests_in_flight_they_complete_and_the_agent_ex
         assert run.proxy.processes() == [], "nothing is left in the PID namespace"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="agent bug: after a crash restart, /healthz/ready on 15020 reuses the facts remembered from the dead "
-    "Envoy when no probe came during the outage (agent/status/readiness.py hot path; agent/proxy/epochs.py calls "
-    "envoy_up() as soon as the new epoch is exec'd). Through 15021 this is masked: Envoy serves 15021 itself.",
-)
 def test_after_a_crash_the_agents_own_readiness_waits_for_the_new_envoy() -> None:
     """The agent's /healthz/ready (15020, what Envoy's 15021 listener forwards to, and what `pilot-agent wait`
     and other local checks read) must not pass before the restarted Envoy serves, even when nobody probed while

@@ -134,12 +134,6 @@ def test_rejected_listeners_keep_the_sidecar_not_ready_until_istiod_fixes_them(t
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="agent bug: readiness forgets what it verified about Envoy only if a probe lands while Envoy is down "
-    "(agent/status/readiness.py Readiness._evaluate); after a restart no probe saw, /healthz/ready is 200 for an "
-    "Envoy still PRE_INITIALIZING without config",
-)
 def test_envoy_killed_reconnects_to_istiod_and_earns_readiness_again(tmp_path: Path) -> None:
     """The agent restarts a crashed Envoy (Istio's does not): the new Envoy must open a new ADS stream, introduce
     itself again and be re-ACKed before the sidecar is ready again."""
