@@ -15,8 +15,6 @@ class ExitCode(enum.IntEnum):
     IPTABLES_FAILED = 1
     # argparse's own code for a malformed command line.
     USAGE = 2
-    # A command that is part of Istio's CLI but not built here yet.
-    NOT_IMPLEMENTED = 3
     # `pilot-agent wait` gave up: Envoy never became ready in time.
     WAIT_TIMEOUT = 4
     # `pilot-agent request`: the admin API answered an error status or could not be reached.
@@ -33,8 +31,6 @@ class ExitCode(enum.IntEnum):
     NOT_PERMITTED = 77
     # Bad configuration input: env var, file, flag, annotation. The one-line message names source and field.
     CONFIG_ERROR = 78
-    # istio-iptables --run-validation failed (Istio's code).
-    IPTABLES_VALIDATION_FAILED = 126
 
 
 class AgentError(Exception):
