@@ -12,7 +12,9 @@ line, -> admin /server_info LIVE and -> the first captured request answered 200.
 
 Rotation, per run: `--threads` clients send GETs back to back (a new connection each) while the Secret volume is
 updated (kubelet's ..data swap); load continues until 1 s after epoch 1 is LIVE. Deletion, per run: `--in-flight`
-requests of 1 s are in the app when the pod is deleted (SIGTERM, terminationDrainDuration 2 s).
+requests of 1 s are in the app when the pod is deleted (SIGTERM, terminationDrainDuration 2 s). Kill, per run:
+Envoy SIGKILLed inside the pod; once it is reaped, `--threads` clients send requests until 15021 passes again
+(polled every 10 ms): time to ready again, refused / served / lost.
 Prints one JSON object; docs/bench-pod.md has the figures.
 """
 
@@ -22,6 +24,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import statistics
 import tempfile
 import time
@@ -40,6 +43,7 @@ from tests.support.pod_run import (
     no_control_plane_pod,
     self_signed,
     summary,
+    wait_ready,
 )
 from tests.support.probes import enter_netns
 
@@ -164,32 +168,59 @@ def deletion(in_flight: int) -> dict[str, int | float]:
     }
 
 
+def envoy_killed(threads: int) -> dict[str, int | float]:
+    """SIGKILL to Envoy inside the pod: time until 15021 passes again; requests while it was away."""
+    with no_control_plane_pod("bpk") as run:
+        [envoy] = run.proxy.named("envoy")
+        killed = time.monotonic()
+        os.kill(envoy, signal.SIGKILL)
+        while Path(f"/proc/{envoy}").exists():  # reaped: its sockets are closed
+            time.sleep(0.001)
+        with run.load(threads=threads, timeout=5) as load:
+            ready = wait_ready(run.net, timeout=30)
+            time.sleep(0.2)
+        outcomes = load.outcomes
+    return {
+        **summary(outcomes),
+        "ready_again_s": round(ready - killed, 3),
+        "lost": sum(1 for o in outcomes if o.lost),
+        "refused_after_ready": sum(1 for o in outcomes if o.started > ready and not o.ok),
+    }
+
+
+SCENARIOS = ("start", "rotation", "deletion", "kill")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--threads", type=int, default=8)
     parser.add_argument("--in-flight", type=int, default=32)
+    parser.add_argument("--scenarios", default=",".join(SCENARIOS), help=f"comma-separated, of {SCENARIOS}")
     args = parser.parse_args()
+    wanted = set(args.scenarios.split(","))
     if os.geteuid() != 0:
         raise SystemExit("bench_pod: needs root (network and PID namespaces, iptables)")
     workdir = Path(tempfile.mkdtemp(prefix="bench-pod-"))
     os.chmod(workdir, 0o755)
     try:
-        starts = [pod_start(workdir) for _ in range(args.runs)]
-        rotations = [rotation(workdir, args.threads) for _ in range(args.runs)]
-        deletions = [deletion(args.in_flight) for _ in range(args.runs)]
+        runs = range(args.runs)
+        starts = [pod_start(workdir) for _ in runs] if "start" in wanted else []
+        rotations = [rotation(workdir, args.threads) for _ in runs] if "rotation" in wanted else []
+        deletions = [deletion(args.in_flight) for _ in runs] if "deletion" in wanted else []
+        kills = [envoy_killed(args.threads) for _ in runs] if "kill" in wanted else []
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    medians = {key: round(statistics.median(s[key] for s in starts), 3) for key in starts[0]}
-    report = {
-        "runs": args.runs,
-        "pod_start_median": medians,
-        "ratio_pod_ready_vs_envoy_live": round(medians["pod_to_ready_s"] / medians["envoy_to_live_s"], 2),
-        "ratio_pod_served_vs_envoy_served": round(medians["pod_to_served_s"] / medians["envoy_to_served_s"], 2),
-        "pod_start_runs": [{k: round(v, 3) for k, v in s.items()} for s in starts],
-        "rotation": rotations,
-        "deletion": deletions,
-    }
+    report: dict[str, object] = {"runs": args.runs}
+    if starts:
+        medians = {key: round(statistics.median(s[key] for s in starts), 3) for key in starts[0]}
+        report["pod_start_median"] = medians
+        report["ratio_pod_ready_vs_envoy_live"] = round(medians["pod_to_ready_s"] / medians["envoy_to_live_s"], 2)
+        report["ratio_pod_served_vs_envoy_served"] = round(medians["pod_to_served_s"] / medians["envoy_to_served_s"], 2)
+        report["pod_start_runs"] = [{k: round(v, 3) for k, v in s.items()} for s in starts]
+    for name, results in (("rotation", rotations), ("deletion", deletions), ("kill", kills)):
+        if results:
+            report[name] = results
     print(json.dumps(report, indent=1))
 
 
