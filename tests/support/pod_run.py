@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import os
 import socket
 import subprocess
 import threading
@@ -232,6 +233,8 @@ class RunningPod:
     init_done: float
     proxy_started: float
     ready_at: float
+    # When Envoy's admin first said LIVE (polled every 5 ms from inside the pod during start); None if not seen.
+    envoy_live_at: float | None = None
 
     @property
     def client_ns(self) -> Path:
@@ -319,6 +322,39 @@ def wait_ready(net: PodNetwork, timeout: float = 60.0, interval: float = 0.01) -
     return in_netns(netns_file(net.client_ns), poll)
 
 
+class _LiveWatch:
+    """Polls Envoy's admin /server_info inside the pod every 5 ms until LIVE, on its own thread: when Envoy itself
+    was ready, apart from when the agent noticed."""
+
+    def __init__(self, netns: Path) -> None:
+        self.live_at: float | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, args=(netns,), name="live-watch", daemon=True)
+        self._thread.start()
+
+    def _poll(self, netns: Path) -> None:
+        enter_netns(netns)
+        while not self._stop.is_set():
+            with contextlib.suppress(OSError, ValueError):
+                status, body = http_text("http://127.0.0.1:15000/server_info", 0.5)
+                if status == 200 and json.loads(body).get("state") == "LIVE":
+                    self.live_at = time.monotonic()
+                    return
+            self._stop.wait(0.005)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+def process_started_at(pid: int) -> float:
+    """When a process was started, on time.monotonic()'s clock (to a clock tick, 10 ms): /proc/PID/stat counts
+    from boot (CLOCK_BOOTTIME), which runs with CLOCK_MONOTONIC but for time suspended."""
+    ticks = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    since = time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK")
+    return time.monotonic() - since
+
+
 @contextlib.contextmanager
 def no_control_plane_pod(
     prefix: str = "scn",
@@ -354,13 +390,16 @@ def no_control_plane_pod(
             assert code == 0, output
             with net.app([8080]):
                 overrides = {"ISTIO_LOCAL_XDS_DIR": str(pod.path("/etc/istio/local-xds")), **(env(pod) if env else {})}
+                live = _LiveWatch(netns_file(net.pod_ns))
                 proxy_started = time.monotonic()
                 proxy = pod.start("istio-proxy", env_overrides=overrides)
                 try:
                     ready_at = wait_ready(net)
                 except AssertionError:
                     raise AssertionError(f"istio-proxy not ready: {proxy.log_text()[-4000:]}") from None
-                running = RunningPod(net, pod, proxy, init_started, init_done, proxy_started, ready_at)
+                finally:
+                    live.stop()
+                running = RunningPod(net, pod, proxy, init_started, init_done, proxy_started, ready_at, live.live_at)
                 try:
                     yield running
                 finally:
