@@ -19,16 +19,21 @@ import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Protocol
+from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 
 from agent.errors import AgentError, ExitCode
 from agent.lifecycle import Lifecycle
-from agent.metrics import AgentMetrics
 from agent.pid1 import OrphanReaper, SignalDispatcher, is_pid1
-from agent.proxy.admin import AdminClient, AdminError
 from agent.proxy.argv import LaunchSettings
-from agent.proxy.epochs import DesiredStateFn, Epochs, SupervisionSettings
+from agent.proxy.epochs import DesiredState, DesiredStateFn, Epochs, SupervisionSettings
+from agent.proxy.process import EnvoyProcess
 from agent.watch import ChangeSet, Watcher
+
+if TYPE_CHECKING:
+    # `pilot-agent proxy` imports this module (its settings) before it execs Envoy; prometheus_client and aiohttp
+    # load after the exec, overlapping Envoy's own start.
+    from agent.metrics import AgentMetrics
+    from agent.proxy.admin import AdminClient
 
 log = logging.getLogger("agent.supervisor")
 
@@ -84,6 +89,8 @@ class Supervisor:
         reap: bool | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         sink: BinaryIO | None = None,
+        epoch0: tuple[EnvoyProcess, DesiredState] | None = None,
+        signal_queue: asyncio.Queue[int] | None = None,
     ) -> None:
         self.launch = launch
         self.supervision = supervision
@@ -98,6 +105,11 @@ class Supervisor:
         self.reap = is_pid1() if reap is None else reap
         self.sleep = sleep
         self.sink = sink
+        # Start-up: an epoch 0 exec'd before the supervisor existed, and the queue its early signal handlers fill
+        # (the dispatcher reads it: a signal whose handler call is already scheduled when install() replaces the
+        # handlers still lands there).
+        self.epoch0 = epoch0
+        self.signal_queue = signal_queue
         self.epochs: Epochs | None = None
         self.watcher: Watcher | None = None
         self.reaper: OrphanReaper | None = None
@@ -122,10 +134,14 @@ class Supervisor:
                 sink=self.sink,
             )
             self.epochs = epochs
+            if self.epoch0 is not None:
+                epochs.adopt(*self.epoch0)
             background: list[asyncio.Task[Any]] = []
             dispatcher = SignalDispatcher(
                 self.lifecycle, on_hot_restart=epochs.request_hot_restart, forward=epochs.forward_signal
             )
+            if self.signal_queue is not None:
+                dispatcher.queue = self.signal_queue
             status_started = False
             try:
                 if self.status is not None:
@@ -169,6 +185,8 @@ class Supervisor:
             self.epochs.notify_change(f"files changed: {', '.join(str(p) for p in changes.changed)}")
 
     async def _shutdown(self, epochs: Epochs) -> None:
+        from agent.proxy.admin import AdminError  # noqa: PLC0415 (lazy: see the TYPE_CHECKING imports)
+
         if not epochs.running():
             return
         if self.lifecycle.immediate or self.lifecycle.skip_drain:
@@ -201,6 +219,8 @@ class Supervisor:
         log.info("Exit on zero active connections: waiting %gs first", self.drain.minimum_drain)
         if not await self._wait_draining(epochs, self.drain.minimum_drain):
             return
+        from agent.proxy.admin import AdminError  # noqa: PLC0415 (lazy: see the TYPE_CHECKING imports)
+
         errors = 0
         while True:
             try:

@@ -17,11 +17,13 @@ import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from watchdog.events import FileSystemEvent, FileSystemEventHandler
-from watchdog.observers import Observer
+if TYPE_CHECKING:
+    # `pilot-agent proxy` imports content_hash before it execs Envoy; watchdog loads when the watcher starts.
+    from watchdog.events import FileSystemEvent, FileSystemEventHandler
 
-from agent.metrics import AgentMetrics
+    from agent.metrics import AgentMetrics
 
 log = logging.getLogger("agent.watch")
 
@@ -44,18 +46,19 @@ def content_hash(path: Path) -> str | None:
         return None
 
 
-class _Handler(FileSystemEventHandler):
-    def __init__(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[Path]) -> None:
-        self.loop = loop
-        self.queue = queue
+def _handler(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[Path]) -> FileSystemEventHandler:
+    from watchdog.events import FileSystemEventHandler  # noqa: PLC0415 (lazy: see the TYPE_CHECKING imports)
 
-    def on_any_event(self, event: FileSystemEvent) -> None:
-        if event.event_type in ("opened", "closed_no_write"):
-            return  # reads (our own hashing included) are not changes
-        raw = event.src_path
-        path = Path(raw.decode() if isinstance(raw, bytes) else raw)
-        # Called on watchdog's thread: hand over to the loop, nothing else.
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, path.parent if not event.is_directory else path)
+    class Handler(FileSystemEventHandler):
+        def on_any_event(self, event: FileSystemEvent) -> None:
+            if event.event_type in ("opened", "closed_no_write"):
+                return  # reads (our own hashing included) are not changes
+            raw = event.src_path
+            path = Path(raw.decode() if isinstance(raw, bytes) else raw)
+            # Called on watchdog's thread: hand over to the loop, nothing else.
+            loop.call_soon_threadsafe(queue.put_nowait, path.parent if not event.is_directory else path)
+
+    return Handler()
 
 
 class Watcher:
@@ -83,8 +86,10 @@ class Watcher:
         """Exit paths: only cancellation (the observer thread is stopped and joined then)."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Path] = asyncio.Queue()
+        from watchdog.observers import Observer  # noqa: PLC0415 (lazy: see the TYPE_CHECKING imports)
+
         observer = Observer()
-        handler = _Handler(loop, queue)
+        handler = _handler(loop, queue)
         for directory in sorted(self.directories()):
             if directory.is_dir():
                 observer.schedule(handler, str(directory), recursive=False)

@@ -1,5 +1,6 @@
 """`pilot-agent proxy` start -> Envoy LIVE, against Envoy started directly on the same bootstrap, in the same run;
-and the agent's resident memory once Envoy is LIVE.
+and the agent's resident memory once Envoy is LIVE and the agent serves readiness 200 (fully started: since the
+agent execs Envoy before its heavy imports, Envoy may be LIVE before the agent has loaded everything).
 
     /work/venv/bin/python -m bench.bench_startup [--runs 7]
 
@@ -90,6 +91,29 @@ def wait_live(admin_port: int, epoch: int = 0, timeout: float = 30.0, interval: 
             return time.monotonic()
         time.sleep(interval)
     raise TimeoutError(f"Envoy on admin port {admin_port} not LIVE at epoch {epoch} within {timeout}s")
+
+
+def http_status(port: int, path: str, timeout: float = 0.5) -> int | None:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("GET", path)
+        response = conn.getresponse()
+        response.read()
+        return response.status
+    except (OSError, http.client.HTTPException):
+        return None
+    finally:
+        conn.close()
+
+
+def wait_ready(status_port: int, timeout: float = 30.0, interval: float = 0.005) -> float:
+    """Monotonic time when the agent's /healthz/ready first answers 200."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if http_status(status_port, "/healthz/ready") == 200:
+            return time.monotonic()
+        time.sleep(interval)
+    raise TimeoutError(f"agent on status port {status_port} not ready within {timeout}s")
 
 
 @dataclass
@@ -203,11 +227,13 @@ def main() -> None:
         rig = AgentRig(work, base_id=os.getpid() % 1000 + 7000)
         agent_times: list[float] = []
         direct_times: list[float] = []
+        ready_times: list[float] = []
         rss: list[int] = []
         envoy_argv: list[str] = []
         for run in range(args.runs):
             with running_agent(rig) as (proc, started):
                 agent_times.append(wait_live(rig.admin) - started)
+                ready_times.append(wait_ready(rig.status) - started)
                 rss.append(psutil.Process(proc.pid).memory_info().rss)
                 if not envoy_argv:
                     envoy_argv = envoy_child(proc).cmdline()
@@ -219,7 +245,8 @@ def main() -> None:
             direct_times.append(direct_envoy_start(envoy_argv, rig.admin, rig.base_id))
             time.sleep(0.3)
             print(
-                f"run {run}: agent {agent_times[-1] * 1000:.0f} ms, direct {direct_times[-1] * 1000:.0f} ms",
+                f"run {run}: agent {agent_times[-1] * 1000:.0f} ms (ready {ready_times[-1] * 1000:.0f} ms), "
+                f"direct {direct_times[-1] * 1000:.0f} ms",
                 file=sys.stderr,
             )
         agent_s, direct_s = summary(agent_times), summary(direct_times)
@@ -228,7 +255,8 @@ def main() -> None:
             "envoy_direct_start_to_live": direct_s,
             "agent_overhead_median_ms": round(agent_s["median_ms"] - direct_s["median_ms"], 1),
             "ratio_median": round(agent_s["median_ms"] / direct_s["median_ms"], 2),
-            "agent_rss_mib_once_live": {
+            "agent_start_to_ready_200": summary(ready_times),
+            "agent_rss_mib_once_ready": {
                 "median": round(statistics.median(rss) / 2**20, 1),
                 "max": round(max(rss) / 2**20, 1),
             },

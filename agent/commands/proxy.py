@@ -3,17 +3,26 @@
 Configuration comes from agent/config (flags, env, mesh config, annotations); this module maps it onto the
 supervisor's own frozen settings in one place (`supervisor_settings`). The supervisor never imports config: it gets
 a `desired_state()` callable that re-reads and re-renders everything on each call.
+
+Start-up order, for the time to Envoy LIVE: config and the first render (light imports: no aiohttp,
+prometheus_client, tenacity or watchdog at module level on this path), bind the status port (a port in use is a
+start-up error before Envoy starts; kubelet's probes wait in the backlog), start the event loop, exec Envoy epoch 0,
+and only then import and build the rest (status server, metrics, supervisor), overlapping Envoy's own start on
+another core. The supervisor adopts the running epoch 0 into its TaskGroup; until then a start-up failure kills it.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import errno
 import ipaddress
 import json
 import logging
 import os
-from collections.abc import Mapping
+import socket
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,14 +35,13 @@ from agent.bootstrap.write import bootstrap_path, write_side_files
 from agent.config import AgentConfig, ProxyFlags, add_proxy_flags, flags_from_args, load_agent_config
 from agent.config.durations import parse_duration
 from agent.config.envvars import env_bool, env_int
-from agent.errors import ConfigError
+from agent.errors import AgentError, ConfigError, ExitCode
 from agent.lifecycle import Lifecycle
-from agent.metrics import AgentMetrics
-from agent.proxy.admin import AdminClient
+from agent.pid1 import HANDLED
 from agent.proxy.argv import LaunchSettings
 from agent.proxy.binary import find_envoy
-from agent.proxy.epochs import DesiredState, DesiredStateFn, SupervisionSettings
-from agent.status.server import StatusServer
+from agent.proxy.epochs import DesiredState, DesiredStateFn, SupervisionSettings, exec_epoch, shm_path
+from agent.proxy.process import EnvoyProcess, remove_file
 from agent.status.settings import StatusSettings
 from agent.supervisor import DrainSettings, Supervisor, WatchSettings
 from agent.watch import content_hash
@@ -179,6 +187,30 @@ def desired_state_fn(flags: ProxyFlags, environ: Mapping[str, str], first: Desir
     return desired_state
 
 
+def bind_status_sockets(host: str, port: int) -> list[socket.socket]:
+    """Listening sockets for the status server, bound as aiohttp's TCPSite would bind them (one per address of
+    `host`; "" = every interface, IPv4 and IPv6, the IPv6 one v6-only). Raises AgentError(STARTUP_FAILED) when the
+    port cannot be bound."""
+    sockets: list[socket.socket] = []
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        # IPv4 first, as StatusServer reports the IPv4 port (with port 0 each family gets its own).
+        for family, kind, proto, _, address in sorted(set(infos), key=lambda i: i[0] != socket.AF_INET):
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+            sock.listen(128)
+    except OSError as exc:
+        for sock in sockets:
+            sock.close()
+        why = "address already in use" if exc.errno == errno.EADDRINUSE else str(exc)
+        raise AgentError(f"status server: cannot listen on port {port}: {why}", ExitCode.STARTUP_FAILED) from None
+    return sockets
+
+
 def run(args: argparse.Namespace) -> int:
     environ = dict(os.environ)
     flags = flags_from_args(args)
@@ -186,24 +218,94 @@ def run(args: argparse.Namespace) -> int:
     binary = find_envoy(cfg.proxy.binary_path)
     settings = supervisor_settings(cfg, binary)
     # Fail fast, before anything starts, on a template that does not render.
-    desired_state = desired_state_fn(flags, environ, render_desired_state(flags, environ))
-    return asyncio.run(_main(cfg, settings, desired_state))
-
-
-async def _main(cfg: AgentConfig, settings: ProxySettings, desired_state: DesiredStateFn) -> int:
-    lifecycle = Lifecycle()
-    metrics = AgentMetrics()
-    admin = AdminClient(port=cfg.proxy.proxy_admin_port)
+    first = render_desired_state(flags, environ)
     status = None
     if cfg.proxy.status_port > 0:
-        status_settings = StatusSettings.from_env(
+        status = StatusSettings.from_env(
             cfg.environ,
             status_port=cfg.proxy.status_port,
             envoy_prometheus_port=cfg.envoy_prometheus_port,
             proxy_type=cfg.proxy_type,
             admin_port=cfg.proxy.proxy_admin_port,
         )
-        status = StatusServer(status_settings, lifecycle, metrics, admin)
+    sockets = bind_status_sockets(status.listen_host, status.status_port) if status is not None else []
+    try:
+        desired_state = desired_state_fn(flags, environ, first)
+        return asyncio.run(
+            _main(
+                cfg,
+                settings=settings,
+                desired_state=desired_state,
+                first=first,
+                status_settings=status,
+                sockets=sockets,
+            )
+        )
+    finally:
+        for sock in sockets:  # a no-op for the sockets the status server took over and closed
+            sock.close()
+
+
+async def _main(
+    cfg: AgentConfig,
+    *,
+    settings: ProxySettings,
+    desired_state: DesiredStateFn,
+    first: DesiredState,
+    status_settings: StatusSettings | None,
+    sockets: Sequence[socket.socket],
+) -> int:
+    # From the exec below on, an Envoy may be running: a SIGTERM must reach the supervisor (drain, stop Envoy),
+    # not kill the agent alone. Signals arriving before its dispatcher exists are queued for it.
+    loop = asyncio.get_running_loop()
+    signal_queue: asyncio.Queue[int] = asyncio.Queue()
+    for sig in HANDLED:
+        loop.add_signal_handler(sig, signal_queue.put_nowait, sig)
+    epoch0: EnvoyProcess | None = None
+    # On OSError the supervisor's own start fails the same way and reports it as a failed start (with its backoff).
+    with contextlib.suppress(OSError):
+        epoch0 = await exec_epoch(settings.launch, 0, first, tail_lines=settings.supervision.stderr_tail_lines)
+    try:
+        return await _supervise(
+            cfg,
+            settings=settings,
+            desired_state=desired_state,
+            status_settings=status_settings,
+            sockets=sockets,
+            epoch0=epoch0,
+            first=first,
+            signal_queue=signal_queue,
+        )
+    finally:
+        # A no-op once the supervisor adopted it (it stops what it owns); otherwise no Envoy outlives us.
+        if epoch0 is not None and await epoch0.discard():
+            remove_file(settings.launch.bootstrap_path(0))
+            if settings.launch.hot_restart:
+                remove_file(shm_path(settings.launch.base_id))
+
+
+async def _supervise(
+    cfg: AgentConfig,
+    *,
+    settings: ProxySettings,
+    desired_state: DesiredStateFn,
+    status_settings: StatusSettings | None,
+    sockets: Sequence[socket.socket],
+    epoch0: EnvoyProcess | None,
+    first: DesiredState,
+    signal_queue: asyncio.Queue[int],
+) -> int:
+    # Imported here, after Envoy's exec, so that their cost (~0.2 s) overlaps Envoy's own start.
+    from agent.metrics import AgentMetrics  # noqa: PLC0415 (lazy: loaded after Envoy's exec)
+    from agent.proxy.admin import AdminClient  # noqa: PLC0415 (lazy: loaded after Envoy's exec)
+    from agent.status.server import StatusServer  # noqa: PLC0415 (lazy: loaded after Envoy's exec)
+
+    lifecycle = Lifecycle()
+    metrics = AgentMetrics()
+    admin = AdminClient(port=cfg.proxy.proxy_admin_port)
+    status = None
+    if status_settings is not None:
+        status = StatusServer(status_settings, lifecycle, metrics, admin, sockets=sockets)
     supervisor = Supervisor(
         settings.launch,
         settings.supervision,
@@ -214,5 +316,7 @@ async def _main(cfg: AgentConfig, settings: ProxySettings, desired_state: Desire
         admin=admin,
         status=status,
         watch=settings.watch,
+        epoch0=(epoch0, first) if epoch0 is not None else None,
+        signal_queue=signal_queue,
     )
     return await supervisor.run()

@@ -25,17 +25,21 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
-
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from agent.errors import AgentError, ExitCode
-from agent.lifecycle import Lifecycle
-from agent.metrics import AgentMetrics
-from agent.proxy.admin import AdminClient
 from agent.proxy.argv import LaunchSettings, envoy_argv, validate_argv
 from agent.proxy.process import EnvoyProcess, ExitInfo, remove_file
 from agent.proxy.termination import termination_message, write_termination_log
+
+if TYPE_CHECKING:
+    # Only types here: `pilot-agent proxy` imports this module (DesiredState) before it execs Envoy, and tenacity,
+    # prometheus_client and aiohttp load after the exec, overlapping Envoy's own start.
+    from tenacity import RetryCallState
+
+    from agent.lifecycle import Lifecycle
+    from agent.metrics import AgentMetrics
+    from agent.proxy.admin import AdminClient
 
 log = logging.getLogger("agent.proxy")
 
@@ -130,6 +134,7 @@ class Epochs:
         self._budget_left = settings.restart_budget
         self._crashes = 0
         self._validators: set[int] = set()
+        self._adopted: tuple[EnvoyProcess, DesiredState] | None = None
         metrics.restart_budget.set(self._budget_left)
 
     # ---- inputs (called from the watcher, the signal dispatcher, tests) ----
@@ -160,6 +165,8 @@ class Epochs:
         """Exit paths: None when shutdown was requested (the supervisor drains and stops the epochs);
         ENVOY_RESTART_BUDGET_EXHAUSTED after the termination message when crashes used up the budget;
         with exit_on_envoy_exit, OK or ENVOY_EXITED as soon as Envoy exits on its own."""
+        from tenacity import AsyncRetrying, retry_if_exception  # noqa: PLC0415 (lazy: see the TYPE_CHECKING imports)
+
         retrying = AsyncRetrying(
             sleep=self._backoff_sleep,
             stop=lambda _state: self._budget_left <= 0,
@@ -342,29 +349,40 @@ class Epochs:
 
     # ---- epochs ----
 
+    def adopt(self, proc: EnvoyProcess, state: DesiredState) -> None:
+        """Take over an epoch 0 exec'd (by `exec_epoch`) before the supervisor existed: at start-up Envoy is
+        started before the agent's heavy imports, so the two overlap. Its exit is collected from now on, and the
+        first family runs on it instead of starting another."""
+        self._register(proc, state)
+        self._adopted = (proc, state)
+
+    def _register(self, proc: EnvoyProcess, state: DesiredState) -> None:
+        self.procs[proc.epoch] = proc
+        if proc.epoch == 0:
+            self.lifecycle.envoy_starts += 1
+        self._spawn(proc.run(on_exit=lambda p: self._events.put_nowait(("exit", p))))
+        self.metrics.envoy_epoch.set(proc.epoch)
+        self._current_state = state
+
     async def _start_epoch(self, epoch: int, state: DesiredState) -> EnvoyProcess:
         """Write envoy-rev<epoch>.json and exec Envoy. A failure to exec counts as a crash (EnvoyCrashed)."""
-        path = self.launch.bootstrap_path(epoch)
-        _write_atomic(path, state.bootstrap)
-        proc = EnvoyProcess(
-            envoy_argv(self.launch, path, epoch), epoch, tail_lines=self.settings.stderr_tail_lines, sink=self._sink
-        )
-        log.info("Envoy command: %s", " ".join(shlex.quote(arg) for arg in proc.argv))
+        adopted, self._adopted = self._adopted, None
+        if adopted is not None:
+            proc, adopted_state = adopted
+            if epoch == 0 and self.procs.get(0) is proc and adopted_state.digest == state.digest:
+                return proc
+            await self.stop_all(self.settings.stop_grace)  # not what should run: one family per base id
         try:
-            await proc.start()
+            proc = await exec_epoch(
+                self.launch, epoch, state, tail_lines=self.settings.stderr_tail_lines, sink=self._sink
+            )
         except OSError as exc:
-            remove_file(path)
             info = ExitInfo(epoch, 0, 127, False, 0.0, (f"cannot execute {self.launch.binary}: {exc}",))
             self._crashes += 1
             self.metrics.envoy_exits.labels("error").inc()
             self.lifecycle.envoy_down(f"cannot start Envoy: {exc}")
             raise EnvoyCrashed(info) from exc
-        self.procs[epoch] = proc
-        if epoch == 0:
-            self.lifecycle.envoy_starts += 1
-        self._spawn(proc.run(on_exit=lambda p: self._events.put_nowait(("exit", p))))
-        self.metrics.envoy_epoch.set(epoch)
-        self._current_state = state
+        self._register(proc, state)
         return proc
 
     async def _apply(self, forced: bool) -> str:
@@ -519,6 +537,23 @@ class Epochs:
 
     def running(self) -> list[EnvoyProcess]:
         return [p for p in self.procs.values() if p.running]
+
+
+async def exec_epoch(
+    launch: LaunchSettings, epoch: int, state: DesiredState, *, tail_lines: int = 20, sink: BinaryIO | None = None
+) -> EnvoyProcess:
+    """Write envoy-rev<epoch>.json and exec Envoy. Raises OSError when it cannot be executed (the file is removed).
+    The caller must hand the process to `Epochs` (`adopt`) or stop it: nobody collects its exit otherwise."""
+    path = launch.bootstrap_path(epoch)
+    _write_atomic(path, state.bootstrap)
+    proc = EnvoyProcess(envoy_argv(launch, path, epoch), epoch, tail_lines=tail_lines, sink=sink)
+    log.info("Envoy command: %s", " ".join(shlex.quote(arg) for arg in proc.argv))
+    try:
+        await proc.start()
+    except OSError:
+        remove_file(path)
+        raise
+    return proc
 
 
 def _write_atomic(path: Path, data: bytes) -> None:

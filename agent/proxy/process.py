@@ -73,6 +73,7 @@ class EnvoyProcess:
         self._proc: asyncio.subprocess.Process | None = None
         self._aborted = False
         self._started = 0.0
+        self._collecting = False
 
     @property
     def pid(self) -> int:
@@ -96,6 +97,7 @@ class EnvoyProcess:
         if cancelled, kills Envoy first so no Envoy outlives its task."""
         assert self._proc is not None
         proc = self._proc
+        self._collecting = True
         try:
             await self._pump(proc)
             returncode = await proc.wait()
@@ -134,6 +136,16 @@ class EnvoyProcess:
             self._tail.extend(line.decode("utf-8", "replace")[:1000] for line in lines if line.strip())
         if partial.strip():
             self._tail.append(partial.decode("utf-8", "replace")[:1000])
+
+    async def discard(self) -> bool:
+        """Kill an Envoy whose exit nobody collects (start-up failed between its exec and its adoption by the
+        supervisor) and wait for it; True if it did. A no-op once `run()` collects the exit: then stopping it is
+        run()'s owner's job."""
+        if self._proc is None or self._collecting:
+            return False
+        self.kill()
+        await self._proc.wait()
+        return True
 
     def send_signal(self, sig: int) -> None:
         if self._proc is not None and self._proc.returncode is None and not self.exited.is_set():

@@ -10,7 +10,9 @@ from __future__ import annotations
 import errno
 import ipaddress
 import logging
+import socket
 import time
+from collections.abc import Sequence
 
 import aiohttp
 from aiohttp import web
@@ -60,6 +62,7 @@ class StatusServer:
         admin: AdminClient,
         *,
         started_at: float | None = None,
+        sockets: Sequence[socket.socket] = (),
     ) -> None:
         self.settings = settings
         self.lifecycle = lifecycle
@@ -69,6 +72,9 @@ class StatusServer:
         if started_at is not None:
             self.readiness.started_at = started_at
         self.prober = AppProber(settings)
+        # Listening sockets bound by the caller (`pilot-agent proxy` binds the port before it execs Envoy, before
+        # aiohttp is even imported); served as they are instead of binding settings.status_port here.
+        self._sockets = tuple(sockets)
         self._runner: web.AppRunner | None = None
         self._session: aiohttp.ClientSession | None = None
         self.port: int | None = None
@@ -102,9 +108,12 @@ class StatusServer:
             shutdown_timeout=SHUTDOWN_GRACE,
         )
         await runner.setup()
-        site = web.TCPSite(runner, self.settings.listen_host or None, self.settings.status_port)
+        sites: list[web.BaseSite] = [web.SockSite(runner, sock) for sock in self._sockets]
+        if not sites:
+            sites.append(web.TCPSite(runner, self.settings.listen_host or None, self.settings.status_port))
         try:
-            await site.start()
+            for site in sites:
+                await site.start()
         except OSError as exc:
             await runner.cleanup()
             await self._session.close()
