@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
+from pathlib import Path
 from typing import Protocol
-
-import psutil
 
 from agent.lifecycle import Lifecycle
 from agent.metrics import AgentMetrics
@@ -29,11 +29,16 @@ LIVE_FILTER = r"^(server\.state|listener_manager\.workers_started)$"
 
 
 def process_start_monotonic() -> float:
-    """This process's start on the monotonic clock (the kernel's start time, converted once)."""
+    """This process's start on the monotonic clock (the kernel's start time, converted once).
+
+    From /proc/self/stat (clock ticks since boot) against CLOCK_BOOTTIME, not psutil's create_time(): that adds the
+    boot time from /proc/stat `btime`, whole seconds, so the start came out up to 1 s early (0.57 s on the
+    development VM) and istio_agent_startup_duration_seconds that much too long."""
     try:
-        age = time.time() - psutil.Process().create_time()
-    except psutil.Error:
-        age = 0.0
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        age = time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, AttributeError):
+        age = 0.0  # not Linux: measure from the first call instead
     return time.monotonic() - max(age, 0.0)
 
 
