@@ -188,3 +188,15 @@ def test_after_a_crash_the_agents_own_readiness_waits_for_the_new_envoy() -> Non
 
         status, outcome = in_netns(run.client_ns, ready_then_request)
         assert status != 200 or outcome.ok, f"15020 said ready ({status}) while a request got {outcome.error}"
+
+
+def test_startup_duration_metric_is_not_longer_than_the_container_has_existed() -> None:
+    """istio_agent_startup_duration_seconds (agent start -> first ready) cannot exceed the time from the harness
+    starting the container to 15021 passing: the agent's process starts after the first and was ready by the
+    second."""
+    require_root()
+    with no_control_plane_pod("sud") as run:
+        reported = run.agent_metric("istio_agent_startup_duration_seconds")
+        measured = run.ready_at - run.proxy_started
+        print(f"startup duration: agent reports {reported}s, container start -> 15021 ready took {measured:.3f}s")
+        assert reported is not None and 0 < reported <= measured + 0.02
