@@ -21,10 +21,6 @@ import struct
 from urllib.parse import urljoin, urlsplit
 
 import aiohttp
-import h2.config
-import h2.connection
-import h2.events
-import h2.exceptions
 from aiohttp import web
 
 from agent.status.settings import AppProbe, GRPCAction, HTTPGetAction, StatusSettings, TCPSocketAction
@@ -150,6 +146,9 @@ class AppProber:
             return web.Response(status=500, text=f"probe failed: {type(exc).__name__}")
 
     async def _grpc(self, request: web.Request, probe: AppProbe, action: GRPCAction) -> bool:
+        # h2 (~1.2 MiB, ~10 ms) is loaded by the first gRPC probe, not by every agent.
+        import h2.exceptions  # noqa: PLC0415
+
         try:
             async with asyncio.timeout(self._timeout(probe)):
                 status = await grpc_health_check(
@@ -236,6 +235,10 @@ async def grpc_health_check(
     Hand-rolled on h2 rather than grpcio because grpcio cannot bind the source address, and the probe must leave
     from 127.0.0.6 to bypass the capture rules (Istio's Go dialer does the same with LocalAddr).
     """
+    import h2.config  # noqa: PLC0415 (lazy: see AppProber._grpc)
+    import h2.connection  # noqa: PLC0415
+    import h2.events  # noqa: PLC0415
+
     reader, writer = await asyncio.open_connection(host, port, local_addr=local_addr)
     _linger(writer)
     try:
