@@ -421,7 +421,8 @@ class Epochs:
             remove_file(self.launch.bootstrap_path(epoch))
             raise _Stop  # asked to stop while validating: do not start an epoch only to stop it
         log.info("hot restart: starting Envoy epoch %d", epoch)
-        self.lifecycle.envoy_down(f"hot restart to epoch {epoch} in progress")
+        # Readiness stays as it is: the parent epoch keeps serving until the child is LIVE and then drains, so the
+        # pod is as ready as before. If the child fails, _recover() takes readiness down for the cold start.
         child = await self._start_epoch(epoch, desired)
         outcome = await self._wait_live(child, self.settings.live_timeout)
         if outcome == "live":
@@ -430,11 +431,9 @@ class Epochs:
             self.last_good = desired
             self._rejected = None
             self.metrics.hot_restarts.labels("done").inc()
-            self.lifecycle.envoy_up()
             log.info("Envoy epoch %d is LIVE; epoch %d drains and exits", epoch, current.epoch)
             return "done"
         if outcome == "shutdown":
-            self.lifecycle.envoy_up()  # readiness is already 503 through the shutdown request
             raise _Stop
         return await self._recover(child, desired)
 

@@ -43,8 +43,20 @@ async def test_cert_change_hot_restarts_and_same_content_does_not(tmp_path: Path
     async with supervised(rig) as run:
         await run.wait_epoch_live(0)
         make_cert(certs, "two")
+        # The parent epoch serves throughout a hot restart: the agent must not call the pod unready meanwhile.
+        reasons: list[str] = []
+
+        async def watch_readiness() -> None:
+            while True:
+                if (reason := run.lifecycle.not_ready_reason()) is not None:
+                    reasons.append(reason)
+                await asyncio.sleep(0.002)
+
+        watcher = asyncio.create_task(watch_readiness())
         run.supervisor.epochs.notify_change("test")  # type: ignore[union-attr]
         await run.wait_epoch_live(1)
+        watcher.cancel()
+        assert reasons == []
         assert run.value("istio_agent_hot_restarts_total", outcome="done") == 1
         assert run.value("istio_agent_envoy_epoch") == 1
         # The parent retires after --parent-shutdown-time-s and its file goes with it.
