@@ -39,38 +39,7 @@ from bench.bench_startup import (
     summary,
     wait_live,
 )
-
-OPENSSL = ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "1"]
-
-
-def make_cert(directory: Path, name: str) -> None:
-    """A new self-signed pair, written as a rotation does it: temp file, then rename over the old one."""
-    directory.mkdir(parents=True, exist_ok=True)
-    key, cert = directory / ".key.tmp", directory / ".cert.tmp"
-    subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-days",
-            "1",
-            "-subj",
-            f"/CN={name}",
-            "-keyout",
-            str(key),
-            "-out",
-            str(cert),
-        ],
-        check=True,
-        capture_output=True,
-    )
-    key.replace(directory / "key.pem")
-    cert.replace(directory / "cert-chain.pem")
+from tests.supervisor.harness import make_cert
 
 
 def envoy_count(agent: subprocess.Popen[bytes]) -> int:
