@@ -18,7 +18,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -29,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
+
+from tests.support.envoy import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -51,12 +52,6 @@ LDS = """resources:
         - name: envoy.filters.http.router
           typed_config: {"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}
 """
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def server_info(admin_port: int, timeout: float = 0.5) -> dict[str, object] | None:
