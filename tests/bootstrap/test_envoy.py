@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import http.server
 import json
 import os
 import shutil
 import subprocess
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,6 +20,7 @@ from tests.bootstrap.golden import load_cases, render_case
 from tests.bootstrap.test_conformance import proxycfg_input
 from tests.support.conformance import conformance_dir
 from tests.support.envoy import envoy_binary, free_port, http_get, new_base_id, remove_shm, running_envoy, wait_until
+from tests.support.http_server import QuietHandler, serving_http
 
 pytestmark = pytest.mark.envoy
 
@@ -151,7 +150,7 @@ def fake_status_server(port: int) -> Iterator[None]:
     """Stands in for the agent's status server (another part of the project) behind Envoy's /healthz/ready
     listener: only the route through Envoy is under test here."""
 
-    class Handler(http.server.BaseHTTPRequestHandler):
+    class Handler(QuietHandler):
         def do_GET(self) -> None:
             body = b"agent ready\n"
             self.send_response(200 if self.path == "/healthz/ready" else 404)
@@ -159,18 +158,8 @@ def fake_status_server(port: int) -> Iterator[None]:
             self.end_headers()
             self.wfile.write(body)
 
-        def log_message(self, format: str, *args: Any) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
+    with serving_http(Handler, port):
         yield
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
 
 
 def example_copy(tmp_path: Path, ports: dict[str, int]) -> tuple[Path, int]:

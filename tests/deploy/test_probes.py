@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import http.server
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import pytest
 
+from tests.support.http_server import QuietHandler, serving_http
 from tests.support.probes import ContainerProbes, ProbeSpec, ProbeState, http_probe
 
 
@@ -55,7 +55,7 @@ class _Switch:
 
 @contextmanager
 def _server(switch: _Switch) -> Iterator[int]:
-    class Handler(http.server.BaseHTTPRequestHandler):
+    class Handler(QuietHandler):
         def do_GET(self) -> None:
             with switch.lock:
                 switch.hits += 1
@@ -66,19 +66,8 @@ def _server(switch: _Switch) -> Iterator[int]:
             self.send_header("Content-Length", "0")
             self.end_headers()
 
-        def log_message(self, format: str, *args: object) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield int(server.server_address[1])
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
+    with serving_http(Handler, daemon_threads=True) as port:
+        yield port
 
 
 def test_http_probe_success_is_2xx_and_3xx_and_a_timeout_fails() -> None:

@@ -4,19 +4,16 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
 from agent.commands.request import request
 from agent.errors import ExitCode
 from tests.support.envoy import free_port
+from tests.support.http_server import QuietHandler, serving_http
 
 
-class Handler(BaseHTTPRequestHandler):
+class Handler(QuietHandler):
     received: list[tuple[str, str, bytes]] = []
 
     def _answer(self) -> None:
@@ -31,25 +28,9 @@ class Handler(BaseHTTPRequestHandler):
 
     do_GET = do_POST = _answer
 
-    def log_message(self, format: str, *args: object) -> None:
-        pass
-
-
-@contextmanager
-def admin_like_server() -> Iterator[int]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield int(server.server_address[1])
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
-
 
 def test_prints_only_the_body_and_sends_method_and_body(capfd: pytest.CaptureFixture[str]) -> None:
-    with admin_like_server() as port:
+    with serving_http(Handler) as port:  # stands in for Envoy's admin API
         assert request("POST", "drain_listeners?inboundonly", "payload", port=port) == ExitCode.OK
         assert capfd.readouterr().out == '{"ok": true}\n'
         assert Handler.received[-1] == ("POST", "/drain_listeners?inboundonly", b"payload")
