@@ -14,7 +14,8 @@ from typing import Any
 
 import aiohttp
 
-from agent.errors import ConfigError, ExitCode
+from agent.errors import ExitCode
+from agent.flag_values import non_negative_int_flag
 
 log = logging.getLogger("agent.cli")
 
@@ -32,20 +33,10 @@ def register(subparsers: Any) -> None:
     parser.set_defaults(run=run)
 
 
-def _positive(value: str, flag: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise ConfigError(f"flag {flag}", "", f"expected an integer, got {value!r}") from None
-    if number < 0:
-        raise ConfigError(f"flag {flag}", "", f"must not be negative, got {number}")
-    return number
-
-
 def run(args: argparse.Namespace) -> int:
-    timeout = _positive(args.timeout_seconds, "--timeoutSeconds")
-    request_timeout = _positive(args.request_timeout_millis, "--requestTimeoutMillis") / 1000
-    period = _positive(args.period_millis, "--periodMillis") / 1000
+    timeout = non_negative_int_flag(args.timeout_seconds, "--timeoutSeconds")
+    request_timeout = non_negative_int_flag(args.request_timeout_millis, "--requestTimeoutMillis") / 1000
+    period = non_negative_int_flag(args.period_millis, "--periodMillis") / 1000
     return asyncio.run(wait_ready(args.url, timeout, request_timeout, period))
 
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
-from typing import Any
 
 from agent.errors import ConfigError
+from agent.flag_values import non_negative_int_flag
 
 # Envoy's -l / --component-log-level levels ("warn" is Envoy's alias of "warning").
 ENVOY_LOG_LEVELS = frozenset({"trace", "debug", "info", "warning", "warn", "error", "critical", "off"})
@@ -74,20 +74,10 @@ def add_proxy_flags(parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--log_as_json", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
 
-def _int_flag(value: Any, flag: str) -> int:
-    try:
-        result = int(str(value).strip())
-    except ValueError:
-        raise ConfigError(f"flag {flag}", "", f"expected an integer, got {value!r}") from None
-    if result < 0:
-        raise ConfigError(f"flag {flag}", "", f"must not be negative, got {result}")
-    return result
-
-
 def flags_from_args(args: argparse.Namespace) -> ProxyFlags:
     """Typed flags from an argparse namespace built with add_proxy_flags (missing attributes take defaults)."""
     d = ProxyFlags()
-    sts_port = _int_flag(getattr(args, "sts_port", 0), "--stsPort")
+    sts_port = non_negative_int_flag(getattr(args, "sts_port", 0), "--stsPort")
     if sts_port > 65535:
         raise ConfigError("flag --stsPort", "", f"{sts_port} is not a valid port")
     return ProxyFlags(
@@ -97,7 +87,7 @@ def flags_from_args(args: argparse.Namespace) -> ProxyFlags:
         service_cluster=getattr(args, "service_cluster", d.service_cluster),
         proxy_log_level=getattr(args, "proxy_log_level", d.proxy_log_level),
         proxy_component_log_level=getattr(args, "proxy_component_log_level", d.proxy_component_log_level),
-        concurrency=_int_flag(getattr(args, "concurrency", 0), "--concurrency"),
+        concurrency=non_negative_int_flag(getattr(args, "concurrency", 0), "--concurrency"),
         template_file=getattr(args, "template_file", d.template_file),
         outlier_log_path=getattr(args, "outlier_log_path", d.outlier_log_path),
         sts_port=sts_port,
