@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from agent.config.envvars import parse_go_bool
 from agent.errors import ConfigError
 
 APP_PROBERS_ENV = "ISTIO_KUBE_APP_PROBERS"
@@ -26,8 +27,6 @@ DEFAULT_SOURCE_CAP = 10 * 1024 * 1024
 DEFAULT_SCRAPE_TIMEOUT = 10.0
 
 _PROBE_KEY = re.compile(r"^/(app-health|app-lifecycle)/[^/]+/(livez|readyz|startupz|prestopz|poststartz)$")
-_TRUE = {"1", "t", "T", "TRUE", "true", "True"}
-_FALSE = {"0", "f", "F", "FALSE", "false", "False"}
 
 
 @dataclass(frozen=True)
@@ -127,11 +126,10 @@ def env_bool(environ: Mapping[str, str], name: str, default: bool) -> bool:
     raw = environ.get(name)
     if raw is None or raw == "":
         return default
-    if raw in _TRUE:
-        return True
-    if raw in _FALSE:
-        return False
-    raise ConfigError(name, "", f"{raw!r} is not a boolean (true/false)")
+    value = parse_go_bool(raw)  # not stripped: " true" is refused here, as before
+    if value is None:
+        raise ConfigError(name, "", f"{raw!r} is not a boolean (true/false)")
+    return value
 
 
 def _port(value: Any, source: str, key: str) -> int:
