@@ -203,6 +203,17 @@ class Rig:
         return replace(settings, **changes)
 
 
+def tls_rig(tmp: Path) -> tuple[Rig, Path]:
+    """A Rig whose bootstrap also serves TLS from `tmp/certs` (a first pair, CN "one") and which lists both cert
+    files as dependencies, as a cert rotation test needs; returns the rig and the certs directory."""
+    rig = Rig(tmp)
+    certs = tmp / "certs"
+    make_cert(certs, "one")
+    rig.deps = [certs / "cert-chain.pem", certs / "key.pem"]
+    rig.write_input(bootstrap(rig.admin_port, rig.listener_port, cert_dir=certs, tls_port=free_port()))
+    return rig, certs
+
+
 async def no_sleep(_seconds: float) -> None:
     await asyncio.sleep(0)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from agent.proxy.epochs import shm_path
-from tests.supervisor.harness import Rig, bootstrap, make_cert, supervised, until
+from tests.supervisor.harness import Rig, bootstrap, make_cert, supervised, tls_rig, until
 from tests.support.envoy import free_port, http_get
 
 pytestmark = [pytest.mark.envoy]
@@ -35,11 +35,7 @@ async def test_starts_epoch_zero_and_stops_clean(tmp_path: Path) -> None:
 
 
 async def test_cert_change_hot_restarts_and_same_content_does_not(tmp_path: Path) -> None:
-    rig = Rig(tmp_path)
-    certs = tmp_path / "certs"
-    make_cert(certs, "one")
-    rig.deps = [certs / "cert-chain.pem", certs / "key.pem"]
-    rig.write_input(bootstrap(rig.admin_port, rig.listener_port, cert_dir=certs, tls_port=free_port()))
+    rig, certs = tls_rig(tmp_path)
     async with supervised(rig) as run:
         await run.wait_epoch_live(0)
         make_cert(certs, "two")

@@ -13,8 +13,7 @@ import pytest
 from agent.metrics import AgentMetrics
 from agent.supervisor import WatchSettings
 from agent.watch import ChangeSet, Watcher
-from tests.supervisor.harness import Rig, bootstrap, make_cert, supervised, until
-from tests.support.envoy import free_port
+from tests.supervisor.harness import make_cert, supervised, tls_rig, until
 
 
 @asynccontextmanager
@@ -82,11 +81,7 @@ async def test_deleted_file_is_reported_as_deleted_not_changed(tmp_path: Path) -
 @pytest.mark.envoy
 async def test_cert_swap_in_watched_volume_hot_restarts_envoy(tmp_path: Path) -> None:
     """End to end without signals: a rotated cert file (tmp + rename) -> watcher -> validate -> epoch 1 LIVE."""
-    rig = Rig(tmp_path)
-    certs = tmp_path / "certs"
-    make_cert(certs, "one")
-    rig.deps = [certs / "cert-chain.pem", certs / "key.pem"]
-    rig.write_input(bootstrap(rig.admin_port, rig.listener_port, cert_dir=certs, tls_port=free_port()))
+    rig, certs = tls_rig(tmp_path)
     watch = WatchSettings({p: "cert" for p in rig.deps}, debounce=0.1)
     async with supervised(rig, watch=watch) as run:
         await run.wait_epoch_live(0)
@@ -101,11 +96,7 @@ async def test_cert_swap_in_watched_volume_hot_restarts_envoy(tmp_path: Path) ->
 
 @pytest.mark.envoy
 async def test_half_written_cert_is_rejected_then_completed_file_applies(tmp_path: Path) -> None:
-    rig = Rig(tmp_path)
-    certs = tmp_path / "certs"
-    make_cert(certs, "one")
-    rig.deps = [certs / "cert-chain.pem", certs / "key.pem"]
-    rig.write_input(bootstrap(rig.admin_port, rig.listener_port, cert_dir=certs, tls_port=free_port()))
+    rig, certs = tls_rig(tmp_path)
     fresh = tmp_path / "fresh"
     make_cert(fresh, "two")
     full = (fresh / "cert-chain.pem").read_bytes()
