@@ -62,6 +62,26 @@ def agent_env(tmp: Path, base_id: int, ports: dict[str, int], **extra: str) -> d
     return env
 
 
+def local_xds(tmp: Path, app_port: int) -> Path:
+    """A directory for --local-xds-dir: one listener on 127.0.0.1:`app_port` answering 200, no clusters."""
+    xds = tmp / "xds"
+    xds.mkdir()
+    (xds / "lds.yaml").write_text(LDS.replace("PORT", str(app_port)))
+    (xds / "cds.yaml").write_text("resources: []\n")
+    return xds
+
+
+def kill_agent(proc: subprocess.Popen[bytes], base_id: int) -> None:
+    """Test teardown: SIGKILL the agent if it still runs and every process it had under it; remove Envoy's shm."""
+    children = psutil.Process(proc.pid).children(recursive=True) if proc.poll() is None else []
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+    for child in children:
+        child.kill()
+    shm_path(base_id).unlink(missing_ok=True)
+
+
 def agent(*args: str, env: dict[str, str], cwd: Path) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [sys.executable, "-m", "agent", *args], env={**env, "PYTHONPATH": str(ROOT)}, cwd=cwd, stderr=subprocess.PIPE
@@ -72,10 +92,7 @@ def agent(*args: str, env: dict[str, str], cwd: Path) -> subprocess.Popen[bytes]
 def running_agent(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], dict[str, int], int]]:
     ports = {name: free_port() for name in ("admin", "status", "envoy_status", "prom", "app")}
     base_id = new_base_id()
-    xds = tmp_path / "xds"
-    xds.mkdir()
-    (xds / "lds.yaml").write_text(LDS.replace("PORT", str(ports["app"])))
-    (xds / "cds.yaml").write_text("resources: []\n")
+    xds = local_xds(tmp_path, ports["app"])
     env = agent_env(tmp_path, base_id, ports)
     proc = agent(
         "proxy", "router", "--local-xds-dir", str(xds), "--meshConfig", str(tmp_path / "none"), env=env, cwd=tmp_path
@@ -83,15 +100,9 @@ def running_agent(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], dic
     try:
         yield proc, ports, base_id
     finally:
-        children = psutil.Process(proc.pid).children(recursive=True) if proc.poll() is None else []
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        for child in children:
-            child.kill()
+        kill_agent(proc, base_id)
         if proc.stderr is not None:
             proc.stderr.close()
-        shm_path(base_id).unlink(missing_ok=True)
 
 
 def _server_epoch(admin_port: int) -> int:

@@ -21,7 +21,7 @@ import pytest
 
 from agent.proxy.epochs import shm_path
 from tests.bootstrap.test_default_bootstrap_live import quiet_ports
-from tests.supervisor.test_agent_e2e import ROOT, agent_env
+from tests.supervisor.test_agent_e2e import ROOT, agent_env, kill_agent
 from tests.support.envoy import http_get, new_base_id, wait_until
 from tests.support.fake_istiod import CLUSTER, LISTENER, FakeIstiod, broken_listener, demo_listener
 
@@ -63,13 +63,7 @@ def running_sidecar(tmp_path: Path, **extra_env: str) -> Iterator[Sidecar]:
         try:
             yield Sidecar(proc, istiod, ports, base_id, log)
         finally:
-            children = psutil.Process(proc.pid).children(recursive=True) if proc.poll() is None else []
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-            for child in children:
-                child.kill()
-            shm_path(base_id).unlink(missing_ok=True)
+            kill_agent(proc, base_id)
 
 
 def wait_envoy_connected(sidecar: Sidecar) -> None:

@@ -14,7 +14,7 @@ import pytest
 
 from agent.proxy.epochs import shm_path
 from tests.conftest import require_root
-from tests.supervisor.test_agent_e2e import LDS, agent_env
+from tests.supervisor.test_agent_e2e import agent_env, local_xds
 from tests.support.envoy import envoy_binary, free_port, http_get, new_base_id, wait_until
 
 pytestmark = [pytest.mark.envoy, pytest.mark.root, pytest.mark.slow]
@@ -50,10 +50,7 @@ def test_agent_as_pid1_reaps_orphans_and_stops_cleanly_on_sigterm(tmp_path: Path
         pytest.skip("unshare/nsenter not installed")
     ports = {name: free_port() for name in ("admin", "status", "envoy_status", "prom", "app")}
     base_id = new_base_id()
-    xds = tmp_path / "xds"
-    xds.mkdir()
-    (xds / "lds.yaml").write_text(LDS.replace("PORT", str(ports["app"])))
-    (xds / "cds.yaml").write_text("resources: []\n")
+    xds = local_xds(tmp_path, ports["app"])
     env = {**agent_env(tmp_path, base_id, ports), "PYTHONPATH": str(ROOT)}
     argv = [*NAMESPACE, sys.executable, "-m", "agent", "proxy", "router", "--local-xds-dir", str(xds)]
     log = (tmp_path / "agent.log").open("wb")
