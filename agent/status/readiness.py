@@ -57,7 +57,9 @@ class Probe(Protocol):
         """Drop anything remembered (Envoy went away)."""
 
 
-class EnvoyConfigProbe:
+class _RememberedAdminFact:
+    """A Probe whose fact is read from Envoy's admin API and, once it held, remembered until forget()."""
+
     def __init__(self, admin: AdminClient) -> None:
         self.admin = admin
         self.passed = False
@@ -68,6 +70,16 @@ class EnvoyConfigProbe:
     async def check(self) -> None:
         if self.passed:
             return
+        await self._verify()
+        self.passed = True
+
+    async def _verify(self) -> None:
+        """Return when the fact holds now; raise NotReady(reason) otherwise."""
+        raise NotImplementedError
+
+
+class EnvoyConfigProbe(_RememberedAdminFact):
+    async def _verify(self) -> None:
         try:
             stats = await self.admin.stats(CONFIG_FILTER, timeout=1.0)
         except AdminError as exc:
@@ -77,7 +89,6 @@ class EnvoyConfigProbe:
         lds_ok = stats.get("listener_manager.lds.update_success", 0)
         lds_bad = stats.get("listener_manager.lds.update_rejected", 0)
         if cds_ok > 0 and lds_ok > 0:
-            self.passed = True
             return
         counts = f"cds updates: {cds_ok} successful, {cds_bad} rejected; "
         counts += f"lds updates: {lds_ok} successful, {lds_bad} rejected"
@@ -88,17 +99,8 @@ class EnvoyConfigProbe:
         raise NotReady(f"config not fully received from XDS server: {counts}")
 
 
-class EnvoyLiveProbe:
-    def __init__(self, admin: AdminClient) -> None:
-        self.admin = admin
-        self.passed = False
-
-    def forget(self) -> None:
-        self.passed = False
-
-    async def check(self) -> None:
-        if self.passed:
-            return
+class EnvoyLiveProbe(_RememberedAdminFact):
+    async def _verify(self) -> None:
         try:
             stats = await self.admin.stats(LIVE_FILTER, timeout=3.0)
         except AdminError as exc:
@@ -112,7 +114,6 @@ class EnvoyLiveProbe:
             raise NotReady(f"server is not live, current state is: {state}")
         if stats["listener_manager.workers_started"] != 1:
             raise NotReady("workers have not yet started")
-        self.passed = True
 
 
 class Readiness:
