@@ -280,7 +280,8 @@ def test_early_envoy_output_is_kept_and_does_not_stall_startup(start_agent: Star
     # The takeover: the supervisor adopts epoch 0 (and starts reading its stderr) just before the status server
     # starts. Envoy lines stamped before that were written while nobody read the pipe, and still arrived.
     lines = err.splitlines()
-    takeover = next(_stamp(line) for line in lines if "\tstatus server listening on port" in line)
+    takeover = next((_stamp(line) for line in lines if "\tstatus server listening on port" in line), None)
+    assert takeover is not None, "the status server's start line is missing"
     envoy_lines = [line for line in lines if "\tenvoy " in line]
     assert any(_stamp(line) < takeover for line in envoy_lines), (takeover, envoy_lines[:5])
     agent.proc.send_signal(signal.SIGTERM)
