@@ -22,6 +22,7 @@ from tests.support.envoy import wait_until
 from tests.support.kube_values import PodIdentity
 from tests.support.netns import pod_network
 from tests.support.pod import Pod, load_documents, pod_template
+from tests.support.pod_run import manifest_pod
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 
@@ -40,9 +41,7 @@ def _hook(variant: str, container: str, hook: str) -> list[str]:
 @pytest.mark.parametrize("deletion", ["sidecar", "native-sidecar"])
 def test_no_control_plane_pod_starts_serves_through_envoy_and_stops_cleanly(deletion: str) -> None:
     require_root()
-    docs = load_documents(DEPLOY / "no-control-plane.yaml")
-    configmap = next(d for d in docs if d["kind"] == "ConfigMap")
-    meta, spec = pod_template(next(d for d in docs if d["kind"] == "Deployment"))
+    configmap, meta, spec = manifest_pod()
     with pod_network("dep") as net:
         identity = PodIdentity(
             name="echo-local-5d8f7b6c4-x7k2p",
@@ -145,9 +144,7 @@ def test_a_bad_annotation_is_refused_while_the_running_envoy_keeps_serving() -> 
     downward-API file (..data swap), the agent sees it, refuses it (log, istio_agent_config_errors), and the Envoy
     that is running keeps serving and stays ready."""
     require_root()
-    docs = load_documents(DEPLOY / "no-control-plane.yaml")
-    configmap = next(d for d in docs if d["kind"] == "ConfigMap")
-    meta, spec = pod_template(next(d for d in docs if d["kind"] == "Deployment"))
+    configmap, meta, spec = manifest_pod()
     with pod_network("dep") as net:
         identity = PodIdentity(
             labels=dict(meta["labels"]), annotations=dict(meta["annotations"]), pod_ip=net.pod_ip, host_ip=net.client_ip

@@ -23,7 +23,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from tests.support.container import ContainerProcess
 from tests.support.kube_values import PodIdentity
@@ -355,6 +355,15 @@ def process_started_at(pid: int) -> float:
     return time.monotonic() - since
 
 
+def manifest_pod() -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """deploy/no-control-plane.yaml's pod: its ConfigMap document and the Deployment's pod template (metadata,
+    spec)."""
+    docs = load_documents(MANIFEST)
+    configmap = next(d for d in docs if d["kind"] == "ConfigMap")
+    meta, spec = pod_template(next(d for d in docs if d["kind"] == "Deployment"))
+    return configmap, meta, spec
+
+
 @contextlib.contextmanager
 def no_control_plane_pod(
     prefix: str = "scn",
@@ -369,9 +378,7 @@ def no_control_plane_pod(
     `annotations` are added to the pod's (e.g. `proxy.istio.io/config`); `secrets` are the Secrets the API server
     would hold (the manifest's optional `istio.echo` cert volume); `env(pod)` goes on top of the container's env, for
     what the harness cannot reproduce (absolute mount paths: the pod root is not the host's `/`)."""
-    docs = load_documents(MANIFEST)
-    configmap = next(d for d in docs if d["kind"] == "ConfigMap")
-    meta, spec = pod_template(next(d for d in docs if d["kind"] == "Deployment"))
+    configmap, meta, spec = manifest_pod()
     with pod_network(prefix) as net:
         identity = PodIdentity(
             name="echo-local-5d8f7b6c4-x7k2p",
