@@ -29,29 +29,9 @@ from pathlib import Path
 
 import psutil
 
-from tests.support.envoy import free_port
+from tests.support.envoy import direct_response_lds, free_port, remove_shm
 
 ROOT = Path(__file__).resolve().parents[1]
-
-LDS = """resources:
-- "@type": type.googleapis.com/envoy.config.listener.v3.Listener
-  name: demo
-  address: {socket_address: {address: 127.0.0.1, port_value: PORT}}
-  filter_chains:
-  - filters:
-    - name: envoy.filters.network.http_connection_manager
-      typed_config:
-        "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-        stat_prefix: demo
-        route_config:
-          virtual_hosts:
-          - name: v
-            domains: ["*"]
-            routes: [{match: {prefix: /}, direct_response: {status: 200, body: {inline_string: hello}}}]
-        http_filters:
-        - name: envoy.filters.http.router
-          typed_config: {"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}
-"""
 
 
 def server_info(admin_port: int, timeout: float = 0.5) -> dict[str, object] | None:
@@ -127,7 +107,7 @@ class AgentRig:
         self.admin, self.status, self.envoy_status, self.prom, self.app = (free_port() for _ in range(5))
         xds = self.work / "xds"
         xds.mkdir(parents=True, exist_ok=True)
-        (xds / "lds.yaml").write_text(LDS.replace("PORT", str(self.app)))
+        (xds / "lds.yaml").write_text(direct_response_lds(self.app, body="hello"))
         (xds / "cds.yaml").write_text("resources: []\n")
 
     def env(self, **extra: str) -> dict[str, str]:
@@ -179,7 +159,7 @@ def running_agent(rig: AgentRig, **extra: str) -> Iterator[tuple[subprocess.Pope
                 proc.kill()
                 proc.wait()
         log.close()
-        Path(f"/dev/shm/envoy_shared_memory_{rig.base_id * 10}").unlink(missing_ok=True)
+        remove_shm(rig.base_id)
 
 
 def envoy_child(proc: subprocess.Popen[bytes]) -> psutil.Process:

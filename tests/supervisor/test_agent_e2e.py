@@ -15,27 +15,10 @@ import pytest
 
 from agent.errors import ExitCode
 from agent.proxy.epochs import shm_path
-from tests.support.envoy import free_port, http_get, new_base_id, wait_until
+from tests.support.envoy import direct_response_lds, free_port, http_get, new_base_id, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 WAIT = [sys.executable, "-m", "agent", "wait"]
-
-LDS = """resources:
-- "@type": type.googleapis.com/envoy.config.listener.v3.Listener
-  name: demo
-  address: {socket_address: {address: 127.0.0.1, port_value: PORT}}
-  filter_chains:
-  - filters:
-    - name: envoy.filters.network.http_connection_manager
-      typed_config:
-        "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-        stat_prefix: demo
-        route_config:
-          virtual_hosts: [{name: v, domains: ["*"], routes: [{match: {prefix: /}, direct_response: {status: 200}}]}]
-        http_filters:
-        - name: envoy.filters.http.router
-          typed_config: {"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}
-"""
 
 
 def agent_env(tmp: Path, base_id: int, ports: dict[str, int], **extra: str) -> dict[str, str]:
@@ -66,7 +49,7 @@ def local_xds(tmp: Path, app_port: int) -> Path:
     """A directory for --local-xds-dir: one listener on 127.0.0.1:`app_port` answering 200, no clusters."""
     xds = tmp / "xds"
     xds.mkdir()
-    (xds / "lds.yaml").write_text(LDS.replace("PORT", str(app_port)))
+    (xds / "lds.yaml").write_text(direct_response_lds(app_port))
     (xds / "cds.yaml").write_text("resources: []\n")
     return xds
 

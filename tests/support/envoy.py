@@ -96,6 +96,31 @@ def wait_until(predicate: object, timeout: float = 15.0, interval: float = 0.05)
     raise AssertionError(f"condition not met within {timeout}s (last error: {last_error!r})")
 
 
+_DIRECT_RESPONSE_LDS = """resources:
+- "@type": type.googleapis.com/envoy.config.listener.v3.Listener
+  name: demo
+  address: {socket_address: {address: 127.0.0.1, port_value: PORT}}
+  filter_chains:
+  - filters:
+    - name: envoy.filters.network.http_connection_manager
+      typed_config:
+        "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+        stat_prefix: demo
+        route_config:
+          virtual_hosts: [{name: v, domains: ["*"], routes: [{match: {prefix: /}, direct_response: RESPONSE}]}]
+        http_filters:
+        - name: envoy.filters.http.router
+          typed_config: {"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}
+"""
+
+
+def direct_response_lds(port: int, body: str | None = None) -> str:
+    """An lds.yaml (for --local-xds-dir or Envoy's filesystem LDS): listener `demo` on 127.0.0.1:`port` answering
+    every request 200, with `body` (a plain YAML scalar) if given."""
+    response = "{status: 200}" if body is None else f"{{status: 200, body: {{inline_string: {body}}}}}"
+    return _DIRECT_RESPONSE_LDS.replace("PORT", str(port)).replace("RESPONSE", response)
+
+
 def admin_ready(admin_port: int) -> bool:
     try:
         status, body = http_get(f"http://127.0.0.1:{admin_port}/ready", timeout=1.0)
