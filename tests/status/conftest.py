@@ -20,6 +20,7 @@ from agent.proxy.admin import AdminClient
 from agent.status import StatusServer, StatusSettings
 from tests.status.envoy_stack import EnvoyStack, envoy_stack
 from tests.support.envoy import free_port
+from tests.support.http_server import stopped_on_exit
 
 
 @pytest.fixture(scope="module")
@@ -83,12 +84,8 @@ async def running_agent(settings: StatusSettings, *, envoy_up: bool = True) -> A
 def exporter(registry: CollectorRegistry) -> Iterator[int]:
     """prometheus_client's own HTTP exporter (honours Accept: text or OpenMetrics), on a free port."""
     server, thread = start_http_server(0, addr="127.0.0.1", registry=registry)
-    try:
-        yield int(server.server_address[1])
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
+    with stopped_on_exit(server, thread) as port:
+        yield port
 
 
 @contextmanager

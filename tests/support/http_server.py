@@ -6,6 +6,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from socketserver import TCPServer
 
 
 class QuietHandler(BaseHTTPRequestHandler):
@@ -24,6 +25,13 @@ def serving_http(handler: type[BaseHTTPRequestHandler], port: int = 0, daemon_th
     server.daemon_threads = daemon_threads
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
+    with stopped_on_exit(server, thread) as bound:
+        yield bound
+
+
+@contextmanager
+def stopped_on_exit(server: TCPServer, thread: threading.Thread) -> Iterator[int]:
+    """Yield the port of a server already serving from `thread`; stop it, close it and join the thread after."""
     try:
         yield int(server.server_address[1])
     finally:
