@@ -190,7 +190,7 @@ def direct_envoy_start(argv: list[str], admin_port: int, base_id: int) -> float:
     finally:
         proc.terminate()
         proc.wait(10)
-        Path(f"/dev/shm/envoy_shared_memory_{base_id * 10}").unlink(missing_ok=True)
+        remove_shm(base_id)
 
 
 def main() -> None:
