@@ -18,7 +18,6 @@ import socket
 import subprocess
 import threading
 import time
-import urllib.request
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from tests.support.container import ContainerProcess
+from tests.support.envoy import http_get
 from tests.support.kube_values import PodIdentity
 from tests.support.netns import PodNetwork, pod_network
 from tests.support.pod import Pod, load_documents, pod_template
@@ -62,11 +62,8 @@ def in_netns(netns: Path, fn: Callable[[], T]) -> T:
 
 
 def http_text(url: str, timeout: float = 3.0) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
-            return int(response.status), response.read().decode(errors="replace")
-    except urllib.error.HTTPError as exc:
-        return int(exc.code), exc.read().decode(errors="replace")
+    status, body = http_get(url, timeout)
+    return status, body.decode(errors="replace")
 
 
 def http_text_or_none(url: str, timeout: float = 1.0) -> int | None:
