@@ -234,7 +234,16 @@ class Running:
         await until(lambda: self._epoch_is(epoch), timeout)
 
     async def _epoch_is(self, epoch: int) -> bool:
-        return await self.admin.live_epoch() == epoch and self.lifecycle.envoy_down_reason is None
+        """Envoy says this epoch is LIVE *and* the supervisor has adopted it as its current epoch (it polls LIVE
+        itself, so it may learn a moment after Envoy's admin port says so; its counters move then)."""
+        epochs = self.supervisor.epochs
+        current = epochs.current if epochs is not None else None
+        return (
+            await self.admin.live_epoch() == epoch
+            and self.lifecycle.envoy_down_reason is None
+            and current is not None
+            and current.epoch == epoch
+        )
 
     async def stop(self, timeout: float = 30.0) -> int:
         self.lifecycle.request_shutdown("test done", skip_drain=True)
