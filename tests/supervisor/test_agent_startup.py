@@ -29,28 +29,19 @@ import psutil
 import pytest
 
 from agent.errors import ExitCode
-from tests.support.envoy import admin_ready, free_port, http_get, new_base_id, shm_segment, wait_until
+from tests.support.envoy import (
+    admin_ready,
+    direct_response_lds,
+    free_port,
+    http_get,
+    new_base_id,
+    shm_segment,
+    wait_until,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 # Generous: a drain of 0.5 s plus Envoy's stop grace; exceeding it means the agent hung.
 EXIT_BOUND = 20.0
-
-LDS = """resources:
-- "@type": type.googleapis.com/envoy.config.listener.v3.Listener
-  name: demo
-  address: {socket_address: {address: 127.0.0.1, port_value: PORT}}
-  filter_chains:
-  - filters:
-    - name: envoy.filters.network.http_connection_manager
-      typed_config:
-        "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-        stat_prefix: demo
-        route_config:
-          virtual_hosts: [{name: v, domains: ["*"], routes: [{match: {prefix: /}, direct_response: {status: 200}}]}]
-        http_filters:
-        - name: envoy.filters.http.router
-          typed_config: {"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}
-"""
 
 
 @dataclass
@@ -122,7 +113,7 @@ def start_agent(tmp_path: Path) -> Iterator[StartAgent]:
         work.mkdir()
         xds = work / "xds"
         xds.mkdir()
-        (xds / "lds.yaml").write_text(LDS.replace("PORT", str(ports["app"])))
+        (xds / "lds.yaml").write_text(direct_response_lds(ports["app"]))
         (xds / "cds.yaml").write_text("resources: []\n")
         config_dir = work / "proxy"
         config: dict[str, object] = {
@@ -199,6 +190,15 @@ def test_signal_in_the_startup_window_is_a_clean_exit(start_agent: StartAgent, s
     assert leftovers(agent) == []
 
 
+def watch_for_envoy_until_exit(agent: Agent) -> bool:
+    """Poll until the agent exits; True if an Envoy of its base id was ever seen meanwhile."""
+    seen_envoy = False
+    while agent.proc.poll() is None:
+        seen_envoy = seen_envoy or bool(envoys_of(agent.base_id))
+        time.sleep(0.005)
+    return seen_envoy
+
+
 def _only_lines(err: str) -> list[str]:
     return [line for line in err.splitlines() if line.strip()]
 
@@ -210,10 +210,7 @@ def test_status_port_in_use_fails_before_envoy(start_agent: StartAgent) -> None:
         taken.bind(("0.0.0.0", port))
         taken.listen(1)
         agent = start_agent(proxy_config={"statusPort": port})
-        seen_envoy = False
-        while agent.proc.poll() is None:
-            seen_envoy = seen_envoy or bool(envoys_of(agent.base_id))
-            time.sleep(0.005)
+        seen_envoy = watch_for_envoy_until_exit(agent)
         code = agent.wait()
     err = agent.stderr()
     assert code == ExitCode.STARTUP_FAILED, err
@@ -227,10 +224,7 @@ def test_status_port_in_use_fails_before_envoy(start_agent: StartAgent) -> None:
 @pytest.mark.envoy
 def test_bad_configuration_fails_before_envoy(start_agent: StartAgent) -> None:
     agent = start_agent(proxy_config={"terminationDrainDuration": "5 fortnights"})
-    seen_envoy = False
-    while agent.proc.poll() is None:
-        seen_envoy = seen_envoy or bool(envoys_of(agent.base_id))
-        time.sleep(0.005)
+    seen_envoy = watch_for_envoy_until_exit(agent)
     code = agent.wait()
     err = agent.stderr()
     assert code == ExitCode.CONFIG_ERROR, err
