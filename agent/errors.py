@@ -21,7 +21,7 @@ class ExitCode(enum.IntEnum):
     REQUEST_FAILED = 5
     # Envoy kept crashing: the restart budget is spent (see README, "Crashes").
     ENVOY_RESTART_BUDGET_EXHAUSTED = 70
-    # Envoy exited and the agent is configured to exit with it (EXIT_ON_ENVOY_EXIT, Istio's current behaviour).
+    # Envoy exited and the agent is configured to exit with it (ENVOY_RESTART_POLICY=exit, Istio's behaviour).
     ENVOY_EXITED = 71
     # The Envoy binary could not be found or executed.
     ENVOY_NOT_FOUND = 72

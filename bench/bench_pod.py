@@ -1,7 +1,7 @@
 """The whole pod (deploy/no-control-plane.yaml in the pod harness): start time against Envoy's own start, and the
 requests served and failed through a certificate rotation and through a pod deletion.
 
-    sudo /work/venv/bin/python -m bench.bench_pod [--runs 5] [--threads 8] [--in-flight 32]
+    sudo .venv/bin/python -m bench.bench_pod [--runs 5] [--threads 8] [--in-flight 32]
 
 Pod start, per run: istio-init started -> 15021 answers 200 from the node side (polled every 10 ms, not kubelet's
 1 s startup period) and -> the first client request captured into Envoy answered 200. Split: istio-proxy started
@@ -16,7 +16,7 @@ updated (kubelet's ..data swap); load continues until 1 s after epoch 1 is LIVE.
 requests of 1 s are in the app when the pod is deleted (SIGTERM, terminationDrainDuration 2 s). Kill, per run:
 Envoy SIGKILLed inside the pod; once it is reaped, `--threads` clients send requests until 15021 passes again
 (polled every 10 ms): time to ready again, refused / served / lost.
-Prints one JSON object; docs/bench-pod.md has the figures.
+Prints one JSON object; BENCHMARKS.md has the figures.
 """
 
 from __future__ import annotations

@@ -27,7 +27,14 @@ def register(subparsers: Any) -> None:
     parser.add_argument(
         "--output", "-o", default="-", help="write to this file instead of stdout (no side files are written)"
     )
-    parser.add_argument("--print-path", action="store_true", help="print only where `proxy` would write it")
+    parser.add_argument(
+        "--print-path",
+        action="store_true",
+        help=(
+            "print only the bootstrap path Istio names (<configPath>/envoy-rev.json); with hot restart on,"
+            " `proxy` writes one file per epoch (envoy-rev<N>.json)"
+        ),
+    )
     parser.set_defaults(run=run)
 
 
