@@ -42,6 +42,7 @@ from agent.proxy.argv import LaunchSettings
 from agent.proxy.binary import find_envoy
 from agent.proxy.epochs import DesiredState, DesiredStateFn, SupervisionSettings, exec_epoch, shm_path
 from agent.proxy.process import EnvoyProcess, remove_file
+from agent.proxy.shm import shared_memory_unusable
 from agent.status.settings import StatusSettings
 from agent.supervisor import DrainSettings, Supervisor, WatchSettings
 from agent.watch import content_hash
@@ -132,7 +133,7 @@ def supervisor_settings(cfg: AgentConfig, binary: str) -> ProxySettings:
         enable_core_dump=env_bool(env, "ISTIO_ENVOY_ENABLE_CORE_DUMP", False),
         config_yaml=config_yaml(cfg),
         concurrency=proxy.concurrency or 0,
-        hot_restart=not env_bool(env, "ENVOY_DISABLE_HOT_RESTART", False),
+        hot_restart=_hot_restart_wanted_and_possible(env),
         base_id=env_int(env, "ENVOY_BASE_ID", 0, 0, 2**20),
         bootstrap_suffix=bootstrap_path(cfg).suffix,
     )
@@ -162,6 +163,16 @@ def supervisor_settings(cfg: AgentConfig, binary: str) -> ProxySettings:
     if template and not launch.hot_restart:
         log.info("hot restart disabled (ENVOY_DISABLE_HOT_RESTART): file changes apply at Envoy's next start")
     return ProxySettings(launch, supervision, drain, watch)
+
+
+def _hot_restart_wanted_and_possible(env: Mapping[str, str]) -> bool:
+    if env_bool(env, "ENVOY_DISABLE_HOT_RESTART", False):
+        return False
+    if (reason := shared_memory_unusable()) is not None:
+        # Envoy would abort at start in its shared-memory set-up: a crash loop, not a running proxy.
+        log.warning("hot restart disabled: %s (set ENVOY_DISABLE_HOT_RESTART=true to say so explicitly)", reason)
+        return False
+    return True
 
 
 def render_desired_state(flags: ProxyFlags, environ: Mapping[str, str]) -> DesiredState:
