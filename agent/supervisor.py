@@ -177,7 +177,8 @@ class Supervisor:
                     await self.status.stop()
         if error is not None:
             raise error
-        log.info("Agent has successfully terminated")
+        if code in (None, 0):
+            log.info("Agent has successfully terminated")
         return code
 
     def _on_files_changed(self, changes: ChangeSet) -> None:
@@ -191,7 +192,8 @@ class Supervisor:
             return
         if self.lifecycle.immediate or self.lifecycle.skip_drain:
             log.info("shutdown without drain (%s)", self.lifecycle.shutdown_cause)
-            await epochs.stop_all(0)
+            # Still SIGTERM first (Envoy flushes its access logs), unless a second request asked for "now".
+            await epochs.stop_all(0 if self.lifecycle.immediate else self.supervision.stop_grace)
             return
         try:
             await self.admin.drain_listeners(inbound_only=self.drain.proxy_type == "sidecar", graceful=True)

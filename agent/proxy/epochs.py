@@ -226,6 +226,19 @@ class Epochs:
         self._budget_left = self.settings.restart_budget
         self.metrics.restart_budget.set(self._budget_left)
 
+    async def _cold_start_state(self, fallback: DesiredState) -> DesiredState:
+        """With hot restart off, a change can only be applied when Envoy starts: start on the desired state if it
+        renders and validates, else on `fallback` (the last state that went LIVE)."""
+        try:
+            desired = self._desired_state()
+        except AgentError:
+            return fallback
+        if desired.digest == fallback.digest:
+            return fallback
+        if self.settings.validate and not await self._validate(0, desired):
+            return fallback
+        return desired
+
     def _state_for_start(self) -> DesiredState:
         """A (re)start runs the last state seen LIVE, then reconciles to the desired one through a validated hot
         restart. With none seen LIVE yet (first start, or crashing since), it renders the desired state afresh,
@@ -245,11 +258,22 @@ class Epochs:
         return self.last_good if self.last_good is not None else desired
 
     async def _run_family(self) -> None:
-        """One hot-restart family, from epoch 0 until a crash (raises EnvoyCrashed) or shutdown (raises _Stop)."""
+        """One hot-restart family, from epoch 0 until a crash (raises EnvoyCrashed) or shutdown (raises _Stop).
+        A crash ends the whole family: a parent still draining after a hot restart would keep the base id's
+        hot-restart sockets, and the next family's epoch 0 could not start ("unable to bind domain socket")."""
+        try:
+            await self._family()
+        except EnvoyCrashed:
+            await self.stop_all(self.settings.stop_grace)
+            raise
+
+    async def _family(self) -> None:
         if self.lifecycle.shutdown_requested.is_set():
             raise _Stop
         self._drain_stale_events()
         state = self._state_for_start()
+        if not self.launch.hot_restart:
+            state = await self._cold_start_state(state)
         proc = await self._start_epoch(0, state)
         self.current = proc
         self.lifecycle.envoy_up()
@@ -377,6 +401,8 @@ class Epochs:
                 self.launch, epoch, state, tail_lines=self.settings.stderr_tail_lines, sink=self._sink
             )
         except OSError as exc:
+            if epoch > 0:
+                raise  # a hot-restart child: _apply keeps the running parent
             info = ExitInfo(epoch, 0, 127, False, 0.0, (f"cannot execute {self.launch.binary}: {exc}",))
             self._crashes += 1
             self.metrics.envoy_exits.labels("error").inc()
@@ -423,7 +449,16 @@ class Epochs:
         log.info("hot restart: starting Envoy epoch %d", epoch)
         # Readiness stays as it is: the parent epoch keeps serving until the child is LIVE and then drains, so the
         # pod is as ready as before. If the child fails, _recover() takes readiness down for the cold start.
-        child = await self._start_epoch(epoch, desired)
+        try:
+            child = await self._start_epoch(epoch, desired)
+        except OSError as exc:
+            # Its bootstrap could not be written (disk full) or Envoy not executed: the parent keeps serving.
+            remove_file(self.launch.bootstrap_path(epoch))
+            self._rejected = desired.digest
+            self.metrics.hot_restarts.labels("failed").inc()
+            self.metrics.config_errors.labels("start").inc()
+            log.error("cannot start Envoy epoch %d (%s): epoch %d keeps serving", epoch, exc, current.epoch)
+            return "invalid"
         outcome = await self._wait_live(child, self.settings.live_timeout)
         if outcome == "live":
             self._retiring.add(current)
@@ -464,13 +499,20 @@ class Epochs:
 
     async def _validate(self, epoch: int, state: DesiredState) -> bool:
         path = self.launch.bootstrap_path(epoch)
-        _write_atomic(path, state.bootstrap)
-        process = await asyncio.create_subprocess_exec(
-            *validate_argv(self.launch, path),
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-        )
+        try:
+            _write_atomic(path, state.bootstrap)
+            process = await asyncio.create_subprocess_exec(
+                *validate_argv(self.launch, path),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
+            )
+        except OSError as exc:
+            remove_file(path)
+            self.metrics.hot_restarts.labels("invalid").inc()
+            self.metrics.config_errors.labels("validate").inc()
+            log.error("cannot validate the new Envoy configuration (%s): the running epoch stays", exc)
+            return False
         self._validators.add(process.pid)
         try:
             output, _ = await process.communicate()

@@ -11,6 +11,7 @@ import pytest
 
 from agent.errors import ExitCode
 from tests.supervisor.harness import Rig, bootstrap, envoy_children, supervised, until
+from tests.support.envoy import http_get
 
 pytestmark = [pytest.mark.envoy]
 
@@ -128,3 +129,41 @@ async def test_envoy_binary_gone_counts_as_crash_and_gives_up(tmp_path: Path) ->
     assert code == ExitCode.ENVOY_RESTART_BUDGET_EXHAUSTED
     assert f"cannot execute {missing}" in (tmp_path / "termination-log").read_text()
     assert run.value("istio_agent_envoy_exits_total", cause="error") == 3
+
+
+async def test_crash_while_the_parent_drains_restarts_the_whole_family(tmp_path: Path) -> None:
+    """Epoch 1 dies while epoch 0 is still draining after the hot restart: the draining parent holds the base id's
+    hot-restart sockets, so it must go too, or no new epoch 0 could ever start (and it would be orphaned)."""
+    rig = Rig(tmp_path)
+    rig.write_input(bootstrap(rig.admin_port, rig.listener_port, body="zero"))
+    async with supervised(rig, launch={"parent_shutdown_duration": 60, "drain_duration": 30}) as run:
+        await run.wait_epoch_live(0)
+        (parent,) = envoy_children()
+        rig.write_input(bootstrap(rig.admin_port, rig.listener_port, body="one"))
+        run.supervisor.epochs.notify_change("test")  # type: ignore[union-attr]
+        await run.wait_epoch_live(1)
+        child = next(p for p in envoy_children() if p.pid != parent.pid)
+        assert parent.is_running()  # draining for up to 60 s
+        os.kill(child.pid, signal.SIGKILL)
+        await until(lambda: run.lifecycle.envoy_starts == 2, 20)
+        await run.wait_epoch_live(0)
+        assert not parent.is_running() or parent.status() == "zombie"
+        assert [p.pid for p in envoy_children()] not in ([parent.pid], [child.pid])
+        assert len(envoy_children()) == 1
+        assert run.value("istio_agent_envoy_exits_total", cause="oom") == 1
+
+
+async def test_with_hot_restart_off_a_change_applies_at_the_next_start(tmp_path: Path) -> None:
+    rig = Rig(tmp_path)
+    rig.write_input(bootstrap(rig.admin_port, rig.listener_port, body="old"))
+    async with supervised(rig, launch={"hot_restart": False}) as run:
+        await run.wait_epoch_live(0)
+        rig.write_input(bootstrap(rig.admin_port, rig.listener_port, body="new"))
+        run.supervisor.epochs.notify_change("test")  # type: ignore[union-attr]
+        await asyncio.sleep(0.3)
+        (victim,) = envoy_children()
+        os.kill(victim.pid, signal.SIGKILL)
+        await until(lambda: run.lifecycle.envoy_starts == 2, 20)
+        await run.wait_epoch_live(0)
+        status, body = await asyncio.to_thread(http_get, f"http://127.0.0.1:{rig.listener_port}/")
+        assert (status, body) == (200, b"new")
