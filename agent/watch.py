@@ -61,6 +61,10 @@ def _handler(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[Path]) -> Fil
     return Handler()
 
 
+# Seconds between looks at the watched files when the kernel cannot deliver file events.
+POLL_INTERVAL = 2.0
+
+
 class Watcher:
     """Watches `files` ({path: kind}); calls `on_change(ChangeSet)` on the loop after each real change."""
 
@@ -80,7 +84,16 @@ class Watcher:
         self.ready = asyncio.Event()
 
     def directories(self) -> set[Path]:
-        return {p.parent for p in self.files}
+        """Each file's directory, and the directory above any symlinked ancestor: in a Kubernetes volume an item
+        with a nested path (`certs/cert.pem`) lives under `certs -> ..data/certs`, and a swap of `..data` shows up
+        only as events in the volume's top directory, not in `certs` itself."""
+        directories: set[Path] = set()
+        for path in self.files:
+            directories.add(path.parent)
+            directories.update(a.parent for a in path.parent.parents if a.is_symlink())
+            if path.parent.is_symlink():
+                directories.add(path.parent.parent)
+        return directories
 
     async def run(self) -> None:
         """Exit paths: only cancellation (the observer thread is stopped and joined then)."""
@@ -90,12 +103,20 @@ class Watcher:
 
         observer = Observer()
         handler = _handler(loop, queue)
-        for directory in sorted(self.directories()):
-            if directory.is_dir():
-                observer.schedule(handler, str(directory), recursive=False)
-            else:
-                log.warning("not watching %s: directory does not exist", directory)
-        observer.start()
+        try:
+            for directory in sorted(self.directories()):
+                if directory.is_dir():
+                    observer.schedule(handler, str(directory), recursive=False)
+                else:
+                    log.warning("not watching %s: directory does not exist", directory)
+            observer.start()
+        except OSError as exc:
+            # inotify instance or watch limits (per uid: every istio-proxy on a node runs as 1337) must not take a
+            # healthy Envoy down: look at the files periodically instead.
+            observer.unschedule_all()
+            log.warning("file events unavailable (%s): checking watched files every %.0fs", exc, POLL_INTERVAL)
+            await self._poll()
+            return
         try:
             # Hash again now that events are flowing, so nothing changed between __init__ and here is missed.
             self.check()
@@ -114,6 +135,13 @@ class Watcher:
             observer.stop()
             with contextlib.suppress(RuntimeError):
                 await asyncio.to_thread(observer.join, 5.0)
+
+    async def _poll(self) -> None:
+        self.check()
+        self.ready.set()
+        while True:
+            await asyncio.sleep(POLL_INTERVAL)
+            self.check()
 
     def check(self) -> ChangeSet | None:
         """Hash every watched file; report those whose content changed since the last look."""

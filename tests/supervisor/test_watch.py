@@ -125,3 +125,45 @@ async def test_half_written_cert_is_rejected_then_completed_file_applies(tmp_pat
         await asyncio.sleep(0.5)
         assert await run.admin.live_epoch() == 2
         assert run.value("istio_agent_hot_restarts_total", outcome="invalid") == invalid
+
+
+async def test_item_with_a_nested_path_in_a_volume_is_seen(tmp_path: Path) -> None:
+    """A Secret/ConfigMap item with path `certs/cert.pem`: kubelet links `certs -> ..data/certs`, and a swap of
+    `..data` produces events only in the volume's top directory."""
+
+    def generation(name: str, text: str) -> None:
+        gen = tmp_path / f"..{name}"
+        (gen / "certs").mkdir(parents=True)
+        (gen / "certs" / "cert.pem").write_text(text)
+        if not (tmp_path / "certs").is_symlink():
+            (tmp_path / "certs").symlink_to(Path("..data") / "certs")
+        (tmp_path / "..data_tmp").symlink_to(gen.name)
+        os.replace(tmp_path / "..data_tmp", tmp_path / "..data")
+
+    generation("gen1", "one")
+    cert = tmp_path / "certs" / "cert.pem"
+    async with watching({cert: "cert"}) as (_watcher, seen):
+        generation("gen2", "two")
+        await until(lambda: len(seen) == 1, 5)
+        generation("gen3", "three")
+        await until(lambda: len(seen) == 2, 5)
+    assert [c.changed for c in seen] == [(cert,), (cert,)]
+
+
+async def test_without_file_events_the_files_are_polled(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """When inotify limits are reached (the per-uid instance limit is shared by every istio-proxy on a node), the
+    watcher must keep working by polling. The kernel limit is simulated: the observer's start raises what the
+    kernel's refusal raises."""
+    from watchdog.observers import Observer  # noqa: PLC0415
+
+    def refuse(_self: object) -> None:
+        raise OSError(24, "inotify instance limit reached")
+
+    monkeypatch.setattr(Observer, "start", refuse)
+    monkeypatch.setattr("agent.watch.POLL_INTERVAL", 0.05)
+    target = tmp_path / "mesh"
+    target.write_text("a")
+    async with watching({target: "mesh"}) as (_watcher, seen):
+        target.write_text("b")
+        await until(lambda: len(seen) == 1, 5)
+    assert seen[0].changed == (target,)
