@@ -40,7 +40,7 @@ class AdminClient:
                 session.request(method, url, data=body) as response,
             ):
                 return response.status, await response.read()
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+        except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:  # ValueError: a malformed method
             raise AdminError(f"{method} {url}: {type(exc).__name__}: {exc}") from exc
 
     async def _ok(self, method: str, path: str, timeout: float = 2.0) -> bytes:

@@ -141,7 +141,7 @@ class AppProber:
                         return web.Response(status=response.status, body=body)
                 log.debug("probe %s: more than %d redirects", request.path, MAX_REDIRECTS)
                 return web.Response(status=500, text="too many redirects")
-        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+        except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:  # ValueError: a malformed Location
             log.debug("http probe %s failed: %s: %s", url, type(exc).__name__, exc)
             return web.Response(status=500, text=f"probe failed: {type(exc).__name__}")
 

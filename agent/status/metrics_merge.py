@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from dataclasses import dataclass
 
 import aiohttp
+import yarl
 from aiohttp import web
 from prometheus_client import exposition as text_exposition
 from prometheus_client.openmetrics import exposition as om_exposition
@@ -44,7 +46,7 @@ READ_SIZE = 64 * 1024
 @dataclass
 class Upstream:
     kind: str  # "envoy" or "application": the `type` label of scrape failures
-    url: str
+    url: str | yarl.URL
     response: aiohttp.ClientResponse | None = None
 
 
@@ -74,7 +76,7 @@ class MetricsMerger:
                 value = float(raw)
             except ValueError:
                 value = 0.0
-            if value > 0:
+            if value > 0 and math.isfinite(value):
                 # Leave a margin to write the answer before Prometheus itself gives up on us.
                 return max(value - 0.25, value * 0.5)
         return self.settings.default_scrape_timeout
@@ -91,9 +93,12 @@ class MetricsMerger:
             forward[TIMEOUT_HEADER] = request.headers[TIMEOUT_HEADER]
         upstreams: list[Upstream] = []
         if self.settings.merge_envoy_stats:
-            query = f"?{request.query_string}" if request.query_string else ""
+            # The query string goes to Envoy as the scraper sent it (Istio forwards RawQuery): decoding it here
+            # would turn %23 into a fragment and %2B into a '+' Envoy may read as a space.
+            raw_query = request.rel_url.raw_query_string
             port = self.settings.envoy_prometheus_port
-            upstreams.append(Upstream("envoy", f"http://127.0.0.1:{port}/stats/prometheus{query}"))
+            url = f"http://127.0.0.1:{port}/stats/prometheus" + (f"?{raw_query}" if raw_query else "")
+            upstreams.append(Upstream("envoy", yarl.URL(url, encoded=True)))
         host = self.settings.scrape_host
         host = f"[{host}]" if ":" in host else host
         for target in self.settings.scrape_targets:

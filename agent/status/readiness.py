@@ -162,6 +162,7 @@ class Readiness:
                 probe.forget()
 
     async def _evaluate(self) -> str | None:
+        start = self.lifecycle.envoy_starts
         reason = self.lifecycle.not_ready_reason()
         if reason is not None and self.lifecycle.envoy_down_reason is not None:
             for probe in self.probes:
@@ -172,6 +173,10 @@ class Readiness:
                     await probe.check()
             except NotReady as exc:
                 reason = str(exc)
+        if self.lifecycle.envoy_starts != start:
+            # Envoy was cold-started while we asked the previous one: its answers say nothing about the new one.
+            self._forget_facts_of_a_previous_envoy()
+            reason = reason or "Envoy was restarted during the readiness check"
         # Shutdown may have begun while we asked Envoy: it wins (readiness flips at the first SIGTERM).
         reason = self.lifecycle.not_ready_reason() or reason
         self._record(reason)
