@@ -128,7 +128,10 @@ class MetricsMerger:
             response = web.StreamResponse(status=200, headers={"Content-Type": content_type})
             if "gzip" in request.headers.get("Accept-Encoding", "").lower():
                 response.enable_compression(web.ContentCoding.gzip)
-            await response.prepare(request)
+            try:
+                await response.prepare(request)
+            except (ConnectionError, RuntimeError) as exc:  # the scraper gave up while the sources were awaited
+                raise _ClientGone(str(exc)) from exc
             if openmetrics != guess:
                 agent_section = self._agent_section(openmetrics)
             claimed: set[bytes] = set()
@@ -144,10 +147,8 @@ class MetricsMerger:
                     )
             if openmetrics:
                 await _write(response, b"# EOF\n")
-            try:
-                await response.write_eof()
-            except (ConnectionError, RuntimeError) as exc:
-                raise _ClientGone(str(exc)) from exc
+            # No write_eof() here: aiohttp finishes the response itself, and a second write_eof() after one that
+            # failed on a closed connection flushed gzip's compressor twice (zlib "inconsistent stream state").
             return response
         except _ClientGone:
             log.debug("scraper hung up during a merged scrape")
