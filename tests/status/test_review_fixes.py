@@ -56,11 +56,14 @@ async def test_an_answer_of_the_envoy_before_a_restart_does_not_make_the_new_one
     assert await asking_new_envoy is None
 
 
-def _recording_envoy(seen: list[bytes]) -> object:
+def _envoy_serving(body: bytes, seen: list[bytes] | None = None) -> object:
+    """A stand-in for Envoy's prometheus listener: answers `body`; records each request line in `seen`."""
+
     def handle(conn: socket.socket, stop: threading.Event) -> None:
         try:
-            seen.append(conn.recv(65536).split(b"\r\n", 1)[0])
-            body = b"# TYPE envoy_up gauge\nenvoy_up 1\n"
+            request_line = conn.recv(65536).split(b"\r\n", 1)[0]
+            if seen is not None:
+                seen.append(request_line)
             head = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nConnection: close\r\n"
             conn.sendall(head + b"Content-Length: %d\r\n\r\n" % len(body) + body)
         except OSError:
@@ -74,7 +77,7 @@ def _recording_envoy(seen: list[bytes]) -> object:
 async def test_the_query_string_reaches_envoy_as_the_scraper_sent_it() -> None:
     """Istio forwards RawQuery: %23 must not become a fragment, %2B not a '+', a stray escape not be repaired."""
     seen: list[bytes] = []
-    with raw_http_server(_recording_envoy(seen)) as envoy_port:
+    with raw_http_server(_envoy_serving(b"# TYPE envoy_up gauge\nenvoy_up 1\n", seen)) as envoy_port:
         async with running_agent(settings_for(None, envoy_prometheus_port=envoy_port)) as agent:
             url = yarl.URL(f"{agent.base}/stats/prometheus?filter=%5Eenvoy%2Bx%23y&a=%C3%28", encoded=True)
             async with agent.session.get(url) as response:
@@ -105,18 +108,8 @@ async def test_scrapers_hanging_up_mid_gzip_body_leave_no_errors(caplog: pytest.
     ("Unhandled exception ... zlib.error", about one hang-up in twelve before the fix)."""
     body = b"".join(b'# TYPE envoy_m%d counter\nenvoy_m%d{a="b"} 1\n' % (i, i) for i in range(3000))
 
-    def envoy(conn: socket.socket, stop: threading.Event) -> None:
-        try:
-            conn.recv(65536)
-            head = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nConnection: close\r\n"
-            conn.sendall(head + b"Content-Length: %d\r\n\r\n" % len(body) + body)
-        except OSError:
-            pass
-        finally:
-            conn.close()
-
     caplog.set_level(logging.DEBUG)
-    with raw_http_server(envoy) as envoy_port:
+    with raw_http_server(_envoy_serving(body)) as envoy_port:
         async with running_agent(settings_for(None, envoy_prometheus_port=envoy_port)) as agent:
             for i in range(120):
                 async with agent.session.get(
