@@ -90,9 +90,7 @@ class Watcher:
         directories: set[Path] = set()
         for path in self.files:
             directories.add(path.parent)
-            directories.update(a.parent for a in path.parent.parents if a.is_symlink())
-            if path.parent.is_symlink():
-                directories.add(path.parent.parent)
+            directories.update(a.parent for a in (path.parent, *path.parent.parents) if a.is_symlink())
         return directories
 
     async def run(self) -> None:
