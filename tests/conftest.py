@@ -1,7 +1,7 @@
 """Suite-wide rules.
 
-In CI (CI=true) a skipped test that needs root, network namespaces, a real Envoy or the conformance data is a
-failure: those are the tests that prove the agent works, and a machine that cannot run them must not pass.
+In CI (CI=true) a skipped test that needs root, network namespaces, a real Envoy, the conformance data or the built
+image is a failure: those are the tests that prove the agent works, and a machine that cannot run them must not pass.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from collections.abc import Generator
 
 import pytest
 
-MUST_RUN_IN_CI = {"envoy", "root", "netns", "conformance"}
+MUST_RUN_IN_CI = {"envoy", "root", "netns", "conformance", "container"}
 
 
 @pytest.hookimpl(wrapper=True)
