@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from agent.config.agent_config import AgentConfig
-from agent.config.envvars import json_object, parse_go_bool
+from agent.config.envvars import parse_go_bool
 from agent.errors import ConfigError
 
 META_PREFIX = "ISTIO_META_"
@@ -51,23 +51,14 @@ class Node:
 
 def _raw_metadata(cfg: AgentConfig) -> tuple[dict[str, Any], dict[str, str]]:
     """The untyped map and where each key came from (for error messages)."""
-    raw: dict[str, Any] = {}
-    origin: dict[str, str] = {}
-    for key, value in cfg.proxy.proxy_metadata.items():
-        if key.startswith(META_PREFIX):
-            raw[key[len(META_PREFIX) :]] = value
-            origin[key[len(META_PREFIX) :]] = f"ProxyConfig proxyMetadata.{key}"
-    env = cfg.environ
+    raw: dict[str, Any] = dict(cfg.istio_meta())
+    where = {False: "ProxyConfig proxyMetadata.", True: "env "}
+    origin = {key: f"{where[key in cfg.env_metadata]}{META_PREFIX}{key}" for key in raw}
     # Go walks the env list twice: all ISTIO_META_* first, then all ISTIO_METAJSON_*.
-    for name, value in env.items():
-        if name.startswith(META_PREFIX):
-            raw[name[len(META_PREFIX) :]] = value
-            origin[name[len(META_PREFIX) :]] = f"env {name}"
-    for name, value in env.items():
-        if name.startswith(METAJSON_PREFIX):
-            for k, v in json_object(value, f"env {name}").items():
-                raw[k] = v
-                origin[k] = f"env {name}"
+    for name, obj in cfg.env_metadata_json:
+        for k, v in obj.items():
+            raw[k] = v
+            origin[k] = f"env {name}"
     if cfg.dns_proxy_addr:
         raw["DNS_PROXY_ADDR"] = cfg.dns_proxy_addr
         origin["DNS_PROXY_ADDR"] = "env DNS_PROXY_ADDR"
@@ -78,14 +69,12 @@ def _raw_metadata(cfg: AgentConfig) -> tuple[dict[str, Any], dict[str, str]]:
     return raw, origin
 
 
-def _static_labels(env: Mapping[str, str]) -> dict[str, str] | None:
-    text = env.get(f"{METAJSON_PREFIX}LABELS")
-    if text is None:
-        return None
-    labels = json_object(text, f"env {METAJSON_PREFIX}LABELS")
+def _static_labels(cfg: AgentConfig) -> dict[str, str] | None:
+    name = f"{METAJSON_PREFIX}LABELS"
+    labels = dict(dict(cfg.env_metadata_json).get(name, {}))
     for k, v in labels.items():
         if not isinstance(v, str):
-            raise ConfigError(f"env {METAJSON_PREFIX}LABELS", k, "label values must be strings")
+            raise ConfigError(f"env {name}", k, "label values must be strings")
     return labels or None
 
 
@@ -132,7 +121,7 @@ def build_node(cfg: AgentConfig) -> Node:
         if parsed:
             typed[key] = "true"
 
-    static = _static_labels(cfg.environ)
+    static = _static_labels(cfg)
     labels: dict[str, str] | None = static
     if cfg.labels_file_found:
         labels = dict(static or {})

@@ -94,8 +94,8 @@ def template_path_of(cfg: AgentConfig) -> Path:
 def render_bootstrap(cfg: AgentConfig) -> bytes:
     """The bytes Envoy's config file must hold. With ProxyConfig.customConfigFile, that file's contents as they
     are (no templating, as Istio); otherwise the rendered template (ISTIO_BOOTSTRAP / --templateFile / default)."""
-    if cfg.proxy.custom_config_file and not cfg.environ.get("ISTIO_BOOTSTRAP"):
-        path = Path(cfg.proxy.custom_config_file)
+    if cfg.custom_config_file:
+        path = Path(cfg.custom_config_file)
         try:
             return path.read_bytes()
         except OSError as exc:

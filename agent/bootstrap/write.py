@@ -65,8 +65,7 @@ def bootstrap_dependencies(cfg: AgentConfig) -> list[Path]:
     Always listed (they may appear later): the cert files (/etc/certs defaults and ISTIO_META_TLS_* overrides),
     the downward-API files, the mesh config, the template, ISTIO_BOOTSTRAP_OVERRIDE and customConfigFile.
     Listed when they exist: files named by the tracer / metrics / access-log TLS settings."""
-    meta = {k[len("ISTIO_META_") :]: v for k, v in cfg.proxy.proxy_metadata.items() if k.startswith("ISTIO_META_")}
-    meta.update({k[len("ISTIO_META_") :]: v for k, v in cfg.environ.items() if k.startswith("ISTIO_META_")})
+    meta = cfg.istio_meta()
     paths: list[str] = [f"{CERT_DIR}/{name}" for name in CERT_FILES]
     for key in (
         "TLS_CLIENT_CERT_CHAIN",
@@ -79,8 +78,8 @@ def bootstrap_dependencies(cfg: AgentConfig) -> list[Path]:
         if meta.get(key):
             paths.append(meta[key])
     paths += [str(cfg.labels_path), str(cfg.annotations_path), str(cfg.mesh_config_path)]
-    if cfg.proxy.custom_config_file:
-        paths.append(cfg.proxy.custom_config_file)
+    if cfg.custom_config_file:
+        paths.append(cfg.custom_config_file)
     else:
         paths.append(str(template_path_of(cfg)))
     if cfg.bootstrap_override:

@@ -33,8 +33,8 @@ from agent.bootstrap import bootstrap_dependencies, render_bootstrap
 from agent.bootstrap.render import template_path_of
 from agent.bootstrap.write import bootstrap_path, write_side_files
 from agent.config import AgentConfig, ProxyFlags, add_proxy_flags, flags_from_args, load_agent_config
-from agent.config.durations import parse_duration
-from agent.config.envvars import env_bool, env_int
+from agent.config import env_settings as E
+from agent.config.envvars import Environment
 from agent.errors import AgentError, ConfigError, ExitCode
 from agent.lifecycle import Lifecycle
 from agent.pid1 import HANDLED
@@ -64,16 +64,11 @@ class ProxySettings:
     watch: WatchSettings
 
 
-def _env_duration(environ: Mapping[str, str], name: str, default: float) -> float:
-    raw = environ.get(name, "")
-    return default if not raw.strip() else parse_duration(raw, f"env {name}", "")
-
-
 def config_yaml(cfg: AgentConfig) -> str:
     """ISTIO_BOOTSTRAP_OVERRIDE: a YAML/JSON file given to Envoy as --config-yaml JSON, $(HOST_IP) substituted."""
     if not cfg.bootstrap_override:
         return ""
-    source = "env ISTIO_BOOTSTRAP_OVERRIDE"
+    source = E.ISTIO_BOOTSTRAP_OVERRIDE.source
     try:
         text = Path(cfg.bootstrap_override).read_text()
     except OSError as exc:
@@ -106,14 +101,14 @@ def watch_files(cfg: AgentConfig, dependencies: list[Path]) -> dict[Path, str]:
     }
     if cfg.bootstrap_override:
         kinds[cfg.bootstrap_override] = "bootstrap_override"
-    if cfg.proxy.custom_config_file:
-        kinds[cfg.proxy.custom_config_file] = "custom_config"
+    if cfg.custom_config_file:
+        kinds[cfg.custom_config_file] = "custom_config"
     return {path: kinds.get(str(path), "cert") for path in dependencies}
 
 
 def supervisor_settings(cfg: AgentConfig, binary: str) -> ProxySettings:
     """AgentConfig (+ the agent's own env settings) -> the supervisor's frozen settings. The one mapping place."""
-    env = cfg.environ
+    env = cfg.env
     proxy = cfg.proxy
     ips = [ipaddress.ip_address(ip) for ip in cfg.instance_ips if ip]
     ipv6_only = bool(ips) and all(ip.version == 6 for ip in ips)
@@ -126,47 +121,44 @@ def supervisor_settings(cfg: AgentConfig, binary: str) -> ProxySettings:
         parent_shutdown_duration=proxy.parent_shutdown_duration,
         ip_version="v6" if ipv6_only else "v4",
         file_flush_interval_ms=1000 if flush is None else int(flush * 1000),
-        file_flush_min_size_kb=env_int(env, "FILE_FLUSH_MIN_SIZE_KB", 0),
+        file_flush_min_size_kb=env[E.FILE_FLUSH_MIN_SIZE_KB],
         log_level=cfg.log_level,
         component_log_level=cfg.component_log_level,
         skip_deprecated_logs=cfg.node.skip_deprecated_logs,
-        enable_core_dump=env_bool(env, "ISTIO_ENVOY_ENABLE_CORE_DUMP", False),
+        enable_core_dump=env[E.ISTIO_ENVOY_ENABLE_CORE_DUMP],
         config_yaml=config_yaml(cfg),
         concurrency=proxy.concurrency or 0,
         hot_restart=_hot_restart_wanted_and_possible(env),
-        base_id=env_int(env, "ENVOY_BASE_ID", 0, 0, 2**20),
+        base_id=env[E.ENVOY_BASE_ID],
         bootstrap_suffix=bootstrap_path(cfg).suffix,
     )
-    policy = env.get("ENVOY_RESTART_POLICY", "restart").strip() or "restart"
-    if policy not in ("restart", "exit"):
-        raise ConfigError("env ENVOY_RESTART_POLICY", "", f"expected restart or exit, got {policy!r}")
-    termination_log = env.get("TERMINATION_LOG_PATH", "/dev/termination-log")
+    termination_log = env[E.TERMINATION_LOG_PATH]
     supervision = SupervisionSettings(
-        restart_initial_delay=_env_duration(env, "ENVOY_RESTART_INITIAL_DELAY", 0.2),
-        restart_budget=env_int(env, "ENVOY_RESTART_BUDGET", 10),
-        healthy_period=_env_duration(env, "ENVOY_HEALTHY_PERIOD", 60.0),
-        exit_on_envoy_exit=policy == "exit",
+        restart_initial_delay=env[E.ENVOY_RESTART_INITIAL_DELAY],
+        restart_budget=env[E.ENVOY_RESTART_BUDGET],
+        healthy_period=env[E.ENVOY_HEALTHY_PERIOD],
+        exit_on_envoy_exit=env[E.ENVOY_RESTART_POLICY] == "exit",
         termination_log=Path(termination_log) if termination_log else None,
-        validate=not env_bool(env, "ENVOY_SKIP_VALIDATION", False),
+        validate=not env[E.ENVOY_SKIP_VALIDATION],
     )
     drain = DrainSettings(
         proxy_type=cfg.proxy_type,
         termination_drain=proxy.termination_drain_duration,
         exit_on_zero_active_connections=cfg.node.exit_on_zero_active_connections,
-        minimum_drain=_env_duration(env, "MINIMUM_DRAIN_DURATION", 5.0),
+        minimum_drain=env[E.MINIMUM_DRAIN_DURATION],
         excluded_listener_ports=(cfg.envoy_status_port, cfg.envoy_prometheus_port),
     )
     watch = WatchSettings(
         watch_files(cfg, bootstrap_dependencies(cfg)),
-        debounce=_env_duration(env, "FILE_DEBOUNCE_DURATION", 0.1),
+        debounce=env[E.FILE_DEBOUNCE_DURATION],
     )
     if template and not launch.hot_restart:
         log.info("hot restart disabled (ENVOY_DISABLE_HOT_RESTART): file changes apply at Envoy's next start")
     return ProxySettings(launch, supervision, drain, watch)
 
 
-def _hot_restart_wanted_and_possible(env: Mapping[str, str]) -> bool:
-    if env_bool(env, "ENVOY_DISABLE_HOT_RESTART", False):
+def _hot_restart_wanted_and_possible(env: Environment) -> bool:
+    if env[E.ENVOY_DISABLE_HOT_RESTART]:
         return False
     if (reason := shared_memory_unusable()) is not None:
         # Envoy would abort at start in its shared-memory set-up: a crash loop, not a running proxy.
@@ -233,7 +225,7 @@ def run(args: argparse.Namespace) -> int:
     status = None
     if cfg.proxy.status_port > 0:
         status = StatusSettings.from_env(
-            cfg.environ,
+            cfg.env,
             status_port=cfg.proxy.status_port,
             envoy_prometheus_port=cfg.envoy_prometheus_port,
             proxy_type=cfg.proxy_type,

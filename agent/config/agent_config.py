@@ -16,19 +16,21 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
+from agent.config import env_settings as E
 from agent.config import network
 from agent.config.downward import read_downward_api
-from agent.config.envvars import check_metajson, env_bool, env_int, env_port
+from agent.config.envvars import Environment, EnvVar, json_object
 from agent.config.flags import ProxyFlags, split_component_log
 from agent.config.proxyconfig import DEFAULTS, ProxyConfig, merge, parse_text
 from agent.config.schema import normalise_proxy_config
 from agent.errors import ConfigError
 
 log = logging.getLogger("agent.config")
+_T = TypeVar("_T")
 
 LABELS_PATH = "./etc/istio/pod/labels"
 ANNOTATIONS_PATH = "./etc/istio/pod/annotations"
@@ -96,7 +98,8 @@ class AgentConfig:
     labels_path: Path
     annotations_path: Path
     mesh_config_path: Path
-    template_path: str  # jinja2 template to render; "" when customConfigFile is used as-is
+    template_path: str  # jinja2 template to render ("" = the packaged one); unused with custom_config_file
+    custom_config_file: str  # customConfigFile, used as Envoy's config as it is; "" when ISTIO_BOOTSTRAP is set
     proxy: ProxyConfig
     log_level: str  # Envoy -l
     component_log_level: str  # Envoy --component-log-level ("" for none)
@@ -113,9 +116,19 @@ class AgentConfig:
     strip_fragment: bool
     host_ip: str
     dns_proxy_addr: str | None
+    env_metadata: Mapping[str, str]  # ISTIO_META_<K>=v as {K: v}, in the environment's order
+    env_metadata_json: tuple[tuple[str, Mapping[str, Any]], ...]  # (ISTIO_METAJSON_<K>, its JSON object)
     node: NodeSettings
     flags: ProxyFlags
-    environ: Mapping[str, str] = field(repr=False)
+    env: Environment = field(repr=False)  # settings read by other parts (supervision, status server)
+
+    def istio_meta(self) -> dict[str, str]:
+        """The ISTIO_META_<K> settings as {K: value}: ProxyConfig proxyMetadata, then the environment (which wins),
+        as Istio's GetNodeMetaData reads them."""
+        prefix = E.ISTIO_META.prefix
+        meta = {k[len(prefix) :]: v for k, v in self.proxy.proxy_metadata.items() if k.startswith(prefix)}
+        meta.update(self.env_metadata)
+        return meta
 
 
 def _read_mesh_config(path: Path) -> dict[str, Any]:
@@ -153,18 +166,19 @@ def _pilot_san(proxy: ProxyConfig) -> tuple[str, ...]:
 
 
 def assemble_proxy_config(
-    flags: ProxyFlags, environ: Mapping[str, str], annotations: Mapping[str, str], annotations_path: Path
+    flags: ProxyFlags, env: Environment, annotations: Mapping[str, str], annotations_path: Path
 ) -> ProxyConfig:
     """Istio's ConstructProxyConfig: defaults < mesh config < PROXY_CONFIG < annotation, then overrides."""
     raw = dict(DEFAULTS)
     raw = merge(raw, _read_mesh_config(Path(flags.mesh_config)))
-    if environ.get("PROXY_CONFIG", "").strip():
-        raw = merge(raw, parse_text(environ["PROXY_CONFIG"], "env PROXY_CONFIG"))
+    proxy_config = env[E.PROXY_CONFIG]
+    if proxy_config.strip():
+        raw = merge(raw, parse_text(proxy_config, E.PROXY_CONFIG.source))
     anno_source = f"{annotations_path} annotation {ANNOTATION_PROXY_CONFIG}"
     if annotations.get(ANNOTATION_PROXY_CONFIG, "").strip():
         raw = merge(raw, parse_text(annotations[ANNOTATION_PROXY_CONFIG], anno_source))
     # Concurrency: the CPU limit when unset, then the legacy --concurrency flag wins.
-    cpu_limit = env_int(environ, "ISTIO_CPU_LIMIT", 0)
+    cpu_limit = env[E.ISTIO_CPU_LIMIT]
     if "concurrency" not in raw and cpu_limit > 0:
         raw["concurrency"] = cpu_limit
     if flags.concurrency:
@@ -227,13 +241,17 @@ def load_agent_config(
     flags: ProxyFlags, environ: Mapping[str, str] | None = None, overrides: NodeOverrides | None = None
 ) -> AgentConfig:
     """Read every source and return the agent's configuration. Raises ConfigError naming source and field."""
-    env: Mapping[str, str] = types.MappingProxyType(dict(os.environ if environ is None else environ))
+    env = Environment(os.environ if environ is None else environ)
     ov = overrides or NodeOverrides()
     if flags.proxy_type not in PROXY_TYPES:
         raise ConfigError(
             "argument proxy type", flags.proxy_type, f"invalid proxy Type; one of {', '.join(PROXY_TYPES)}"
         )
-    check_metajson(env)
+    env_metadata = {name[len(E.ISTIO_META.prefix) :]: value for name, value in env.with_prefix(E.ISTIO_META)}
+    env_metadata_json = tuple(
+        (name, types.MappingProxyType(json_object(value, f"env {name}")))
+        for name, value in env.with_prefix(E.ISTIO_METAJSON)
+    )
     labels_path = Path(ov.labels_path or LABELS_PATH)
     annotations_path = Path(ov.annotations_path or ANNOTATIONS_PATH)
     pod_labels = read_downward_api(labels_path)
@@ -246,56 +264,47 @@ def load_agent_config(
     else:
         proxy = assemble_proxy_config(flags, env, annotations, annotations_path)
 
-    pod_name = env.get("POD_NAME", "")
-    pod_namespace = env.get("POD_NAMESPACE", "")
+    pod_name = env[E.POD_NAME]
+    pod_namespace = env[E.POD_NAMESPACE]
     dns_domain = flags.domain or f"{pod_namespace}.svc.cluster.local"
-    ips = ov.instance_ips if ov.instance_ips is not None else tuple(network.discover_ips(env, annotations))
+    ips = ov.instance_ips
+    if ips is None:
+        ips = tuple(network.discover_ips(env[E.INSTANCE_IP], annotations))
     node_id = ov.node_id or f"{flags.proxy_type}~{ips[0]}~{pod_name}.{pod_namespace}~{dns_domain}"
     log_level, component_log_level = split_component_log(flags.proxy_log_level, flags.proxy_component_log_level)
 
-    if env.get("ISTIO_BOOTSTRAP"):
-        template = env["ISTIO_BOOTSTRAP"]
+    # ISTIO_BOOTSTRAP wins over customConfigFile, which wins over proxyBootstrapTemplatePath (--templateFile).
+    custom_config_file = ""
+    if env[E.ISTIO_BOOTSTRAP]:
+        template = env[E.ISTIO_BOOTSTRAP]
     elif proxy.custom_config_file:
-        template = ""
+        template, custom_config_file = "", proxy.custom_config_file
     else:
         template = proxy.proxy_bootstrap_template_path
 
-    local_xds = flags.local_xds_dir or env.get("ISTIO_LOCAL_XDS_DIR", "")
+    local_xds = flags.local_xds_dir or env[E.ISTIO_LOCAL_XDS_DIR]
     if local_xds:
         local_xds = _check_local_xds_dir(
-            local_xds, "flag --local-xds-dir" if flags.local_xds_dir else "env ISTIO_LOCAL_XDS_DIR"
+            local_xds, "flag --local-xds-dir" if flags.local_xds_dir else E.ISTIO_LOCAL_XDS_DIR.source
         )
 
-    metadata_discovery = None
-    if env.get("PEER_METADATA_DISCOVERY", "") != "":
-        metadata_discovery = env_bool(env, "PEER_METADATA_DISCOVERY", False)
+    def overridden(value: _T | None, setting: EnvVar[_T]) -> _T:
+        return value if value is not None else env[setting]
+
     node = NodeSettings(
         istio_version=ov.istio_version if ov.istio_version is not None else ISTIO_COMPAT_VERSION,
         pilot_san=ov.pilot_san if ov.pilot_san is not None else _pilot_san(proxy),
         sts_port=flags.sts_port,
-        workload_identity_socket_file=(
-            ov.workload_identity_socket_file
-            if ov.workload_identity_socket_file is not None
-            else env.get("WORKLOAD_IDENTITY_SOCKET_FILE", "socket")
-        ),
-        compliance_policy=ov.compliance_policy
-        if ov.compliance_policy is not None
-        else env.get("COMPLIANCE_POLICY", ""),
-        exit_on_zero_active_connections=env_bool(env, "EXIT_ON_ZERO_ACTIVE_CONNECTIONS", False),
-        metadata_discovery=metadata_discovery,
-        skip_deprecated_logs=(
-            ov.skip_deprecated_logs
-            if ov.skip_deprecated_logs is not None
-            else env_bool(env, "ENVOY_SKIP_DEPRECATED_LOGS", True)
-        ),
-        xds_root_cert=env.get("XDS_ROOT_CA", ""),
+        workload_identity_socket_file=overridden(ov.workload_identity_socket_file, E.WORKLOAD_IDENTITY_SOCKET_FILE),
+        compliance_policy=overridden(ov.compliance_policy, E.COMPLIANCE_POLICY),
+        exit_on_zero_active_connections=env[E.EXIT_ON_ZERO_ACTIVE_CONNECTIONS],
+        metadata_discovery=env[E.PEER_METADATA_DISCOVERY],
+        skip_deprecated_logs=overridden(ov.skip_deprecated_logs, E.ENVOY_SKIP_DEPRECATED_LOGS),
+        xds_root_cert=env[E.XDS_ROOT_CA],
         credential_socket_exists=Path("./var/run/secrets/credential-uds/socket").is_socket(),
         custom_credentials_file_exists=False,
         log_as_json=flags.log_as_json,
     )
-
-    def port(name: str, override: int | None, default: int, allow_zero: bool = False) -> int:
-        return override if override is not None else env_port(env, name, default, allow_zero)
 
     return AgentConfig(
         proxy_type=flags.proxy_type,
@@ -304,7 +313,7 @@ def load_agent_config(
         pod_name=pod_name,
         pod_namespace=pod_namespace,
         dns_domain=dns_domain,
-        service_account=env.get("SERVICE_ACCOUNT", ""),
+        service_account=env[E.SERVICE_ACCOUNT],
         labels=types.MappingProxyType(labels),
         annotations=types.MappingProxyType(annotations),
         labels_file_found=pod_labels is not None,
@@ -313,27 +322,30 @@ def load_agent_config(
         annotations_path=annotations_path,
         mesh_config_path=Path(flags.mesh_config),
         template_path=template,
+        custom_config_file=custom_config_file,
         proxy=proxy,
         log_level=log_level,
         component_log_level=component_log_level,
         outlier_log_path=ov.outlier_log_path if ov.outlier_log_path is not None else flags.outlier_log_path,
-        bootstrap_override=env.get("ISTIO_BOOTSTRAP_OVERRIDE", ""),
-        envoy_status_port=port("ENVOY_STATUS_PORT", ov.envoy_status_port, 15021),
-        envoy_prometheus_port=port("ENVOY_PROMETHEUS_PORT", ov.envoy_prometheus_port, 15090),
-        envoy_secure_metrics_port=port("ENVOY_SECURE_METRICS_PORT", ov.envoy_secure_metrics_port, 0, True),
-        envoy_secure_merged_metrics_port=port(
-            "ENVOY_SECURE_MERGED_METRICS_PORT", ov.envoy_secure_merged_metrics_port, 0, True
+        bootstrap_override=env[E.ISTIO_BOOTSTRAP_OVERRIDE],
+        envoy_status_port=overridden(ov.envoy_status_port, E.ENVOY_STATUS_PORT),
+        envoy_prometheus_port=overridden(ov.envoy_prometheus_port, E.ENVOY_PROMETHEUS_PORT),
+        envoy_secure_metrics_port=overridden(ov.envoy_secure_metrics_port, E.ENVOY_SECURE_METRICS_PORT),
+        envoy_secure_merged_metrics_port=overridden(
+            ov.envoy_secure_merged_metrics_port, E.ENVOY_SECURE_MERGED_METRICS_PORT
         ),
         local_xds_dir=local_xds,
-        delta_xds=env_bool(env, "ISTIO_DELTA_XDS", True),
-        dual_stack=env_bool(env, "ISTIO_DUAL_STACK", False),
-        status_port_proxy_protocol=env_bool(env, "ENVOY_STATUS_PORT_ENABLE_PROXY_PROTOCOL", False),
-        strip_fragment=env_bool(env, "HTTP_STRIP_FRAGMENT_FROM_PATH_UNSAFE_IF_DISABLED", True),
-        host_ip=env.get("HOST_IP", ""),
-        dns_proxy_addr=env.get("DNS_PROXY_ADDR") or None,
+        delta_xds=env[E.ISTIO_DELTA_XDS],
+        dual_stack=env[E.ISTIO_DUAL_STACK],
+        status_port_proxy_protocol=env[E.ENVOY_STATUS_PORT_ENABLE_PROXY_PROTOCOL],
+        strip_fragment=env[E.HTTP_STRIP_FRAGMENT_FROM_PATH_UNSAFE_IF_DISABLED],
+        host_ip=env[E.HOST_IP],
+        dns_proxy_addr=env[E.DNS_PROXY_ADDR] or None,
+        env_metadata=types.MappingProxyType(env_metadata),
+        env_metadata_json=env_metadata_json,
         node=node,
         flags=flags,
-        environ=env,
+        env=env,
     )
 
 

@@ -1,13 +1,28 @@
-"""Typed reads of environment variables. Bad values are ConfigErrors naming the variable (Istio only warns and
-falls back to the default, which hides typos; failing before Envoy starts is the clearer contract)."""
+"""Environment variables as declared settings: one declaration, one parser, one error form.
+
+A setting is an `EnvVar`: its name, its `Kind` (how the text is parsed), its default written as it would be in the
+environment, and the README section that documents it. Every setting the agent reads is declared once, in
+`agent.config.env_settings`; code reads the environment only through an `Environment` and those declarations:
+
+    from agent.config.env_settings import ENVOY_BASE_ID
+    base_id = env[ENVOY_BASE_ID]          # an int, or ConfigError("env ENVOY_BASE_ID", "", "...")
+
+A bad value is a ConfigError whose source is `env NAME` (Istio only warns and falls back to the default, which
+hides typos; failing before Envoy starts is the clearer contract).
+"""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
-from typing import Any
+import types
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
 
+from agent.config.durations import parse_duration
 from agent.errors import ConfigError
+
+T = TypeVar("T")
 
 _TRUE = {"1", "t", "T", "TRUE", "true", "True"}
 _FALSE = {"0", "f", "F", "FALSE", "false", "False"}
@@ -22,31 +37,119 @@ def parse_go_bool(value: str) -> bool | None:
     return None
 
 
-def env_bool(environ: Mapping[str, str], name: str, default: bool) -> bool:
-    raw = environ.get(name)
-    if raw is None or raw == "":
-        return default
-    value = parse_go_bool(raw.strip())
+@dataclass(frozen=True)
+class Kind(Generic[T]):
+    """How a setting's text becomes a value. `parse(text, source)` raises ConfigError(source, "", problem).
+
+    With `verbatim` the value is taken as set, blanks and all, and an empty value is an empty value (Istio's
+    string variables); otherwise surrounding blanks are ignored and an empty value means the default."""
+
+    name: str
+    parse: Callable[[str, str], T]
+    verbatim: bool = False
+
+
+@dataclass(frozen=True)
+class EnvVar(Generic[T]):
+    """One environment variable: name, kind, default (as written in the environment), README section."""
+
+    name: str
+    kind: Kind[T]
+    default: str
+    documented_in: str
+
+    @property
+    def source(self) -> str:
+        """How errors name it."""
+        return f"env {self.name}"
+
+    def read(self, environ: Mapping[str, str]) -> T:
+        raw = environ.get(self.name)
+        if raw is None:
+            raw = self.default
+        elif not self.kind.verbatim:
+            raw = raw.strip() or self.default
+        return self.kind.parse(raw, self.source)
+
+
+@dataclass(frozen=True)
+class EnvPrefix:
+    """A family of variables named `<prefix><KEY>` (ISTIO_META_*): each value is read verbatim."""
+
+    prefix: str
+    documented_in: str
+
+
+class Environment:
+    """A snapshot of the process environment, readable only through declarations (`env[SETTING]`)."""
+
+    def __init__(self, values: Mapping[str, str]) -> None:
+        self._values: Mapping[str, str] = types.MappingProxyType(dict(values))
+
+    def __getitem__(self, setting: EnvVar[T]) -> T:
+        return setting.read(self._values)
+
+    def is_set(self, setting: EnvVar[Any]) -> bool:
+        return setting.name in self._values
+
+    def with_prefix(self, family: EnvPrefix) -> tuple[tuple[str, str], ...]:
+        """(name, value) of every variable of the family, in the environment's order (Go walks os.Environ())."""
+        return tuple((k, v) for k, v in self._values.items() if k.startswith(family.prefix))
+
+
+# ---- kinds ----
+
+
+def _text(text: str, source: str) -> str:
+    return text
+
+
+def _boolean(text: str, source: str) -> bool:
+    value = parse_go_bool(text)
     if value is None:
-        raise ConfigError(f"env {name}", "", f"expected true or false, got {raw!r}")
+        raise ConfigError(source, "", f"expected true or false, got {text!r}")
     return value
 
 
-def env_int(environ: Mapping[str, str], name: str, default: int, lo: int = 0, hi: int = 2**31 - 1) -> int:
-    raw = environ.get(name)
-    if raw is None or raw.strip() == "":
-        return default
-    try:
-        value = int(raw.strip())
-    except ValueError:
-        raise ConfigError(f"env {name}", "", f"expected an integer, got {raw!r}") from None
-    if not lo <= value <= hi:
-        raise ConfigError(f"env {name}", "", f"{value} is out of range [{lo}, {hi}]")
-    return value
+def _optional_boolean(text: str, source: str) -> bool | None:
+    return None if text == "" else _boolean(text, source)
 
 
-def env_port(environ: Mapping[str, str], name: str, default: int, allow_zero: bool = False) -> int:
-    return env_int(environ, name, default, 0 if allow_zero else 1, 65535)
+def _duration(text: str, source: str) -> float:
+    return parse_duration(text, source, "")
+
+
+def integer(lo: int = 0, hi: int = 2**31 - 1) -> Kind[int]:
+    def parse(text: str, source: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise ConfigError(source, "", f"expected an integer, got {text!r}") from None
+        if not lo <= value <= hi:
+            raise ConfigError(source, "", f"{value} is out of range [{lo}, {hi}]")
+        return value
+
+    return Kind(f"integer {lo}-{hi}", parse)
+
+
+def choice(*values: str) -> Kind[str]:
+    def parse(text: str, source: str) -> str:
+        if text not in values:
+            raise ConfigError(source, "", f"expected {' or '.join(values)}, got {text!r}")
+        return text
+
+    return Kind(f"one of {', '.join(values)}", parse)
+
+
+TEXT: Kind[str] = Kind("text", _text, verbatim=True)
+BOOLEAN: Kind[bool] = Kind("boolean", _boolean)
+OPTIONAL_BOOLEAN: Kind[bool | None] = Kind("boolean or unset", _optional_boolean)
+DURATION: Kind[float] = Kind("duration", _duration)
+PORT = integer(1, 65535)
+PORT_OR_ZERO = integer(0, 65535)
+
+
+# ---- structured values inside a setting ----
 
 
 def _reject_constant(name: str) -> Any:
@@ -62,10 +165,3 @@ def json_object(text: str, source: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise ConfigError(source, "", f"expected a JSON object, got {type(value).__name__}")
     return value
-
-
-def check_metajson(environ: Mapping[str, str]) -> None:
-    """Every ISTIO_METAJSON_* must hold a JSON object (Istio only warns; we fail before Envoy starts)."""
-    for name, value in environ.items():
-        if name.startswith("ISTIO_METAJSON_"):
-            json_object(value, f"env {name}")

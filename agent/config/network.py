@@ -36,12 +36,11 @@ def interface_ips(exclude_interfaces: Iterable[str] = ()) -> list[str]:
     return result
 
 
-def discover_ips(environ: Mapping[str, str], annotations: Mapping[str, str]) -> list[str]:
+def discover_ips(instance_ip: str, annotations: Mapping[str, str]) -> list[str]:
     """INSTANCE_IP (when it parses) first, then interface addresses, deduplicated; 127.0.0.1 when there are none."""
     result: list[str] = []
-    instance_ip = environ.get("INSTANCE_IP", "").strip()
     with contextlib.suppress(ValueError):
-        result.append(str(ipaddress.ip_address(instance_ip)))
+        result.append(str(ipaddress.ip_address(instance_ip.strip())))
     excluded = [s.strip() for s in annotations.get("traffic.sidecar.istio.io/excludeInterfaces", "").split(",")]
     for ip in interface_ips(s for s in excluded if s):
         if ip not in result:

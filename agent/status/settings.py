@@ -12,11 +12,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent.config.envvars import parse_go_bool
+from agent.config import env_settings as E
+from agent.config.envvars import Environment
 from agent.errors import ConfigError
 
-APP_PROBERS_ENV = "ISTIO_KUBE_APP_PROBERS"
-ANNOTATIONS_ENV = "ISTIO_PROMETHEUS_ANNOTATIONS"
+APP_PROBERS_ENV = E.ISTIO_KUBE_APP_PROBERS.source
+ANNOTATIONS_ENV = E.ISTIO_PROMETHEUS_ANNOTATIONS.source
 
 # Ports an application scrape target may not use: Istio's own (status/server.go, reserved for the sidecar).
 RESERVED_PORTS = frozenset({15000, 15001, 15004, 15006, 15008, 15020, 15021, 15053, 15090})
@@ -89,7 +90,7 @@ class StatusSettings:
     @classmethod
     def from_env(
         cls,
-        environ: Mapping[str, str],
+        env: Environment,
         *,
         status_port: int = 15020,
         envoy_prometheus_port: int = 15090,
@@ -98,14 +99,14 @@ class StatusSettings:
         admin_port: int = 15000,
         listen_host: str = "",
     ) -> StatusSettings:
-        legacy_localhost = env_bool(environ, "REWRITE_PROBE_LEGACY_LOCALHOST_DESTINATION", False)
-        ip = instance_ip if instance_ip is not None else environ.get("INSTANCE_IP", "")
+        legacy_localhost = env[E.REWRITE_PROBE_LEGACY_LOCALHOST_DESTINATION]
+        ip = instance_ip if instance_ip is not None else env[E.INSTANCE_IP]
         probe_host = "localhost" if legacy_localhost or not ip else ip
         ipv6 = ":" in ip and not legacy_localhost
         targets: tuple[ScrapeTarget, ...] = ()
         # Istio merges application metrics only for sidecars (status/server.go NewServer).
         if proxy_type == "sidecar":
-            targets = parse_prometheus_annotations(environ.get(ANNOTATIONS_ENV, ""), status_port)
+            targets = parse_prometheus_annotations(env[E.ISTIO_PROMETHEUS_ANNOTATIONS], status_port)
         return cls(
             status_port=status_port,
             envoy_prometheus_port=envoy_prometheus_port,
@@ -114,22 +115,11 @@ class StatusSettings:
             probe_host=probe_host,
             probe_source_ip="::6" if ipv6 else "127.0.0.6",
             listen_host=listen_host,
-            app_probes=parse_app_probers(environ.get(APP_PROBERS_ENV, "")),
+            app_probes=parse_app_probers(env[E.ISTIO_KUBE_APP_PROBERS]),
             scrape_targets=targets,
-            merge_envoy_stats=env_bool(environ, "PILOT_AGENT_MERGE_ENVOY_STATS", True),
-            metrics_localhost_only=env_bool(environ, "METRICS_LOCALHOST_ACCESS_ONLY", False),
+            merge_envoy_stats=env[E.PILOT_AGENT_MERGE_ENVOY_STATS],
+            metrics_localhost_only=env[E.METRICS_LOCALHOST_ACCESS_ONLY],
         )
-
-
-def env_bool(environ: Mapping[str, str], name: str, default: bool) -> bool:
-    """Go's strconv.ParseBool spellings; anything else is an error (Istio would silently use the default)."""
-    raw = environ.get(name)
-    if raw is None or raw == "":
-        return default
-    value = parse_go_bool(raw)  # not stripped: " true" is refused here, as before
-    if value is None:
-        raise ConfigError(name, "", f"{raw!r} is not a boolean (true/false)")
-    return value
 
 
 def _port(value: Any, source: str, key: str) -> int:

@@ -41,11 +41,11 @@ def test_node_id_is_type_ip_pod_namespace_domain(tmp_path: Path) -> None:
 
 
 def test_ip_discovery_instance_ip_first_then_interfaces_without_loopback() -> None:
-    ips = discover_ips({"INSTANCE_IP": "10.9.9.9"}, {})
+    ips = discover_ips("10.9.9.9", {})
     assert ips[0] == "10.9.9.9" and len(ips) == len(set(ips))
     assert not any(ip.startswith("127.") or ip == "::1" or ip.startswith("fe80") for ip in ips[1:])
     # A bad INSTANCE_IP is skipped (Istio ignores it too); the result is never empty.
-    assert discover_ips({"INSTANCE_IP": "not-an-ip"}, {}) and "not-an-ip" not in discover_ips({"INSTANCE_IP": "x"}, {})
+    assert discover_ips("not-an-ip", {}) and "not-an-ip" not in discover_ips("x", {})
 
 
 def test_unknown_proxy_type_is_a_config_error(tmp_path: Path) -> None:
@@ -146,7 +146,7 @@ def test_bad_log_levels(tmp_path: Path, level: str, expected: str) -> None:
     assert str(err.value).startswith(expected)
 
 
-def test_ports_and_env_knobs(tmp_path: Path) -> None:
+def test_ports_and_env_knobs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = load(
         tmp_path,
         {
@@ -161,7 +161,9 @@ def test_ports_and_env_knobs(tmp_path: Path) -> None:
     assert (cfg.delta_xds, cfg.bootstrap_override, cfg.host_ip) == (False, "/o.yaml", "10.0.0.1")
     default = load(tmp_path, {})
     assert (default.envoy_status_port, default.envoy_prometheus_port, default.delta_xds) == (15021, 15090, True)
-    assert dict(default.environ) == {}
+    # The mapping passed in is the whole environment: the process's own is not read.
+    monkeypatch.setenv("ENVOY_STATUS_PORT", "35021")
+    assert load(tmp_path, {}).envoy_status_port == 15021
 
 
 def test_local_xds_dir_needs_both_files(tmp_path: Path) -> None:

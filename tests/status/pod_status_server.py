@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import os
 
+from agent.config.envvars import Environment
 from agent.lifecycle import Lifecycle
 from agent.metrics import AgentMetrics
 from agent.proxy.admin import AdminClient
@@ -15,7 +16,7 @@ from agent.status import StatusServer, StatusSettings
 
 
 async def main() -> None:
-    settings = StatusSettings.from_env(os.environ, status_port=15020, instance_ip="10.10.0.2")
+    settings = StatusSettings.from_env(Environment(os.environ), status_port=15020, instance_ip="10.10.0.2")
     lifecycle = Lifecycle()
     server = StatusServer(settings, lifecycle, AgentMetrics(), AdminClient(port=15000))
     await server.start()

@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from agent.config.envvars import Environment
 from agent.errors import ConfigError, ExitCode
 from agent.status.settings import (
     AppProbe,
@@ -49,51 +50,51 @@ def test_app_probers_of_every_kind() -> None:
     [
         (
             "{not json",
-            "ISTIO_KUBE_APP_PROBERS: invalid JSON: Expecting property name enclosed in double quotes at line 1",
+            "env ISTIO_KUBE_APP_PROBERS: invalid JSON: Expecting property name enclosed in double quotes at line 1",
         ),
-        ("[]", "ISTIO_KUBE_APP_PROBERS: must be a JSON object, got list"),
+        ("[]", "env ISTIO_KUBE_APP_PROBERS: must be a JSON object, got list"),
         (
             '{"/healthz/web/readyz": {"tcpSocket": {"port": 1}}}',
-            "ISTIO_KUBE_APP_PROBERS: /healthz/web/readyz: key must",
+            "env ISTIO_KUBE_APP_PROBERS: /healthz/web/readyz: key must",
         ),
         (
             '{"/app-health/web/readyz": {"tcpSocket": {"port": 1}, "httpGet": {"port": 1}}}',
-            "ISTIO_KUBE_APP_PROBERS: /app-health/web/readyz: must have exactly one of httpGet, tcpSocket, grpc",
+            "env ISTIO_KUBE_APP_PROBERS: /app-health/web/readyz: must have exactly one of httpGet, tcpSocket, grpc",
         ),
-        ('{"/app-health/web/readyz": {}}', "ISTIO_KUBE_APP_PROBERS: /app-health/web/readyz: must have exactly one"),
+        ('{"/app-health/web/readyz": {}}', "env ISTIO_KUBE_APP_PROBERS: /app-health/web/readyz: must have exactly one"),
         (
             '{"/app-health/web/readyz": {"httpGet": {"port": "http"}}}',
-            "ISTIO_KUBE_APP_PROBERS: /app-health/web/readyz.httpGet.port: must be an integer port, got 'http'",
+            "env ISTIO_KUBE_APP_PROBERS: /app-health/web/readyz.httpGet.port: must be an integer port, got 'http'",
         ),
         (
             '{"/app-health/web/readyz": {"tcpSocket": {"port": 70000}}}',
-            "ISTIO_KUBE_APP_PROBERS: /app-health/web/readyz.tcpSocket.port: port 70000 is out of range 1-65535",
+            "env ISTIO_KUBE_APP_PROBERS: /app-health/web/readyz.tcpSocket.port: port 70000 is out of range 1-65535",
         ),
         (
             '{"/app-health/web/readyz": {"tcpSocket": {"port": 8080.5}}}',
-            "ISTIO_KUBE_APP_PROBERS: /app-health/web/readyz.tcpSocket.port: must be an integer port, got 8080.5",
+            "env ISTIO_KUBE_APP_PROBERS: /app-health/web/readyz.tcpSocket.port: must be an integer port, got 8080.5",
         ),
         (
             '{"/app-health/web/readyz": {"grpc": {}}}',
-            "ISTIO_KUBE_APP_PROBERS: /app-health/web/readyz.grpc.port: is required",
+            "env ISTIO_KUBE_APP_PROBERS: /app-health/web/readyz.grpc.port: is required",
         ),
         (
             '{"/app-health/web/readyz": {"httpGet": {"port": 1, "scheme": "FTP"}}}',
-            "ISTIO_KUBE_APP_PROBERS: /app-health/web/readyz.httpGet.scheme: must be HTTP or HTTPS",
+            "env ISTIO_KUBE_APP_PROBERS: /app-health/web/readyz.httpGet.scheme: must be HTTP or HTTPS",
         ),
         (
             '{"/app-health/web/readyz": {"tcpSocket": {"port": 1}, "timeoutSeconds": "soon"}}',
-            "ISTIO_KUBE_APP_PROBERS: /app-health/web/readyz.timeoutSeconds: must be a non-negative number",
+            "env ISTIO_KUBE_APP_PROBERS: /app-health/web/readyz.timeoutSeconds: must be a non-negative number",
         ),
         (
             '{"/app-health/web/readyz": {"httpGet": {"port": 1, "httpHeaders": [{"value": "x"}]}}}',
-            "ISTIO_KUBE_APP_PROBERS: /app-health/web/readyz.httpGet.httpHeaders[0]: must be",
+            "env ISTIO_KUBE_APP_PROBERS: /app-health/web/readyz.httpGet.httpHeaders[0]: must be",
         ),
     ],
 )
 def test_malformed_app_probers_name_the_variable_and_key(raw: str, message: str) -> None:
     with pytest.raises(ConfigError) as error:
-        StatusSettings.from_env({"ISTIO_KUBE_APP_PROBERS": raw})
+        StatusSettings.from_env(Environment({"ISTIO_KUBE_APP_PROBERS": raw}))
     assert str(error.value).startswith(message)
     assert error.value.exit_code == ExitCode.CONFIG_ERROR
 
@@ -111,24 +112,24 @@ def test_prometheus_annotations() -> None:
 @pytest.mark.parametrize(
     ("raw", "message"),
     [
-        ('{"port": "80', "ISTIO_PROMETHEUS_ANNOTATIONS: invalid JSON"),
-        ('{"port": "eighty"}', "ISTIO_PROMETHEUS_ANNOTATIONS: port: must be an integer port, got 'eighty'"),
-        ('{"port": "15020"}', "ISTIO_PROMETHEUS_ANNOTATIONS: port: port 15020 is the status port itself"),
+        ('{"port": "80', "env ISTIO_PROMETHEUS_ANNOTATIONS: invalid JSON"),
+        ('{"port": "eighty"}', "env ISTIO_PROMETHEUS_ANNOTATIONS: port: must be an integer port, got 'eighty'"),
+        ('{"port": "15020"}', "env ISTIO_PROMETHEUS_ANNOTATIONS: port: port 15020 is the status port itself"),
         (
             '{"targets": [{"port": "15090"}]}',
-            "ISTIO_PROMETHEUS_ANNOTATIONS: targets[0].port: port 15090 is reserved by the sidecar",
+            "env ISTIO_PROMETHEUS_ANNOTATIONS: targets[0].port: port 15090 is reserved by the sidecar",
         ),
         (
             '{"targets": [{"port": "8080"}, {"port": "0"}]}',
-            "ISTIO_PROMETHEUS_ANNOTATIONS: targets[1].port: port 0 is out of range 1-65535",
+            "env ISTIO_PROMETHEUS_ANNOTATIONS: targets[1].port: port 0 is out of range 1-65535",
         ),
-        ('{"targets": "8080:/m"}', "ISTIO_PROMETHEUS_ANNOTATIONS: targets: must be a list"),
-        ('{"path": 5, "port": "80"}', "ISTIO_PROMETHEUS_ANNOTATIONS: path: must be a string"),
+        ('{"targets": "8080:/m"}', "env ISTIO_PROMETHEUS_ANNOTATIONS: targets: must be a list"),
+        ('{"path": 5, "port": "80"}', "env ISTIO_PROMETHEUS_ANNOTATIONS: path: must be a string"),
     ],
 )
 def test_malformed_annotations_name_the_variable_and_key(raw: str, message: str) -> None:
     with pytest.raises(ConfigError) as error:
-        StatusSettings.from_env({"ISTIO_PROMETHEUS_ANNOTATIONS": raw})
+        StatusSettings.from_env(Environment({"ISTIO_PROMETHEUS_ANNOTATIONS": raw}))
     assert str(error.value).startswith(message)
 
 
@@ -139,17 +140,18 @@ def test_from_env_destinations_and_switches() -> None:
         "METRICS_LOCALHOST_ACCESS_ONLY": "true",
         "ISTIO_PROMETHEUS_ANNOTATIONS": '{"port":"8080"}',
     }
-    settings = StatusSettings.from_env(env, status_port=15020)
+    settings = StatusSettings.from_env(Environment(env), status_port=15020)
     assert settings.probe_host == "10.1.2.3" and settings.probe_source_ip == "127.0.0.6"
     assert not settings.merge_envoy_stats and settings.metrics_localhost_only
     assert settings.scrape_targets == (ScrapeTarget(8080, "/metrics"),)
-    legacy = StatusSettings.from_env({**env, "REWRITE_PROBE_LEGACY_LOCALHOST_DESTINATION": "true"})
+    legacy = StatusSettings.from_env(Environment({**env, "REWRITE_PROBE_LEGACY_LOCALHOST_DESTINATION": "true"}))
     assert legacy.probe_host == "localhost"
-    assert StatusSettings.from_env({"INSTANCE_IP": "fd00::5"}).probe_source_ip == "::6"
+    assert StatusSettings.from_env(Environment({"INSTANCE_IP": "fd00::5"})).probe_source_ip == "::6"
     # Istio merges application metrics for sidecars only.
-    assert StatusSettings.from_env(env, proxy_type="router").scrape_targets == ()
+    assert StatusSettings.from_env(Environment(env), proxy_type="router").scrape_targets == ()
 
 
 def test_bad_boolean_names_the_variable() -> None:
-    with pytest.raises(ConfigError, match=r"^METRICS_LOCALHOST_ACCESS_ONLY: 'yes please' is not a boolean"):
-        StatusSettings.from_env({"METRICS_LOCALHOST_ACCESS_ONLY": "yes please"})
+    expected = r"^env METRICS_LOCALHOST_ACCESS_ONLY: expected true or false, got 'yes please'"
+    with pytest.raises(ConfigError, match=expected):
+        StatusSettings.from_env(Environment({"METRICS_LOCALHOST_ACCESS_ONLY": "yes please"}))

@@ -1,0 +1,93 @@
+"""Every environment variable the agent reads, declared once (the style of `agent/iptables/config.FlagSpec`).
+
+Each declaration names the variable, its kind (agent.config.envvars), its default as it would be written in the
+environment, and the README section (a `## ` heading) whose `| Variable | Default | Meaning |` table documents
+it; tests/config/test_env_settings.py checks that table against this module. Code reads a setting with
+`Environment(...)[SETTING]` (or `SETTING.read(mapping)`); nothing else reads the environment.
+
+To add a setting: declare it below in its section's block, add a row to that README table, read it through the
+declaration. Structured values (JSON, YAML) are declared as TEXT and parsed by their owner with `SETTING.source`
+("env NAME") as the error source.
+"""
+
+# ruff: noqa: E501 (the declarations are a table, one row a line; see "fmt: off" below)
+from __future__ import annotations
+
+from typing import Any
+
+from agent.config.envvars import (
+    BOOLEAN,
+    DURATION,
+    OPTIONAL_BOOLEAN,
+    PORT,
+    PORT_OR_ZERO,
+    TEXT,
+    EnvPrefix,
+    EnvVar,
+    choice,
+    integer,
+)
+
+# README sections (`## ` headings) holding the tables.
+BOOTSTRAP = "Configuration and the Envoy bootstrap"
+SUPERVISION = "Envoy launch and supervision"
+STATUS = "Status server (port 15020)"
+
+# One line per setting, kept a table on purpose (so the formatter leaves the long rows alone).
+# fmt: off
+# ---- identity and node metadata (agent/config, agent/bootstrap) ----
+POD_NAME = EnvVar("POD_NAME", TEXT, "", BOOTSTRAP)
+POD_NAMESPACE = EnvVar("POD_NAMESPACE", TEXT, "", BOOTSTRAP)
+INSTANCE_IP = EnvVar("INSTANCE_IP", TEXT, "", BOOTSTRAP)
+SERVICE_ACCOUNT = EnvVar("SERVICE_ACCOUNT", TEXT, "", BOOTSTRAP)
+HOST_IP = EnvVar("HOST_IP", TEXT, "", BOOTSTRAP)
+PROXY_CONFIG = EnvVar("PROXY_CONFIG", TEXT, "", BOOTSTRAP)  # YAML/JSON: agent.config.proxyconfig.parse_text
+ISTIO_CPU_LIMIT = EnvVar("ISTIO_CPU_LIMIT", integer(), "0", BOOTSTRAP)
+ISTIO_META = EnvPrefix("ISTIO_META_", BOOTSTRAP)
+ISTIO_METAJSON = EnvPrefix("ISTIO_METAJSON_", BOOTSTRAP)  # JSON objects: envvars.json_object
+ISTIO_BOOTSTRAP = EnvVar("ISTIO_BOOTSTRAP", TEXT, "", BOOTSTRAP)
+ISTIO_BOOTSTRAP_OVERRIDE = EnvVar("ISTIO_BOOTSTRAP_OVERRIDE", TEXT, "", BOOTSTRAP)
+ISTIO_LOCAL_XDS_DIR = EnvVar("ISTIO_LOCAL_XDS_DIR", TEXT, "", BOOTSTRAP)
+ENVOY_STATUS_PORT = EnvVar("ENVOY_STATUS_PORT", PORT, "15021", BOOTSTRAP)
+ENVOY_PROMETHEUS_PORT = EnvVar("ENVOY_PROMETHEUS_PORT", PORT, "15090", BOOTSTRAP)
+ENVOY_SECURE_METRICS_PORT = EnvVar("ENVOY_SECURE_METRICS_PORT", PORT_OR_ZERO, "0", BOOTSTRAP)
+ENVOY_SECURE_MERGED_METRICS_PORT = EnvVar("ENVOY_SECURE_MERGED_METRICS_PORT", PORT_OR_ZERO, "0", BOOTSTRAP)
+ISTIO_DELTA_XDS = EnvVar("ISTIO_DELTA_XDS", BOOLEAN, "true", BOOTSTRAP)
+ISTIO_DUAL_STACK = EnvVar("ISTIO_DUAL_STACK", BOOLEAN, "false", BOOTSTRAP)
+ENVOY_STATUS_PORT_ENABLE_PROXY_PROTOCOL = EnvVar("ENVOY_STATUS_PORT_ENABLE_PROXY_PROTOCOL", BOOLEAN, "false", BOOTSTRAP)
+HTTP_STRIP_FRAGMENT_FROM_PATH_UNSAFE_IF_DISABLED = EnvVar("HTTP_STRIP_FRAGMENT_FROM_PATH_UNSAFE_IF_DISABLED", BOOLEAN, "true", BOOTSTRAP)
+COMPLIANCE_POLICY = EnvVar("COMPLIANCE_POLICY", TEXT, "", BOOTSTRAP)
+WORKLOAD_IDENTITY_SOCKET_FILE = EnvVar("WORKLOAD_IDENTITY_SOCKET_FILE", TEXT, "socket", BOOTSTRAP)
+EXIT_ON_ZERO_ACTIVE_CONNECTIONS = EnvVar("EXIT_ON_ZERO_ACTIVE_CONNECTIONS", BOOLEAN, "false", BOOTSTRAP)
+PEER_METADATA_DISCOVERY = EnvVar("PEER_METADATA_DISCOVERY", OPTIONAL_BOOLEAN, "", BOOTSTRAP)
+ENVOY_SKIP_DEPRECATED_LOGS = EnvVar("ENVOY_SKIP_DEPRECATED_LOGS", BOOLEAN, "true", BOOTSTRAP)
+DNS_PROXY_ADDR = EnvVar("DNS_PROXY_ADDR", TEXT, "", BOOTSTRAP)
+XDS_ROOT_CA = EnvVar("XDS_ROOT_CA", TEXT, "", BOOTSTRAP)
+
+# ---- Envoy's command line and supervision (agent/commands/proxy.py -> agent/proxy, agent/supervisor.py) ----
+ENVOY_DISABLE_HOT_RESTART = EnvVar("ENVOY_DISABLE_HOT_RESTART", BOOLEAN, "false", SUPERVISION)
+ENVOY_BASE_ID = EnvVar("ENVOY_BASE_ID", integer(0, 2**20), "0", SUPERVISION)
+ENVOY_RESTART_POLICY = EnvVar("ENVOY_RESTART_POLICY", choice("restart", "exit"), "restart", SUPERVISION)
+ENVOY_RESTART_BUDGET = EnvVar("ENVOY_RESTART_BUDGET", integer(), "10", SUPERVISION)
+ENVOY_RESTART_INITIAL_DELAY = EnvVar("ENVOY_RESTART_INITIAL_DELAY", DURATION, "200ms", SUPERVISION)
+ENVOY_HEALTHY_PERIOD = EnvVar("ENVOY_HEALTHY_PERIOD", DURATION, "60s", SUPERVISION)
+ENVOY_SKIP_VALIDATION = EnvVar("ENVOY_SKIP_VALIDATION", BOOLEAN, "false", SUPERVISION)
+TERMINATION_LOG_PATH = EnvVar("TERMINATION_LOG_PATH", TEXT, "/dev/termination-log", SUPERVISION)  # "": nowhere
+FILE_DEBOUNCE_DURATION = EnvVar("FILE_DEBOUNCE_DURATION", DURATION, "100ms", SUPERVISION)
+MINIMUM_DRAIN_DURATION = EnvVar("MINIMUM_DRAIN_DURATION", DURATION, "5s", SUPERVISION)
+ISTIO_ENVOY_ENABLE_CORE_DUMP = EnvVar("ISTIO_ENVOY_ENABLE_CORE_DUMP", BOOLEAN, "false", SUPERVISION)
+FILE_FLUSH_MIN_SIZE_KB = EnvVar("FILE_FLUSH_MIN_SIZE_KB", integer(), "0", SUPERVISION)
+
+# ---- status server (agent/status) ----
+ISTIO_KUBE_APP_PROBERS = EnvVar("ISTIO_KUBE_APP_PROBERS", TEXT, "", STATUS)  # JSON: status.settings
+ISTIO_PROMETHEUS_ANNOTATIONS = EnvVar("ISTIO_PROMETHEUS_ANNOTATIONS", TEXT, "", STATUS)  # JSON: status.settings
+PILOT_AGENT_MERGE_ENVOY_STATS = EnvVar("PILOT_AGENT_MERGE_ENVOY_STATS", BOOLEAN, "true", STATUS)
+METRICS_LOCALHOST_ACCESS_ONLY = EnvVar("METRICS_LOCALHOST_ACCESS_ONLY", BOOLEAN, "false", STATUS)
+REWRITE_PROBE_LEGACY_LOCALHOST_DESTINATION = EnvVar("REWRITE_PROBE_LEGACY_LOCALHOST_DESTINATION", BOOLEAN, "false", STATUS)
+
+# fmt: on
+
+
+def declared() -> tuple[EnvVar[Any] | EnvPrefix, ...]:
+    """Every declaration in this module, in declaration order."""
+    return tuple(value for value in globals().values() if isinstance(value, EnvVar | EnvPrefix))
