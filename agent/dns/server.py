@@ -1,0 +1,222 @@
+"""The DNS proxy's sockets: UDP and TCP on each listen address (Istio's dnsProxy, one per protocol and address).
+
+`DnsServer` owns their lifetime in a fixed order: start = bind every socket (an address in use fails the start
+with STARTUP_FAILED before Envoy runs, as in Istio), then serve; stop = close the sockets, cancel the forwarded
+queries in flight and the TCP connections. Both are idempotent.
+
+A table hit is answered inside the datagram callback. A forwarded query runs as a task the server owns (cancelled
+at stop); at most `max_pending_forwards` at a time, the rest answered SERVFAIL at once, so a flood cannot grow
+memory without bound. TCP connections (at most `max_tcp_connections`) carry length-prefixed queries answered in
+order; a connection idle for longer than TCP_IDLE_TIMEOUT (the first query: TCP_READ_TIMEOUT) is closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import socket
+import struct
+from collections.abc import Sequence
+from typing import Protocol, cast
+
+from agent.dns.proxy import DnsProxy
+from agent.dns.wire import SERVFAIL, Query, reply
+from agent.errors import AgentError, ExitCode
+
+log = logging.getLogger("agent.dns")
+
+# miekg/dns server defaults: 2 s for a connection's first query, 8 s between the next ones.
+TCP_READ_TIMEOUT = 2.0
+TCP_IDLE_TIMEOUT = 8.0
+# Replies queued in a UDP socket's user-space buffer (the kernel's is full) beyond this are dropped.
+UDP_SEND_BUFFER_LIMIT = 1 << 20
+_LENGTH = struct.Struct("!H")
+
+
+class _DatagramTransport(Protocol):
+    """What asyncio's selector datagram transport offers (typeshed's DatagramTransport lacks the buffer size)."""
+
+    def sendto(self, data: bytes, addr: tuple[str | int, ...]) -> None: ...
+    def is_closing(self) -> bool: ...
+    def close(self) -> None: ...
+    def get_write_buffer_size(self) -> int: ...
+
+
+class _UdpProtocol(asyncio.DatagramProtocol):
+    def __init__(self, server: DnsServer) -> None:
+        self.server = server
+        self.transport: _DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(_DatagramTransport, transport)
+
+    def datagram_received(self, data: bytes, addr: tuple[str | int, ...]) -> None:
+        result = self.server.proxy.local_answer(data, tcp=False)
+        if isinstance(result, Query):
+            self.server.forward_udp(self, data, result, addr)
+        elif result is not None:
+            self.send(result, addr)
+
+    def send(self, data: bytes, addr: tuple[str | int, ...]) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        if transport.get_write_buffer_size() > UDP_SEND_BUFFER_LIMIT:
+            return  # the client gets no answer and retries: better than unbounded memory
+        transport.sendto(data, addr)
+
+    def error_received(self, exc: Exception) -> None:
+        # An ICMP error for an earlier reply (the client went away): nothing to do, keep serving.
+        log.debug("udp: %s", exc)
+
+
+def _bind(host: str, port: int, kind: socket.SocketKind) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host or host == "" else socket.AF_INET
+    sock = socket.socket(family, kind)
+    try:
+        if family == socket.AF_INET6 and host == "":
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)  # every address, both families
+        if kind == socket.SOCK_STREAM:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host or "::", port))
+        if kind == socket.SOCK_STREAM:
+            sock.listen(128)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def bind_pair(host: str, port: int, attempts: int = 20) -> tuple[socket.socket, socket.socket]:
+    """A UDP and a TCP socket on the same host and port. Port 0 picks a port free for both (tests)."""
+    for _ in range(attempts if port == 0 else 1):
+        udp = _bind(host, port, socket.SOCK_DGRAM)
+        try:
+            return udp, _bind(host, udp.getsockname()[1], socket.SOCK_STREAM)
+        except OSError:
+            udp.close()
+            if port != 0:
+                raise
+    raise OSError(errno.EADDRINUSE, "no port free for both UDP and TCP")
+
+
+class DnsServer:
+    def __init__(
+        self,
+        proxy: DnsProxy,
+        addresses: Sequence[tuple[str, int]],
+        *,
+        max_pending_forwards: int = 1024,
+        max_tcp_connections: int = 256,
+    ) -> None:
+        self.proxy = proxy
+        self.addresses = tuple(addresses)
+        self.max_pending_forwards = max_pending_forwards
+        self.max_tcp_connections = max_tcp_connections
+        # (protocol, host, port) of every socket, as bound (port 0 resolved).
+        self.bound: list[tuple[str, str, int]] = []
+        self._udp: list[_UdpProtocol] = []
+        self._tcp_servers: list[asyncio.Server] = []
+        self._forwards: set[asyncio.Task[None]] = set()
+        self._connections: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        """Bind and serve. Raises AgentError(STARTUP_FAILED) when an address cannot be bound (nothing is left
+        open then)."""
+        loop = asyncio.get_running_loop()
+        pairs: list[tuple[socket.socket, socket.socket]] = []
+        try:
+            for host, port in self.addresses:
+                pairs.append(bind_pair(host, port))
+        except OSError as exc:
+            for udp, tcp in pairs:
+                udp.close()
+                tcp.close()
+            host, port = self.addresses[len(pairs)]
+            why = "address already in use" if exc.errno == errno.EADDRINUSE else (exc.strerror or str(exc))
+            raise AgentError(f"dns proxy: cannot listen on {host}:{port}: {why}", ExitCode.STARTUP_FAILED) from None
+        for udp_sock, tcp_sock in pairs:
+            name = udp_sock.getsockname()
+            _, protocol = await loop.create_datagram_endpoint(lambda: _UdpProtocol(self), sock=udp_sock)
+            self._udp.append(protocol)
+            self._tcp_servers.append(await asyncio.start_server(self._serve_tcp, sock=tcp_sock))
+            self.bound += [("udp", name[0], name[1]), ("tcp", name[0], name[1])]
+            log.info("Starting local udp and tcp DNS server on %s", _join(name[0], name[1]))
+
+    def port(self) -> int:
+        """The port of the first socket (tests bind port 0)."""
+        return self.bound[0][2]
+
+    async def stop(self) -> None:
+        """Stop listening, then cancel forwarded queries and TCP connections and wait for them."""
+        for protocol in self._udp:
+            if protocol.transport is not None:
+                protocol.transport.close()
+        for server in self._tcp_servers:
+            server.close()
+        for server in self._tcp_servers:
+            await server.wait_closed()
+        self._udp, self._tcp_servers = [], []
+        tasks = [*self._forwards, *self._connections]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    def forward_udp(self, protocol: _UdpProtocol, data: bytes, query: Query, addr: tuple[str | int, ...]) -> None:
+        if len(self._forwards) >= self.max_pending_forwards:
+            log.warning(
+                "dns proxy: %d queries already waiting for the upstream, answering SERVFAIL", len(self._forwards)
+            )
+            self.proxy.metrics.upstream_failures.inc()
+            protocol.send(reply(data, query, SERVFAIL), addr)
+            return
+        task = asyncio.get_running_loop().create_task(self._forward(protocol, data, query, addr))
+        self._forwards.add(task)
+        task.add_done_callback(self._forwards.discard)
+
+    async def _forward(self, protocol: _UdpProtocol, data: bytes, query: Query, addr: tuple[str | int, ...]) -> None:
+        try:
+            answer = await self.proxy.upstream_answer(data, query, tcp=False)
+        except Exception:  # a bug must not end the server: log it, the client retries
+            log.exception("dns proxy: forwarding %r failed", query.name)
+            return
+        protocol.send(answer, addr)
+
+    async def _serve_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if task is None or len(self._connections) >= self.max_tcp_connections:
+            writer.close()
+            return
+        self._connections.add(task)
+        try:
+            timeout = TCP_READ_TIMEOUT
+            while True:
+                async with asyncio.timeout(timeout):
+                    (length,) = _LENGTH.unpack(await reader.readexactly(2))
+                    data = await reader.readexactly(length)
+                timeout = TCP_IDLE_TIMEOUT
+                answer = await self.proxy.answer(data, tcp=True)
+                if answer is not None:
+                    writer.write(_LENGTH.pack(len(answer)) + answer)
+                    await writer.drain()
+        except (TimeoutError, asyncio.IncompleteReadError, ConnectionError):
+            pass  # idle, closed by the client, or reset: the connection ends
+        except asyncio.CancelledError:
+            # stop(). Ending normally: on Python 3.11 asyncio's stream callback calls exception() on this task and
+            # logs a spurious traceback when the task ends cancelled. Nothing awaits this task but stop().
+            pass
+        except Exception:
+            log.exception("dns proxy: tcp connection failed")
+        finally:
+            self._connections.discard(task)
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+
+def _join(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
