@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from agent.dns.resolvconf import ResolvConf
@@ -43,8 +43,6 @@ def dns_proxy_enabled(proxy_type: str, dns_capture: bool, dns_server: bool) -> b
 def resolve_address_rules(settings: DnsSettings, uid: int, alternate_exists: bool) -> DnsSettings:
     """Istio's rules for an address on port 53: as root, the proxy forwards before the first table arrives and
     reads ALTERNATE_RESOLV_CONF when that exists; not as root, it logs an error and listens on the default."""
-    from dataclasses import replace  # noqa: PLC0415
-
     if not settings.address.endswith(":53"):
         return settings
     if uid != 0:
