@@ -7,7 +7,8 @@ scripts: `records` (A/AAAA by name), NXDOMAIN for the rest, and names that misbe
 
 It stands in for the resolv.conf server of a pod (kube-dns), which cannot run here; the proxy under test reaches
 it exactly as it would reach a real one. In-process (`async with ScriptedResolver(...)`) or as a process inside
-a network namespace (`python -m tests.dns.resolver HOST PORT name=ip ...`, prints "ready").
+a network namespace (`python -m tests.dns.resolver HOST PORT name=ip ...`: prints "ready", then a line
+`query PROTOCOL NAME TYPE PEER` per query; silent.test is silent, giant.test giant).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ class ScriptedResolver:
         giant_unfit: Iterable[str] = (),
         host: str = "127.0.0.1",
         port: int = 0,
+        log_queries: bool = False,
     ) -> None:
         self.records = {_absolute(k): list(v) for k, v in (records or {}).items()}
         self.silent = {_absolute(n) for n in silent}
@@ -53,6 +55,7 @@ class ScriptedResolver:
         # (protocol, lower-case name, type) of every query received, in order.
         self.queries: list[tuple[str, str, str]] = []
         self.received = asyncio.Event()
+        self.log_queries = log_queries
         self._udp: asyncio.DatagramTransport | None = None
         self._tcp: asyncio.Server | None = None
 
@@ -76,7 +79,7 @@ class ScriptedResolver:
                 self.transport = cast(asyncio.DatagramTransport, transport)
 
             def datagram_received(self, data: bytes, addr: tuple[str | int, ...]) -> None:
-                answer = resolver.answer(data, tcp=False)
+                answer = resolver.answer(data, tcp=False, peer=str(addr[0]))
                 if answer is not None:
                     self.transport.sendto(answer, addr)
 
@@ -97,7 +100,8 @@ class ScriptedResolver:
         try:
             while True:
                 (length,) = struct.unpack("!H", await reader.readexactly(2))
-                answer = self.answer(await reader.readexactly(length), tcp=True)
+                peer = str(writer.get_extra_info("peername")[0])
+                answer = self.answer(await reader.readexactly(length), tcp=True, peer=peer)
                 if answer is not None:
                     writer.write(struct.pack("!H", len(answer)) + answer)
                     await writer.drain()
@@ -106,12 +110,15 @@ class ScriptedResolver:
         finally:
             writer.close()
 
-    def answer(self, data: bytes, tcp: bool) -> bytes | None:
+    def answer(self, data: bytes, tcp: bool, peer: str = "") -> bytes | None:
         query = dns.message.from_wire(data)
         question = query.question[0]
         name = question.name.to_text().lower()
-        self.queries.append(("tcp" if tcp else "udp", name, dns.rdatatype.to_text(question.rdtype)))
+        seen = ("tcp" if tcp else "udp", name, dns.rdatatype.to_text(question.rdtype))
+        self.queries.append(seen)
         self.received.set()
+        if self.log_queries:
+            print("query", *seen, peer, flush=True)
         if name in self.silent:
             return None
         response = dns.message.make_response(query)
@@ -145,7 +152,9 @@ async def _main(argv: list[str]) -> None:
     for spec in specs:
         name, _, address = spec.partition("=")
         records.setdefault(name, []).append(address)
-    async with ScriptedResolver(records, host=host, port=int(port), silent=["silent.test"], giant=["giant.test"]):
+    async with ScriptedResolver(
+        records, host=host, port=int(port), silent=["silent.test"], giant=["giant.test"], log_queries=True
+    ):
         print("ready", flush=True)
         await asyncio.Event().wait()
 
