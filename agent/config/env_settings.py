@@ -32,6 +32,7 @@ from agent.config.envvars import (
 BOOTSTRAP = "Configuration and the Envoy bootstrap"
 SUPERVISION = "Envoy launch and supervision"
 STATUS = "Status server (port 15020)"
+DNS = "DNS proxy (port 15053)"
 
 # One line per setting, kept a table on purpose (so the formatter leaves the long rows alone).
 # fmt: off
@@ -84,6 +85,12 @@ ISTIO_PROMETHEUS_ANNOTATIONS = EnvVar("ISTIO_PROMETHEUS_ANNOTATIONS", TEXT, "", 
 PILOT_AGENT_MERGE_ENVOY_STATS = EnvVar("PILOT_AGENT_MERGE_ENVOY_STATS", BOOLEAN, "true", STATUS)
 METRICS_LOCALHOST_ACCESS_ONLY = EnvVar("METRICS_LOCALHOST_ACCESS_ONLY", BOOLEAN, "false", STATUS)
 REWRITE_PROBE_LEGACY_LOCALHOST_DESTINATION = EnvVar("REWRITE_PROBE_LEGACY_LOCALHOST_DESTINATION", BOOLEAN, "false", STATUS)
+
+# ---- DNS proxy (agent/dns; DNS_PROXY_ADDR is declared with the node metadata above) ----
+ISTIO_META_DNS_CAPTURE = EnvVar("ISTIO_META_DNS_CAPTURE", BOOLEAN, "false", DNS)
+ISTIO_META_ENABLE_DNS_SERVER = EnvVar("ISTIO_META_ENABLE_DNS_SERVER", BOOLEAN, "false", DNS)
+DNS_FORWARD_TIMEOUT = EnvVar("DNS_FORWARD_TIMEOUT", DURATION, "5s", DNS)
+DNS_FORWARD_PARALLEL = EnvVar("DNS_FORWARD_PARALLEL", BOOLEAN, "false", DNS)
 
 # fmt: on
 

@@ -7,6 +7,8 @@ import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from agent.config import env_settings as E
+from agent.config.envvars import Environment
 from agent.dns.resolvconf import ResolvConf
 from agent.errors import ConfigError
 
@@ -38,6 +40,25 @@ class DnsSettings:
 def dns_proxy_enabled(proxy_type: str, dns_capture: bool, dns_server: bool) -> bool:
     """ISTIO_META_DNS_CAPTURE turns the proxy on for sidecars; ISTIO_META_ENABLE_DNS_SERVER for any proxy type."""
     return (dns_capture and proxy_type == "sidecar") or dns_server
+
+
+def dns_settings_from(
+    env: Environment, *, proxy_type: str, namespace: str, domain: str, uid: int, alternate_exists: bool
+) -> DnsSettings | None:
+    """The DNS proxy's settings from the environment (None when it is off): `domain` is the proxy's DNS domain
+    (`--domain`), `uid` the agent's, `alternate_exists` whether ALTERNATE_RESOLV_CONF exists. ConfigError naming
+    the variable for a bad value."""
+    if not dns_proxy_enabled(proxy_type, env[E.ISTIO_META_DNS_CAPTURE], env[E.ISTIO_META_ENABLE_DNS_SERVER]):
+        return None
+    settings = DnsSettings(
+        address=env[E.DNS_PROXY_ADDR] or DEFAULT_ADDRESS,
+        forward_timeout=env[E.DNS_FORWARD_TIMEOUT],
+        forward_parallel=env[E.DNS_FORWARD_PARALLEL],
+        proxy_namespace=namespace,
+        proxy_domain=domain,
+    )
+    split_address(settings.address)  # a bad address fails the start, naming the variable
+    return resolve_address_rules(settings, uid, alternate_exists)
 
 
 def resolve_address_rules(settings: DnsSettings, uid: int, alternate_exists: bool) -> DnsSettings:

@@ -6,12 +6,14 @@ from pathlib import Path
 
 import pytest
 
+from agent.config.envvars import Environment
 from agent.dns.resolvconf import ResolvConf, parse_resolv_conf, read_resolv_conf
 from agent.dns.settings import (
     ALTERNATE_RESOLV_CONF,
     DEFAULT_ADDRESS,
     DnsSettings,
     dns_proxy_enabled,
+    dns_settings_from,
     listen_addresses,
     resolve_address_rules,
     split_address,
@@ -82,3 +84,35 @@ def test_enabled_for_sidecars_with_capture_or_anywhere_with_the_server_flag() ->
     assert not dns_proxy_enabled("router", dns_capture=True, dns_server=False)
     assert dns_proxy_enabled("router", dns_capture=False, dns_server=True)
     assert not dns_proxy_enabled("sidecar", dns_capture=False, dns_server=False)
+
+
+def settings_from(environ: dict[str, str], proxy_type: str = "sidecar", uid: int = 1337) -> DnsSettings | None:
+    return dns_settings_from(
+        Environment(environ), proxy_type=proxy_type, namespace="ns1", domain="ns1.svc.cluster.local", uid=uid,
+        alternate_exists=False,
+    )  # fmt: skip
+
+
+def test_settings_from_the_environment() -> None:
+    assert settings_from({}) is None
+    assert settings_from({"ISTIO_META_DNS_CAPTURE": "true"}, proxy_type="router") is None
+    on = settings_from({"ISTIO_META_DNS_CAPTURE": "true", "DNS_FORWARD_TIMEOUT": "250ms", "DNS_FORWARD_PARALLEL": "1"})
+    assert on == DnsSettings(
+        forward_timeout=0.25, forward_parallel=True, proxy_namespace="ns1", proxy_domain="ns1.svc.cluster.local"
+    )
+    gateway = settings_from({"ISTIO_META_ENABLE_DNS_SERVER": "true", "DNS_PROXY_ADDR": "0.0.0.0:53"}, "router", uid=0)
+    assert gateway is not None and gateway.address == "0.0.0.0:53" and gateway.respond_before_sync
+
+
+@pytest.mark.parametrize(
+    ("environ", "named"),
+    [
+        ({"ISTIO_META_DNS_CAPTURE": "yes"}, "env ISTIO_META_DNS_CAPTURE"),
+        ({"ISTIO_META_DNS_CAPTURE": "true", "DNS_FORWARD_TIMEOUT": "soon"}, "env DNS_FORWARD_TIMEOUT"),
+        ({"ISTIO_META_DNS_CAPTURE": "true", "DNS_PROXY_ADDR": "localhost"}, "env DNS_PROXY_ADDR"),
+    ],
+)
+def test_bad_settings_name_the_variable(environ: dict[str, str], named: str) -> None:
+    with pytest.raises(ConfigError) as raised:
+        settings_from(environ)
+    assert str(raised.value).startswith(named)
