@@ -32,8 +32,9 @@ import yaml
 from agent.bootstrap import bootstrap_dependencies, render_bootstrap
 from agent.bootstrap.render import template_path_of
 from agent.bootstrap.write import bootstrap_path, write_side_files
-from agent.config import AgentConfig, ProxyFlags, add_proxy_flags, flags_from_args, load_agent_config
+from agent.config import AgentConfig, add_proxy_flags, flags_from_args, load_agent_config
 from agent.config import env_settings as E
+from agent.config.agent_config import reload_files
 from agent.config.envvars import Environment
 from agent.errors import AgentError, ConfigError, ExitCode
 from agent.lifecycle import Lifecycle
@@ -167,25 +168,27 @@ def _hot_restart_wanted_and_possible(env: Environment) -> bool:
     return True
 
 
-def render_desired_state(flags: ProxyFlags, environ: Mapping[str, str]) -> DesiredState:
-    # Re-read every source on each call: a changed annotation, mesh config or template shows up here.
-    cfg = load_agent_config(flags, environ)
+def render_desired_state(cfg: AgentConfig, watched: Mapping[Path, str]) -> DesiredState:
+    """The bootstrap `cfg` renders to, and the contents of the watched files Envoy reads itself (certs, TLS files
+    the bootstrap names): they are part of what it runs even when the bootstrap bytes stay the same. Blocking."""
     write_side_files(cfg)
     data = render_bootstrap(cfg)
-    # Envoy reads these files itself (certs, TLS files the bootstrap names): their contents are part of what it
-    # runs even though the bootstrap bytes stay the same.
-    files = watch_files(cfg, bootstrap_dependencies(cfg))
-    deps = tuple((str(p), content_hash(p) or "") for p, kind in files.items() if kind not in RENDER_INPUTS)
+    # The watched set is fixed at start; a file that becomes a dependency later (an annotation naming a new TLS
+    # file) is rendered but not watched, and so not hashed either: say so rather than miss its changes silently.
+    unwatched = [str(p) for p in bootstrap_dependencies(cfg) if p not in watched]
+    if unwatched:
+        log.warning("not watching %s: named after start; restart the agent to watch it", ", ".join(unwatched))
+    deps = tuple((str(p), content_hash(p) or "") for p, kind in watched.items() if kind not in RENDER_INPUTS)
     return DesiredState(data, deps)
 
 
-def desired_state_fn(flags: ProxyFlags, environ: Mapping[str, str], first: DesiredState) -> DesiredStateFn:
+def desired_state_fn(start: AgentConfig, watched: Mapping[Path, str], first: DesiredState) -> DesiredStateFn:
     """The supervisor's desired_state(): the start-up render is used once (rendering costs ~0.15 s), then every
-    call renders afresh."""
+    call re-reads the files (not the environment, not the identity) and renders afresh."""
     pending = [first]
 
     def desired_state() -> DesiredState:
-        return pending.pop() if pending else render_desired_state(flags, environ)
+        return pending.pop() if pending else render_desired_state(reload_files(start), watched)
 
     return desired_state
 
@@ -215,13 +218,11 @@ def bind_status_sockets(host: str, port: int) -> list[socket.socket]:
 
 
 def run(args: argparse.Namespace) -> int:
-    environ = dict(os.environ)
-    flags = flags_from_args(args)
-    cfg = load_agent_config(flags, environ)
+    cfg = load_agent_config(flags_from_args(args), os.environ)
     binary = find_envoy(cfg.proxy.binary_path)
     settings = supervisor_settings(cfg, binary)
     # Fail fast, before anything starts, on a template that does not render.
-    first = render_desired_state(flags, environ)
+    first = render_desired_state(cfg, settings.watch.files)
     status = None
     if cfg.proxy.status_port > 0:
         status = StatusSettings.from_env(
@@ -233,7 +234,7 @@ def run(args: argparse.Namespace) -> int:
         )
     sockets = bind_status_sockets(status.listen_host, status.status_port) if status is not None else []
     try:
-        desired_state = desired_state_fn(flags, environ, first)
+        desired_state = desired_state_fn(cfg, settings.watch.files, first)
         return asyncio.run(
             _main(
                 cfg,

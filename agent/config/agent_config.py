@@ -1,16 +1,18 @@
-"""Everything the agent is configured by, read once into a frozen AgentConfig (re-read on every call).
+"""Everything the agent is configured by, in a frozen AgentConfig.
 
 Sources: the `proxy` flags, the environment mapping passed in (never os.environ implicitly), the mesh config file,
-the downward-API files and the files they name. `NodeOverrides` lets a caller (the conformance test) fix what the
-agent would otherwise compute: node id, IPs, PILOT_SAN, version, ports, the ProxyConfig itself.
+the downward-API files and the files they name. `load_agent_config` reads them all once, at start: the flags, the
+environment and the identity computed from them (node id, instance IPs from an interface scan, pod name) are fixed
+from then on, as in Istio. `reload_files` re-reads only the files (downward API, mesh config) and what follows from
+them (the ProxyConfig, the template choice); a statsd host name is resolved once per name. `NodeOverrides` lets a
+caller (the conformance test) fix what the agent would otherwise compute: node id, IPs, PILOT_SAN, version, ports,
+the ProxyConfig itself.
 """
 
 from __future__ import annotations
 
-import ipaddress
-import logging
+import dataclasses
 import os
-import socket
 import types
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -18,18 +20,15 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar
 
-import yaml
-
 from agent.config import env_settings as E
 from agent.config import network
 from agent.config.downward import read_downward_api
 from agent.config.envvars import Environment, EnvVar, json_object
 from agent.config.flags import ProxyFlags, split_component_log
-from agent.config.proxyconfig import DEFAULTS, ProxyConfig, merge, parse_text
-from agent.config.schema import normalise_proxy_config
+from agent.config.proxy_sources import assemble_proxy_config, pilot_san, resolve_statsd
+from agent.config.proxyconfig import ProxyConfig
 from agent.errors import ConfigError
 
-log = logging.getLogger("agent.config")
 _T = TypeVar("_T")
 
 LABELS_PATH = "./etc/istio/pod/labels"
@@ -38,9 +37,7 @@ PROXY_TYPES = ("sidecar", "router", "waypoint", "ztunnel", "agentgateway")
 # The Istio release whose agent behaviour (bootstrap, metadata) this one reproduces; istiod gates features on
 # node metadata ISTIO_VERSION, so we report an Istio version rather than our package version.
 ISTIO_COMPAT_VERSION = "1.28.0"
-ANNOTATION_PROXY_CONFIG = "proxy.istio.io/config"
-ANNOTATION_DISCOVERY_ADDRESS = "sidecar.istio.io/discoveryAddress"
-ANNOTATION_STATUS_PORT = "status.sidecar.istio.io/port"
+CREDENTIAL_SOCKET = "./var/run/secrets/credential-uds/socket"
 
 
 @dataclass(frozen=True)
@@ -121,6 +118,9 @@ class AgentConfig:
     node: NodeSettings
     flags: ProxyFlags
     env: Environment = field(repr=False)  # settings read by other parts (supervision, status server)
+    overrides: NodeOverrides = field(repr=False)
+    # statsdUdpAddress as configured -> as resolved ("" = dropped): each name is looked up once.
+    statsd_resolutions: Mapping[str, str] = field(repr=False)
 
     def istio_meta(self) -> dict[str, str]:
         """The ISTIO_META_<K> settings as {K: value}: ProxyConfig proxyMetadata, then the environment (which wins),
@@ -131,110 +131,58 @@ class AgentConfig:
         return meta
 
 
-def _read_mesh_config(path: Path) -> dict[str, Any]:
-    """The mesh config file's `defaultConfig`, normalised; {} when the file does not exist."""
-    try:
-        text = path.read_text(encoding="utf-8", errors="replace")
-    except FileNotFoundError:
-        return {}
-    except OSError as exc:
-        raise ConfigError(str(path), "", f"cannot read: {exc.strerror or exc}") from None
-    try:
-        mesh = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
-        raise ConfigError(where, "", f"not valid YAML: {getattr(exc, 'problem', None) or exc}") from None
-    except (ValueError, RecursionError) as exc:
-        raise ConfigError(str(path), "", f"not valid YAML: {exc}") from None
-    if mesh is None:
-        return {}
-    if not isinstance(mesh, Mapping):
-        raise ConfigError(str(path), "", "mesh config must be a YAML mapping")
-    default = mesh.get("defaultConfig", mesh.get("default_config"))
-    return normalise_proxy_config(default, f"{path} defaultConfig")
+@dataclass(frozen=True)
+class _FileFacts:
+    """What `reload_files` re-reads: the downward-API files, the mesh config, and what follows from them."""
+
+    labels: dict[str, str] | None
+    annotations: dict[str, str] | None
+    proxy: ProxyConfig
+    template_path: str
+    custom_config_file: str
+    pilot_san: tuple[str, ...]
+    credential_socket_exists: bool
+    statsd_resolutions: Mapping[str, str]
 
 
-def _pilot_san(proxy: ProxyConfig) -> tuple[str, ...]:
-    if proxy.control_plane_auth_policy != "MUTUAL_TLS":
-        return ()
-    # Istio's GetPilotSan: the host part; a local-debugging "localhost" still gets istiod's certificate name.
-    host = proxy.discovery_address.split(":")[0]
-    if host == "localhost":
-        host = "istiod.istio-system.svc"
-    return (host,)
+def _read_files(
+    flags: ProxyFlags,
+    env: Environment,
+    ov: NodeOverrides,
+    paths: tuple[Path, Path],
+    statsd_resolutions: Mapping[str, str],
+) -> _FileFacts:
+    labels = read_downward_api(paths[0])
+    annotations = read_downward_api(paths[1])
+    resolved = dict(statsd_resolutions)
 
+    def resolve(address: str) -> str:
+        if address not in resolved:
+            resolved[address] = resolve_statsd(address)
+        return resolved[address]
 
-def assemble_proxy_config(
-    flags: ProxyFlags, env: Environment, annotations: Mapping[str, str], annotations_path: Path
-) -> ProxyConfig:
-    """Istio's ConstructProxyConfig: defaults < mesh config < PROXY_CONFIG < annotation, then overrides."""
-    raw = dict(DEFAULTS)
-    raw = merge(raw, _read_mesh_config(Path(flags.mesh_config)))
-    proxy_config = env[E.PROXY_CONFIG]
-    if proxy_config.strip():
-        raw = merge(raw, parse_text(proxy_config, E.PROXY_CONFIG.source))
-    anno_source = f"{annotations_path} annotation {ANNOTATION_PROXY_CONFIG}"
-    if annotations.get(ANNOTATION_PROXY_CONFIG, "").strip():
-        raw = merge(raw, parse_text(annotations[ANNOTATION_PROXY_CONFIG], anno_source))
-    # Concurrency: the CPU limit when unset, then the legacy --concurrency flag wins.
-    cpu_limit = env[E.ISTIO_CPU_LIMIT]
-    if "concurrency" not in raw and cpu_limit > 0:
-        raw["concurrency"] = cpu_limit
-    if flags.concurrency:
-        raw["concurrency"] = flags.concurrency
-    if not raw.get("serviceCluster") and not raw.get("tracingServiceName"):
-        raw["serviceCluster"] = flags.service_cluster
-    if flags.template_file and not raw.get("customConfigFile"):
-        raw["proxyBootstrapTemplatePath"] = flags.template_file
-    if ANNOTATION_DISCOVERY_ADDRESS in annotations:
-        raw["discoveryAddress"] = annotations[ANNOTATION_DISCOVERY_ADDRESS]
-    if ANNOTATION_STATUS_PORT in annotations:
-        value = annotations[ANNOTATION_STATUS_PORT].strip()
-        if not value.isdigit() or not 0 < int(value) <= 65535:
-            raise ConfigError(f"{annotations_path}", ANNOTATION_STATUS_PORT, f"{value!r} is not a valid port")
-        raw["statusPort"] = int(value)
-    if raw.get("statsdUdpAddress"):
-        raw["statsdUdpAddress"] = resolve_statsd(raw["statsdUdpAddress"])
-        if not raw["statsdUdpAddress"]:
-            del raw["statsdUdpAddress"]
-    proxy = ProxyConfig.from_raw(normalise_proxy_config(raw, "effective ProxyConfig"))
-    _validate(proxy)
-    return proxy
-
-
-def resolve_statsd(address: str) -> str:
-    """Istio resolves statsdUdpAddress once at start (Envoy's statsd sink needs an IP) and drops it, with a
-    warning, when the name does not resolve."""
-    host, sep, port = address.rpartition(":")
-    host = host.strip("[]")
-    if not sep:
-        return address  # left for the bootstrap's host:port check to report
-    try:
-        ipaddress.ip_address(host)
-        return address
-    except ValueError:
-        pass
-    try:
-        infos = socket.getaddrinfo(host, port or None, type=socket.SOCK_DGRAM)
-    except (OSError, UnicodeError) as exc:
-        log.warning("statsdUdpAddress %s does not resolve (%s): statsd sink disabled", address, exc)
-        return ""
-    ip = str(infos[0][4][0])
-    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
-
-
-def _validate(proxy: ProxyConfig) -> None:
-    src = "effective ProxyConfig"
-    if not proxy.config_path:
-        raise ConfigError(src, "configPath", "must not be empty")
-    for name, port in (("proxyAdminPort", proxy.proxy_admin_port), ("statusPort", proxy.status_port)):
-        if not 0 < port <= 65535:
-            raise ConfigError(src, name, f"{port} is not a valid port (1-65535)")
-    if proxy.concurrency is not None and proxy.concurrency < 0:
-        raise ConfigError(src, "concurrency", "must not be negative")
-    if proxy.stat_name_length < 0:
-        raise ConfigError(src, "statNameLength", "must not be negative")
+    if ov.proxy_config is not None:
+        proxy = ov.proxy_config
+    else:
+        proxy = assemble_proxy_config(flags, env, annotations or {}, paths[1], resolve)
+    # ISTIO_BOOTSTRAP wins over customConfigFile, which wins over proxyBootstrapTemplatePath (--templateFile).
+    custom_config_file = ""
+    if env[E.ISTIO_BOOTSTRAP]:
+        template = env[E.ISTIO_BOOTSTRAP]
+    elif proxy.custom_config_file:
+        template, custom_config_file = "", proxy.custom_config_file
+    else:
+        template = proxy.proxy_bootstrap_template_path
+    return _FileFacts(
+        labels=labels,
+        annotations=annotations,
+        proxy=proxy,
+        template_path=template,
+        custom_config_file=custom_config_file,
+        pilot_san=ov.pilot_san if ov.pilot_san is not None else pilot_san(proxy),
+        credential_socket_exists=Path(CREDENTIAL_SOCKET).is_socket(),
+        statsd_resolutions=types.MappingProxyType(resolved),
+    )
 
 
 def load_agent_config(
@@ -254,33 +202,16 @@ def load_agent_config(
     )
     labels_path = Path(ov.labels_path or LABELS_PATH)
     annotations_path = Path(ov.annotations_path or ANNOTATIONS_PATH)
-    pod_labels = read_downward_api(labels_path)
-    pod_annotations = read_downward_api(annotations_path)
-    labels = pod_labels or {}
-    annotations = pod_annotations or {}
-
-    if ov.proxy_config is not None:
-        proxy = ov.proxy_config
-    else:
-        proxy = assemble_proxy_config(flags, env, annotations, annotations_path)
+    files = _read_files(flags, env, ov, (labels_path, annotations_path), {})
 
     pod_name = env[E.POD_NAME]
     pod_namespace = env[E.POD_NAMESPACE]
     dns_domain = flags.domain or f"{pod_namespace}.svc.cluster.local"
     ips = ov.instance_ips
     if ips is None:
-        ips = tuple(network.discover_ips(env[E.INSTANCE_IP], annotations))
+        ips = tuple(network.discover_ips(env[E.INSTANCE_IP], files.annotations or {}))
     node_id = ov.node_id or f"{flags.proxy_type}~{ips[0]}~{pod_name}.{pod_namespace}~{dns_domain}"
     log_level, component_log_level = split_component_log(flags.proxy_log_level, flags.proxy_component_log_level)
-
-    # ISTIO_BOOTSTRAP wins over customConfigFile, which wins over proxyBootstrapTemplatePath (--templateFile).
-    custom_config_file = ""
-    if env[E.ISTIO_BOOTSTRAP]:
-        template = env[E.ISTIO_BOOTSTRAP]
-    elif proxy.custom_config_file:
-        template, custom_config_file = "", proxy.custom_config_file
-    else:
-        template = proxy.proxy_bootstrap_template_path
 
     local_xds = flags.local_xds_dir or env[E.ISTIO_LOCAL_XDS_DIR]
     if local_xds:
@@ -293,7 +224,7 @@ def load_agent_config(
 
     node = NodeSettings(
         istio_version=ov.istio_version if ov.istio_version is not None else ISTIO_COMPAT_VERSION,
-        pilot_san=ov.pilot_san if ov.pilot_san is not None else _pilot_san(proxy),
+        pilot_san=files.pilot_san,
         sts_port=flags.sts_port,
         workload_identity_socket_file=overridden(ov.workload_identity_socket_file, E.WORKLOAD_IDENTITY_SOCKET_FILE),
         compliance_policy=overridden(ov.compliance_policy, E.COMPLIANCE_POLICY),
@@ -301,7 +232,7 @@ def load_agent_config(
         metadata_discovery=env[E.PEER_METADATA_DISCOVERY],
         skip_deprecated_logs=overridden(ov.skip_deprecated_logs, E.ENVOY_SKIP_DEPRECATED_LOGS),
         xds_root_cert=env[E.XDS_ROOT_CA],
-        credential_socket_exists=Path("./var/run/secrets/credential-uds/socket").is_socket(),
+        credential_socket_exists=files.credential_socket_exists,
         custom_credentials_file_exists=False,
         log_as_json=flags.log_as_json,
     )
@@ -314,16 +245,16 @@ def load_agent_config(
         pod_namespace=pod_namespace,
         dns_domain=dns_domain,
         service_account=env[E.SERVICE_ACCOUNT],
-        labels=types.MappingProxyType(labels),
-        annotations=types.MappingProxyType(annotations),
-        labels_file_found=pod_labels is not None,
-        annotations_file_found=pod_annotations is not None,
+        labels=types.MappingProxyType(files.labels or {}),
+        annotations=types.MappingProxyType(files.annotations or {}),
+        labels_file_found=files.labels is not None,
+        annotations_file_found=files.annotations is not None,
         labels_path=labels_path,
         annotations_path=annotations_path,
         mesh_config_path=Path(flags.mesh_config),
-        template_path=template,
-        custom_config_file=custom_config_file,
-        proxy=proxy,
+        template_path=files.template_path,
+        custom_config_file=files.custom_config_file,
+        proxy=files.proxy,
         log_level=log_level,
         component_log_level=component_log_level,
         outlier_log_path=ov.outlier_log_path if ov.outlier_log_path is not None else flags.outlier_log_path,
@@ -346,6 +277,31 @@ def load_agent_config(
         node=node,
         flags=flags,
         env=env,
+        overrides=ov,
+        statsd_resolutions=files.statsd_resolutions,
+    )
+
+
+def reload_files(cfg: AgentConfig) -> AgentConfig:
+    """`cfg` with its files read again (downward API, mesh config) and what follows from them: the ProxyConfig,
+    the template choice, PILOT_SAN. Identity and environment stay as they were at start. Blocking (file reads, and
+    a DNS lookup for a statsd host name not seen before): call it off the event loop."""
+    files = _read_files(
+        cfg.flags, cfg.env, cfg.overrides, (cfg.labels_path, cfg.annotations_path), cfg.statsd_resolutions
+    )
+    return dataclasses.replace(
+        cfg,
+        labels=types.MappingProxyType(files.labels or {}),
+        annotations=types.MappingProxyType(files.annotations or {}),
+        labels_file_found=files.labels is not None,
+        annotations_file_found=files.annotations is not None,
+        template_path=files.template_path,
+        custom_config_file=files.custom_config_file,
+        proxy=files.proxy,
+        node=dataclasses.replace(
+            cfg.node, pilot_san=files.pilot_san, credential_socket_exists=files.credential_socket_exists
+        ),
+        statsd_resolutions=files.statsd_resolutions,
     )
 
 

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import socket
 from pathlib import Path
 
 import pytest
 
 from agent.bootstrap import bootstrap_dependencies
 from agent.commands.proxy import render_desired_state, supervisor_settings, watch_files
-from agent.config import ProxyFlags, load_agent_config
+from agent.config import ProxyFlags, load_agent_config, network
+from agent.config.agent_config import reload_files
 from agent.errors import ConfigError
 
 
@@ -93,14 +95,69 @@ def test_desired_state_hashes_files_envoy_reads_not_render_inputs(tmp_path: Path
     assert kinds[cert] == "cert"
     assert kinds[cfg.annotations_path] == "annotations"
     assert kinds[cfg.mesh_config_path] == "mesh"
-    first = render_desired_state(ProxyFlags(), environ)
+    first = render_desired_state(reload_files(cfg), kinds)
     cert.write_text("two")
-    second = render_desired_state(ProxyFlags(), environ)
+    second = render_desired_state(reload_files(cfg), kinds)
     assert second.bootstrap == first.bootstrap and second.digest != first.digest
     # A label change shows in the bootstrap (node metadata) and only there.
     labels = tmp_path / "etc" / "istio" / "pod" / "labels"
     labels.parent.mkdir(parents=True)
     labels.write_text('app="demo"\n')
-    third = render_desired_state(ProxyFlags(), environ)
+    third = render_desired_state(reload_files(cfg), kinds)
     assert third.bootstrap != second.bootstrap
     assert third.dependencies == second.dependencies
+
+
+def _annotations(tmp_path: Path, proxy_config: dict[str, object]) -> None:
+    path = tmp_path / "etc" / "istio" / "pod" / "annotations"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"proxy.istio.io/config={json.dumps(json.dumps(proxy_config))}\n")
+
+
+def test_a_file_change_rereads_files_but_not_the_identity(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    scans: list[str] = []
+    lookups: list[str] = []
+
+    def interface_ips(exclude: object = ()) -> list[str]:
+        scans.append("scan")
+        return ["10.0.0.9"]
+
+    def getaddrinfo(host: str, *args: object, **kwargs: object) -> list[tuple[object, ...]]:
+        lookups.append(host)
+        return [(socket.AF_INET, socket.SOCK_DGRAM, 0, "", ("10.7.7.7", 8125))]
+
+    monkeypatch.setattr(network, "interface_ips", interface_ips)
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    _annotations(tmp_path, {"statsdUdpAddress": "statsd.example:8125", "drainDuration": "3s"})
+    environ = env(tmp_path)
+    environ.pop("PROXY_CONFIG")
+    cfg = load_agent_config(ProxyFlags(), environ)
+    assert (scans, lookups) == (["scan"], ["statsd.example"])
+    assert cfg.proxy.statsd_udp_address == "10.7.7.7:8125" and cfg.proxy.drain_duration == 3
+
+    _annotations(tmp_path, {"statsdUdpAddress": "statsd.example:8125", "drainDuration": "4s"})
+    again = reload_files(cfg)
+    assert again.proxy.drain_duration == 4 and again.proxy.statsd_udp_address == "10.7.7.7:8125"
+    assert (again.node_id, again.instance_ips) == (cfg.node_id, cfg.instance_ips)
+    assert (scans, lookups) == (["scan"], ["statsd.example"])  # no interface scan, no DNS lookup
+
+    # A new statsd name is looked up once, then remembered too.
+    _annotations(tmp_path, {"statsdUdpAddress": "other.example:8125"})
+    third = reload_files(reload_files(again))
+    assert third.proxy.statsd_udp_address == "10.7.7.7:8125"
+    assert lookups == ["statsd.example", "other.example"] and scans == ["scan"]
+
+
+def test_only_the_watched_files_are_hashed_and_a_later_dependency_is_reported(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    cfg = load_agent_config(ProxyFlags(), env(tmp_path))
+    watched = watch_files(cfg, bootstrap_dependencies(cfg))
+    first = render_desired_state(cfg, watched)
+    assert {path for path, _ in first.dependencies} == {str(p) for p, k in watched.items() if k == "cert"}
+    later_key = tmp_path / "later" / "key.pem"
+    _annotations(tmp_path, {"proxyMetadata": {"ISTIO_META_TLS_CLIENT_KEY": str(later_key)}})
+    with caplog.at_level("WARNING", logger="agent.cli"):
+        second = render_desired_state(reload_files(cfg), watched)
+    assert f"not watching {later_key}: named after start" in caplog.text
+    assert {path for path, _ in second.dependencies} == {path for path, _ in first.dependencies}
