@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from tests.dns.istio_cases import TABLE
+from tests.dns.run_proxy import table_json
 from tests.support.netns import PodNetwork, Process, pod_network
 
 HIT = "productpage.ns1.svc.cluster.local A"
@@ -70,7 +71,7 @@ def main() -> None:
         )  # fmt: skip
         _wait_ready(dnsmasq)
         table = pod.workdir / "table.json"
-        table.write_text(json.dumps(TABLE))
+        table.write_text(table_json(TABLE))
         proxy = pod.popen(
             ["taskset", "-c", "1", sys.executable, "-m", "tests.dns.run_proxy", str(table), f"127.0.0.1:{PROXY_PORT}"],
             log_name="proxy.log",

@@ -121,7 +121,8 @@ def rdata_wire(rdata: dns.rdata.Rdata) -> bytes:
 
 def _parse(data: bytes) -> Query | Rejected:
     try:
-        message = dns.message.from_wire(data)
+        # Bytes after the counted records are ignored, as miekg/dns does.
+        message = dns.message.from_wire(data, ignore_trailing=True)
         question = message.question[0]
         rendered = name_wire(question.name) + struct.pack("!HH", question.rdtype, question.rdclass)
         name = question.name.to_text().lower()

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import pytest
 
 from tests.conftest import require_root
+from tests.dns.run_proxy import table_json
 from tests.iptables.conftest import INJECTOR_ARGS
 from tests.support.netns import PodNetwork, Process, pod_network
 
@@ -86,7 +87,7 @@ def captured() -> Iterator[CapturedPod]:
         installed = pod.pilot_agent(*INJECTOR_ARGS, "--redirect-dns")
         assert installed.returncode == 0, installed.stderr
         table = pod.workdir / "table.json"
-        table.write_text(json.dumps(TABLE))
+        table.write_text(table_json(TABLE))
         proxy = pod.popen(
             [sys.executable, "-m", "tests.dns.run_proxy", str(table), "localhost:15053", str(FORWARD_TIMEOUT)],
             uid=1337, gid=1337, log_name="dns-proxy.log",
