@@ -7,7 +7,6 @@ keys; LABELS and STATIC_LABELS are the same map unless a labels file exists; out
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -44,9 +43,6 @@ class Node:
     metadata: Mapping[str, Any]  # the merged metadata object, before JSON encoding
     raw: Mapping[str, Any]  # the untyped metadata map (env + proxyMetadata), for options that read it
     labels: Mapping[str, str]
-
-    def metadata_json(self) -> str:
-        return json.dumps(self.metadata, sort_keys=True, separators=(",", ":"))
 
 
 def _raw_metadata(cfg: AgentConfig) -> tuple[dict[str, Any], dict[str, str]]:

@@ -10,10 +10,10 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
-import yaml
 
 from agent.bootstrap.params import template_params
 from agent.config.agent_config import AgentConfig
+from agent.config.documents import parse_yaml
 from agent.errors import ConfigError
 
 DEFAULT_TEMPLATE = "envoy_bootstrap.json.j2"
@@ -74,10 +74,7 @@ def render_template(params: dict[str, Any], template_path: Path) -> bytes:
 def _check_document(text: str, template_path: Path, source: str) -> None:
     """JSON for JSON templates; a YAML template (written to envoy-rev.yaml, as Istio does) must give a mapping."""
     if ".yaml" in template_path.suffixes:
-        try:
-            document = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise ConfigError(source, "", f"rendered output is not valid YAML: {exc}") from None
+        document = parse_yaml(text, source, field="rendered output")
         if not isinstance(document, dict):
             raise ConfigError(source, "", "rendered output is not a YAML mapping")
         return

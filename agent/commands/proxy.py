@@ -27,14 +27,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from agent.bootstrap import bootstrap_dependencies, render_bootstrap
 from agent.bootstrap.render import template_path_of
 from agent.bootstrap.write import bootstrap_path, write_side_files
 from agent.config import AgentConfig, add_proxy_flags, flags_from_args, load_agent_config
 from agent.config import env_settings as E
 from agent.config.agent_config import reload_files
+from agent.config.documents import parse_yaml
 from agent.config.envvars import Environment
 from agent.errors import AgentError, ConfigError, ExitCode
 from agent.lifecycle import Lifecycle
@@ -78,12 +77,7 @@ def config_yaml(cfg: AgentConfig) -> str:
     if host and ":" in host:
         host = f"[{host}]"
     text = text.replace("$(HOST_IP)", host)
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{cfg.bootstrap_override}:{mark.line + 1}" if mark is not None else cfg.bootstrap_override
-        raise ConfigError(source, where, "not valid YAML") from None
+    data = parse_yaml(text, source, field=cfg.bootstrap_override)
     return json.dumps(data, separators=(",", ":")) if data else ""
 
 

@@ -11,9 +11,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from agent.config import env_settings as E
+from agent.config.documents import parse_yaml
 from agent.config.envvars import Environment
 from agent.config.flags import ProxyFlags
 from agent.config.proxyconfig import DEFAULTS, ProxyConfig, merge, parse_text
@@ -35,14 +34,7 @@ def read_mesh_config(path: Path) -> dict[str, Any]:
         return {}
     except OSError as exc:
         raise ConfigError(str(path), "", f"cannot read: {exc.strerror or exc}") from None
-    try:
-        mesh = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
-        raise ConfigError(where, "", f"not valid YAML: {getattr(exc, 'problem', None) or exc}") from None
-    except (ValueError, RecursionError) as exc:
-        raise ConfigError(str(path), "", f"not valid YAML: {exc}") from None
+    mesh = parse_yaml(text, str(path))
     if mesh is None:
         return {}
     if not isinstance(mesh, Mapping):

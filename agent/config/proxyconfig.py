@@ -7,17 +7,14 @@ messages included, as the ProxyConfig API documents), except `proxyMetadata`, wh
 
 from __future__ import annotations
 
-import json
 import types
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import yaml
-
+from agent.config.documents import parse_yaml
 from agent.config.durations import parse_duration
 from agent.config.schema import normalise_proxy_config, prune_defaults
-from agent.errors import ConfigError
 
 # istio.io/istio pkg/config/mesh DefaultProxyConfig.
 DEFAULTS: Mapping[str, Any] = types.MappingProxyType(
@@ -41,16 +38,7 @@ _ONEOFS = ({"serviceCluster", "tracingServiceName"},)
 
 def parse_text(text: str, source: str) -> dict[str, Any]:
     """YAML or JSON text (JSON is YAML) -> normalised proto-JSON dict. Errors name `source` and line."""
-    try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{source}:{mark.line + 1}" if mark is not None else source
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ConfigError(where, "", f"not valid YAML/JSON: {problem}") from None
-    except (ValueError, RecursionError) as exc:  # e.g. absurd nesting, bad timestamps
-        raise ConfigError(source, "", f"not valid YAML/JSON: {exc}") from None
-    return normalise_proxy_config(value, source)
+    return normalise_proxy_config(parse_yaml(text, source, kind="YAML/JSON"), source)
 
 
 def merge(base: Mapping[str, Any], overlay: Mapping[str, Any]) -> dict[str, Any]:
@@ -158,25 +146,8 @@ class ProxyConfig:
             global_downstream_connection_limit=conn.get("globalDownstreamConnectionLimit"),
         )
 
-    @classmethod
-    def from_json_text(cls, text: str, source: str) -> ProxyConfig:
-        return cls.from_raw(parse_text(text, source))
-
     def to_proto_json(self) -> dict[str, Any]:
         """A plain (mutable) copy of the proto-JSON form."""
         result = _thawed(self.raw)
         assert isinstance(result, dict)
         return result
-
-    def with_fields(self, **changes: Any) -> ProxyConfig:
-        """A copy with proto-JSON fields replaced (a None value removes the field)."""
-        raw = self.to_proto_json()
-        for key, value in changes.items():
-            if value is None:
-                raw.pop(key, None)
-            else:
-                raw[key] = value
-        return ProxyConfig.from_raw(normalise_proxy_config(raw, "ProxyConfig"))
-
-    def dumps(self) -> str:
-        return json.dumps(self.to_proto_json(), sort_keys=True, separators=(",", ":"))

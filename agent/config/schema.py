@@ -109,11 +109,6 @@ def uint32(value: Any, source: str, path: str) -> Any:
     return _integer(value, source, path, 0, 2**32 - 1)
 
 
-@_zero(0)
-def int64(value: Any, source: str, path: str) -> Any:
-    return _integer(value, source, path, -(2**63), 2**63 - 1)
-
-
 def int32_wrapper(value: Any, source: str, path: str) -> Any:
     if isinstance(value, Mapping) and set(value) == {"value"}:
         value = value["value"]  # the prototext/YAML spelling {value: 5}

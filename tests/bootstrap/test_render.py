@@ -74,7 +74,7 @@ def test_yaml_template_renders_yaml_to_envoy_rev_yaml(tmp_path: Path) -> None:
     assert bootstrap_path(cfg).name == "envoy-rev.yaml"
     assert render_bootstrap(cfg).decode().startswith('node:\n  id: "sidecar~')
     template.write_text("node: [unclosed\n")
-    with pytest.raises(ConfigError, match="rendered output is not valid YAML"):
+    with pytest.raises(ConfigError, match=r"\.yaml\.j2: rendered output:2: not valid YAML: expected ',' or '\]'"):
         render_bootstrap(cfg)
 
 
