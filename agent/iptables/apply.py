@@ -25,7 +25,19 @@ from typing import Protocol
 
 from agent.errors import AgentError, ExitCode
 from agent.iptables.config import CaptureConfig
-from agent.iptables.rules import BUILTIN_CHAINS, TABLE_ORDER, V4, V6, Rule, RuleSet, build_rules, chains_by_table
+from agent.iptables.rules import (
+    BUILTIN_CHAINS,
+    TABLE_ORDER,
+    V4,
+    V6,
+    Rule,
+    RuleSet,
+    as_text,
+    build_rules,
+    chains_by_table,
+    restore_text,
+    table_blocks,
+)
 
 log = logging.getLogger("agent.iptables")
 
@@ -294,9 +306,9 @@ class Applier:
                         f"{fam.name}: ISTIO_* chains already exist and differ from the requested rules; left as they "
                         "are (rerun with --reconcile to replace them)"
                     )
-                scripts.append((fam, _merge(self._removal_lines(fam), fam.rules)))
+                scripts.append((fam, restore_text(fam.rules, self._removal_lines(fam))))
             else:
-                scripts.append((fam, _merge({}, fam.rules)))
+                scripts.append((fam, restore_text(fam.rules)))
         routes = self._route_steps(install=True)
         self._transaction(scripts, routes)
         done = [f.name for f, _ in scripts]
@@ -313,7 +325,7 @@ class Applier:
         for fam in families:
             lines = self._removal_lines(fam)
             if lines:
-                scripts.append((fam, _merge(lines, ())))
+                scripts.append((fam, restore_text((), lines)))
         routes = self._route_steps(install=False)
         self._transaction(scripts, routes)
         removed = ", ".join(f.name for f, _ in scripts) or "none found"
@@ -429,28 +441,8 @@ def _expected_targets(rules: Sequence[Rule]) -> dict[str, list[str]]:
 
 
 def _check_text(rules: Sequence[Rule]) -> str:
-    lines: list[str] = []
-    for table in TABLE_ORDER:
-        body = [" ".join(("-C", r.chain, *r.spec)) for r in rules if r.table == table]
-        if body:
-            lines += [f"* {table}", *body, "COMMIT"]
-    return "\n".join(lines) + "\n"
-
-
-def _merge(removal: dict[str, list[str]], rules: Sequence[Rule]) -> str:
-    """One restore script: per table, the removal lines, then chain creation and the rules."""
-    wanted = chains_by_table(rules)
-    lines: list[str] = []
-    for table in TABLE_ORDER:
-        remove = removal.get(table, [])
-        body = list(remove)
-        # A chain just flushed and deleted (-F, -X) may be created again (-N) in the same block: one table block
-        # is one transaction, and the reconcile test runs exactly this.
-        body += [f"-N {chain}" for chain in wanted.get(table, [])]
-        body += [r.line() for r in rules if r.table == table]
-        if body:
-            lines += [f"* {table}", *body, "COMMIT"]
-    return "\n".join(lines) + "\n" if lines else ""
+    checks = {t: [" ".join(("-C", r.chain, *r.spec)) for r in rules if r.table == t] for t in TABLE_ORDER}
+    return as_text(table_blocks(checks))
 
 
 def cleanup_plan_lines(cfg: CaptureConfig) -> list[str]:

@@ -7,7 +7,7 @@ compare it byte for byte). Nothing here touches the machine.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from agent.iptables.config import DNS_LISTENER_PORT, OUTBOUND_MARK, CaptureConfig, parse_prefix, split
@@ -68,21 +68,40 @@ def chains_by_table(rules: Sequence[Rule]) -> dict[str, list[str]]:
     return result
 
 
-def restore_lines(rules: Sequence[Rule]) -> list[str]:
-    """iptables-restore input: tables alphabetically, `-N` lines first, then every rule in generation order."""
-    chains = chains_by_table(rules)
+def table_blocks(bodies: Mapping[str, Sequence[str]]) -> list[str]:
+    """iptables-restore input from each table's lines: `* table`, its lines, `COMMIT`, tables in TABLE_ORDER; a
+    table without lines is left out (each block is one transaction)."""
     lines: list[str] = []
     for table in TABLE_ORDER:
-        body = [f"-N {chain}" for chain in chains.get(table, [])]
-        body += [rule.line() for rule in rules if rule.table == table]
-        if body:
-            lines += [f"* {table}", *body, "COMMIT"]
+        if bodies.get(table):
+            lines += [f"* {table}", *bodies[table], "COMMIT"]
     return lines
 
 
-def restore_text(rules: Sequence[Rule]) -> str:
-    lines = restore_lines(rules)
+def restore_lines(rules: Sequence[Rule], removal: Mapping[str, Sequence[str]] | None = None) -> list[str]:
+    """iptables-restore input: per table, the `removal` lines, then `-N` lines, then every rule in generation order.
+    A chain just flushed and deleted (-F, -X) may be created again (-N) in the same block: one table block is one
+    transaction."""
+    chains = chains_by_table(rules)
+    removal = removal or {}
+    return table_blocks(
+        {
+            table: [
+                *removal.get(table, ()),
+                *(f"-N {chain}" for chain in chains.get(table, [])),
+                *(rule.line() for rule in rules if rule.table == table),
+            ]
+            for table in TABLE_ORDER
+        }
+    )
+
+
+def as_text(lines: Sequence[str]) -> str:
     return "\n".join(lines) + "\n" if lines else ""
+
+
+def restore_text(rules: Sequence[Rule], removal: Mapping[str, Sequence[str]] | None = None) -> str:
+    return as_text(restore_lines(rules, removal))
 
 
 @dataclass
