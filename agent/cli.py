@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 from agent import __version__
 from agent.errors import AgentError, ExitCode
+from agent.fdlimit import raise_open_files_limit
 from agent.logs import configure
 
 log = logging.getLogger("agent.cli")
@@ -60,6 +61,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # First, as Go's runtime does at init: a soft limit of 1024 open files starves the status port (issue 12).
+    raise_open_files_limit()
     arguments = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(only=_requested_command(arguments))
     args, unknown = parser.parse_known_args(arguments)
