@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import errno
 import ipaddress
 import json
 import logging
@@ -35,7 +34,7 @@ from agent.config import env_settings as E
 from agent.config.agent_config import reload_files
 from agent.config.documents import parse_yaml
 from agent.config.envvars import Environment
-from agent.errors import AgentError, ConfigError, ExitCode
+from agent.errors import ConfigError
 from agent.lifecycle import Lifecycle
 from agent.pid1 import HANDLED
 from agent.proxy.argv import LaunchSettings
@@ -43,6 +42,7 @@ from agent.proxy.binary import find_envoy
 from agent.proxy.epochs import DesiredState, DesiredStateFn, SupervisionSettings, exec_epoch, shm_path
 from agent.proxy.process import EnvoyProcess, remove_file
 from agent.proxy.shm import shared_memory_unusable
+from agent.status.listen import bind_status_sockets
 from agent.status.settings import StatusSettings
 from agent.supervisor import DrainSettings, Supervisor, WatchSettings
 from agent.watch import content_hash
@@ -185,30 +185,6 @@ def desired_state_fn(start: AgentConfig, watched: Mapping[Path, str], first: Des
         return pending.pop() if pending else render_desired_state(reload_files(start), watched)
 
     return desired_state
-
-
-def bind_status_sockets(host: str, port: int) -> list[socket.socket]:
-    """Listening sockets for the status server, bound as aiohttp's TCPSite would bind them (one per address of
-    `host`; "" = every interface, IPv4 and IPv6, the IPv6 one v6-only). Raises AgentError(STARTUP_FAILED) when the
-    port cannot be bound."""
-    sockets: list[socket.socket] = []
-    try:
-        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-        # IPv4 first, as StatusServer reports the IPv4 port (with port 0 each family gets its own).
-        for family, kind, proto, _, address in sorted(set(infos), key=lambda i: i[0] != socket.AF_INET):
-            sock = socket.socket(family, kind, proto)
-            sockets.append(sock)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            sock.bind(address)
-            sock.listen(128)
-    except OSError as exc:
-        for sock in sockets:
-            sock.close()
-        why = "address already in use" if exc.errno == errno.EADDRINUSE else str(exc)
-        raise AgentError(f"status server: cannot listen on port {port}: {why}", ExitCode.STARTUP_FAILED) from None
-    return sockets
 
 
 def run(args: argparse.Namespace) -> int:
