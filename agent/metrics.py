@@ -58,4 +58,16 @@ class AgentMetrics:
             ["type", "reason"],
             registry=r,
         )
+        # Status server connections (issue 12): what it shed to keep serving kubelet's probes.
+        self.status_connections_closed = Counter(
+            "istio_agent_status_connections_closed",
+            "Status port connections the agent closed, by reason (header_timeout, connection_limit, accept_failed).",
+            ["reason"],
+            registry=r,
+        )
+        self.status_accept_failures = Counter(
+            "istio_agent_status_accept_failures",
+            "Connections the status port could not accept for lack of file descriptors.",
+            registry=r,
+        )
         self.envoy_ready = Gauge("istio_agent_envoy_ready", "1 when the readiness probe passes, else 0.", registry=r)
