@@ -7,7 +7,7 @@ Envoy (kubelet may probe at once) and stopped after it.
 
 from __future__ import annotations
 
-import errno
+import asyncio
 import ipaddress
 import logging
 import socket
@@ -18,10 +18,13 @@ import aiohttp
 from aiohttp import web
 
 from agent.errors import AgentError, ExitCode
+from agent.fdlimit import open_files_limit
 from agent.lifecycle import Lifecycle
 from agent.metrics import AgentMetrics
 from agent.proxy.admin import AdminClient, AdminError
 from agent.status.app_probes import AppProber
+from agent.status.connections import ConnectionGuard, ConnectionLimits, GuardedSite
+from agent.status.listen import bind_status_sockets
 from agent.status.metrics_merge import MetricsMerger
 from agent.status.readiness import Readiness
 from agent.status.settings import StatusSettings
@@ -63,6 +66,7 @@ class StatusServer:
         *,
         started_at: float | None = None,
         sockets: Sequence[socket.socket] = (),
+        limits: ConnectionLimits | None = None,
     ) -> None:
         self.settings = settings
         self.lifecycle = lifecycle
@@ -75,12 +79,13 @@ class StatusServer:
         # Listening sockets bound by the caller (`pilot-agent proxy` binds the port before it execs Envoy, before
         # aiohttp is even imported); served as they are instead of binding settings.status_port here.
         self._sockets = tuple(sockets)
+        self.guard = ConnectionGuard((limits or ConnectionLimits()).fitted(open_files_limit()), metrics)
         self._runner: web.AppRunner | None = None
         self._session: aiohttp.ClientSession | None = None
         self.port: int | None = None
 
     def _app(self, merger: MetricsMerger) -> web.Application:
-        app = web.Application()
+        app = web.Application(middlewares=[self.guard.middleware])
 
         async def stats(request: web.Request) -> web.StreamResponse:
             if self.settings.metrics_localhost_only and not is_loopback(request.remote):
@@ -108,21 +113,17 @@ class StatusServer:
             shutdown_timeout=SHUTDOWN_GRACE,
         )
         await runner.setup()
-        sites: list[web.BaseSite] = [web.SockSite(runner, sock) for sock in self._sockets]
-        if not sites:
-            sites.append(web.TCPSite(runner, self.settings.listen_host or None, self.settings.status_port))
         try:
-            for site in sites:
-                await site.start()
-        except OSError as exc:
+            # Bound here unless `pilot-agent proxy` bound them before Envoy's exec.
+            sockets = list(self._sockets) or bind_status_sockets(self.settings.listen_host, self.settings.status_port)
+        except AgentError:
             await runner.cleanup()
             await self._session.close()
             self._session = None
-            why = "address already in use" if exc.errno == errno.EADDRINUSE else str(exc)
-            raise AgentError(
-                f"status server: cannot listen on port {self.settings.status_port}: {why}",
-                ExitCode.STARTUP_FAILED,
-            ) from None
+            raise
+        self.guard.install(asyncio.get_running_loop(), sockets)
+        for sock in sockets:
+            await GuardedSite(runner, sock, self.guard).start()
         self._runner = runner
         self.port = self._bound_port(runner)
         self.prober.status_port = self.port
@@ -142,6 +143,7 @@ class StatusServer:
         if self._runner is not None:
             runner, self._runner = self._runner, None
             await runner.cleanup()
+            self.guard.uninstall()
         if self._session is not None:
             session, self._session = self._session, None
             await session.close()

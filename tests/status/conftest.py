@@ -18,6 +18,7 @@ from agent.lifecycle import Lifecycle
 from agent.metrics import AgentMetrics
 from agent.proxy.admin import AdminClient
 from agent.status import StatusServer, StatusSettings
+from agent.status.connections import ConnectionLimits
 from tests.status.envoy_stack import EnvoyStack, envoy_stack
 from tests.support.envoy import free_port
 from tests.support.http_server import stopped_on_exit
@@ -65,12 +66,14 @@ def settings_for(stack: EnvoyStack | None, **overrides: object) -> StatusSetting
 
 
 @asynccontextmanager
-async def running_agent(settings: StatusSettings, *, envoy_up: bool = True) -> AsyncIterator[Agent]:
+async def running_agent(
+    settings: StatusSettings, *, envoy_up: bool = True, limits: ConnectionLimits | None = None
+) -> AsyncIterator[Agent]:
     lifecycle = Lifecycle()
     if envoy_up:
         lifecycle.envoy_up()
     metrics = AgentMetrics()
-    server = StatusServer(settings, lifecycle, metrics, AdminClient(port=settings.admin_port))
+    server = StatusServer(settings, lifecycle, metrics, AdminClient(port=settings.admin_port), limits=limits)
     await server.start()
     try:
         async with aiohttp.ClientSession(auto_decompress=False, headers={"Accept-Encoding": "identity"}) as session:
