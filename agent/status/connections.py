@@ -142,37 +142,37 @@ class ConnectionGuard:
         self.waiting(connection)
 
     def waiting(self, connection: _Connection) -> None:
-        self._idle.pop(connection, None)
+        self._leave(connection)
         connection.state = "waiting"
         self._waiting[connection] = None
         loop = asyncio.get_running_loop()
         connection.timer = loop.call_at(loop.time() + self.limits.header_timeout, self._header_timeout, connection)
 
     def busy(self, connection: _Connection) -> None:
-        if connection.timer is not None:
-            connection.timer.cancel()
-            connection.timer = None
-        self._waiting.pop(connection, None)
-        self._idle.pop(connection, None)
+        self._leave(connection)
         connection.state = "busy"
         self._busy.add(connection)
 
     def idle(self, connection: _Connection) -> None:
         if connection.state != "busy":
             return  # closed meanwhile
-        self._busy.discard(connection)
+        self._leave(connection)
         connection.state = "idle"
         self._idle[connection] = None
 
     def forget(self, connection: _Connection) -> None:
+        self._leave(connection)
+        self._by_handler.pop(connection.handler, None)
+        connection.state = "closed"
+
+    def _leave(self, connection: _Connection) -> None:
+        """Out of whichever state it was in, its header deadline cancelled."""
         if connection.timer is not None:
             connection.timer.cancel()
             connection.timer = None
         self._waiting.pop(connection, None)
         self._idle.pop(connection, None)
         self._busy.discard(connection)
-        self._by_handler.pop(connection.handler, None)
-        connection.state = "closed"
 
     def _header_timeout(self, connection: _Connection) -> None:
         connection.timer = None
