@@ -14,10 +14,10 @@ second (issue 12). The guard:
   closes the connection waiting longest for its headers, else the longest idle kept-alive one, so that a probe's
   new connection is always served; a request in progress is never closed for it;
 * when accept() fails for lack of descriptors anyway (something else used them), closes a waiting or idle
-  connection per failure and logs one line a minute instead of asyncio's line per attempt.
+  connection per failure and accepts again at the loop's next turn; one log line a minute at most.
 
 It hooks aiohttp at public seams only: a delegating asyncio protocol around each RequestHandler, a middleware that
-marks requests in progress, and a BaseSite serving pre-bound sockets.
+marks requests in progress, and a BaseSite that accepts from a pre-bound socket itself.
 """
 
 from __future__ import annotations
@@ -48,6 +48,10 @@ FD_RESERVE = 128
 MIN_CONNECTIONS = 32
 # At most one summary line per this many seconds about closed connections or failed accepts.
 LOG_INTERVAL = 60.0
+# When accept() fails and no connection can be shed (all have a request in progress): asyncio's own retry delay.
+ACCEPT_RETRY_DELAY = 1.0
+# Connections accepted per turn of the loop before the other callbacks (asyncio's server takes its backlog, 100).
+ACCEPTS_PER_TURN = 128
 _OUT_OF_RESOURCE = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -109,12 +113,9 @@ class ConnectionGuard:
         self._idle: OrderedDict[_Connection, None] = OrderedDict()
         self._busy: set[_Connection] = set()
         self._by_handler: dict[RequestHandler, _Connection] = {}
-        self._listening: set[int] = set()
         self._closed: dict[str, int] = {}
         self._accept_failures = 0
         self._last_log = -float("inf")
-        self._previous_handler: Any = None
-        self._loop: asyncio.AbstractEventLoop | None = None
 
     # ------------------------------------------------------------------------------------------ state changes
     @property
@@ -224,58 +225,95 @@ class ConnectionGuard:
         finally:
             self.idle(connection)
 
-    def install(self, loop: asyncio.AbstractEventLoop, sockets: list[socket.socket]) -> None:
-        """Take over the loop's reports of failed accepts on `sockets` (restored by uninstall())."""
-        self._listening = {sock.fileno() for sock in sockets}
-        self._loop = loop
-        self._previous_handler = loop.get_exception_handler()
-        loop.set_exception_handler(self._loop_exception)
-
-    def uninstall(self) -> None:
-        if self._loop is not None and self._loop.get_exception_handler() == self._loop_exception:
-            self._loop.set_exception_handler(self._previous_handler)
-        self._loop = None
-
-    def _loop_exception(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
-        exc = context.get("exception")
-        sock = context.get("socket")
-        if (
-            isinstance(exc, OSError)
-            and exc.errno in _OUT_OF_RESOURCE
-            and sock is not None
-            and sock.fileno() in self._listening
-        ):
-            # asyncio's accept loop reports once per pending connection and retries a second later; freeing one
-            # descriptor per failure lets the retry accept the probes queued in the backlog.
-            self._accept_failures += 1
-            self.metrics.status_accept_failures.inc()
-            if not self._close_one("accept_failed"):
-                self._log_summary()
-            return
-        if self._previous_handler is not None:
-            self._previous_handler(loop, context)
-        else:
-            loop.default_exception_handler(context)
+    def out_of_descriptors(self) -> bool:
+        """accept() failed for lack of descriptors: close the connection waiting longest for its headers, else the
+        one idle longest (its descriptor is free once its transport closes, at the loop's next turn). False when
+        every connection has a request in progress."""
+        self._accept_failures += 1
+        self.metrics.status_accept_failures.inc()
+        if self._close_one("accept_failed"):
+            return True
+        self._log_summary()
+        return False
 
 
 class GuardedSite(web.BaseSite):
-    """Serves one pre-bound listening socket through the guard (aiohttp's SockSite, with our protocol factory)."""
+    """Serves one pre-bound listening socket: accepts connections itself and hands them to aiohttp through the guard.
+
+    Why not loop.create_server(): on EMFILE, asyncio's accept loop reports once per remaining backlog slot (to the
+    loop's exception handler, which logs each with a traceback), keeps trying, and only retries a second later;
+    here a failed accept sheds one idle connection and tries again at the loop's next turn, so a probe queued
+    behind a backlog of idle peers is accepted in milliseconds, and nothing is logged per attempt.
+    """
 
     def __init__(self, runner: web.BaseRunner, sock: socket.socket, guard: ConnectionGuard) -> None:
         super().__init__(runner, backlog=BACKLOG)
-        self._sock = sock
+        self.sock = sock
         self._guard = guard
+        self._factory: Callable[[], asyncio.Protocol] | None = None
+        self._handshakes: set[asyncio.Task[Any]] = set()
+        self._retry: asyncio.TimerHandle | None = None
 
     @property
     def name(self) -> str:
-        host, port = self._sock.getsockname()[:2]
+        host, port = self.sock.getsockname()[:2]
         return f"http://{host}:{port}" if ":" not in host else f"http://[{host}]:{port}"
 
     async def start(self) -> None:
         await super().start()
         server = self._runner.server
         assert server is not None
+        self._factory = self._guard.protocol_factory(server)
+        self.sock.setblocking(False)
+        self.sock.listen(self._backlog)
+        self._resume()
+
+    async def stop(self) -> None:
+        """Stop accepting, close the socket, drop connections still being set up; aiohttp's runner then closes the
+        established ones."""
+        if self._retry is not None:
+            self._retry.cancel()
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
-            self._guard.protocol_factory(server), sock=self._sock, backlog=self._backlog
-        )
+        loop.remove_reader(self.sock.fileno())
+        self.sock.close()
+        for task in list(self._handshakes):
+            task.cancel()
+        await asyncio.gather(*self._handshakes, return_exceptions=True)
+        await super().stop()
+
+    def _resume(self) -> None:
+        self._retry = None
+        if self.sock.fileno() < 0:
+            return
+        asyncio.get_running_loop().add_reader(self.sock.fileno(), self._accept)
+
+    def _pause(self, delay: float) -> None:
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(self.sock.fileno())
+        # call_later(0) runs after the shed connection's transport has released its descriptor (scheduled earlier).
+        self._retry = loop.call_later(delay, self._resume)
+
+    def _accept(self) -> None:
+        loop = asyncio.get_running_loop()
+        assert self._factory is not None
+        for _ in range(ACCEPTS_PER_TURN):
+            try:
+                conn, _ = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except ConnectionAbortedError:
+                continue
+            except OSError as exc:
+                if exc.errno not in _OUT_OF_RESOURCE:
+                    log.warning("status server: accept() failed: %s", exc)
+                self._pause(0.0 if self._guard.out_of_descriptors() else ACCEPT_RETRY_DELAY)
+                return
+            conn.setblocking(False)
+            task = loop.create_task(loop.connect_accepted_socket(self._factory, conn))
+            self._handshakes.add(task)
+            task.add_done_callback(self._handshake_done)
+
+    def _handshake_done(self, task: asyncio.Task[Any]) -> None:
+        self._handshakes.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.debug("status server: a connection failed while being set up: %s", exc)

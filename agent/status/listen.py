@@ -9,8 +9,10 @@ import socket
 
 from agent.errors import AgentError, ExitCode
 
-# The kernel caps it at net.core.somaxconn (4096 on current kernels); probes queue here while the agent starts.
-BACKLOG = 128
+# Go's net.Listen (Istio's status port) asks for net.core.somaxconn; the kernel caps any larger value to it. A deep
+# queue lets a probe wait out a burst of other connections (or the agent's start) instead of having its SYN
+# dropped and retried a second later.
+BACKLOG = 65535
 
 
 def bind_status_sockets(host: str, port: int) -> list[socket.socket]:

@@ -7,7 +7,6 @@ Envoy (kubelet may probe at once) and stopped after it.
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 import logging
 import socket
@@ -17,7 +16,7 @@ from collections.abc import Sequence
 import aiohttp
 from aiohttp import web
 
-from agent.errors import AgentError, ExitCode
+from agent.errors import AgentError
 from agent.fdlimit import open_files_limit
 from agent.lifecycle import Lifecycle
 from agent.metrics import AgentMetrics
@@ -121,29 +120,19 @@ class StatusServer:
             await self._session.close()
             self._session = None
             raise
-        self.guard.install(asyncio.get_running_loop(), sockets)
         for sock in sockets:
             await GuardedSite(runner, sock, self.guard).start()
         self._runner = runner
-        self.port = self._bound_port(runner)
+        # IPv4 first (bind_status_sockets' order): with port 0 on all interfaces, each family gets its own port.
+        self.port = int(sockets[0].getsockname()[1])
         self.prober.status_port = self.port
         log.info("status server listening on port %d", self.port)
-
-    @staticmethod
-    def _bound_port(runner: web.AppRunner) -> int:
-        """The port really bound (status_port 0 lets the kernel choose: tests). IPv4 first: with port 0 on all
-        interfaces, the IPv4 and IPv6 sockets get different ports."""
-        addresses = [a for a in runner.addresses if isinstance(a, tuple) and len(a) >= 2]
-        for address in sorted(addresses, key=len):  # IPv4 (host, port) before IPv6 (host, port, flow, scope)
-            return int(address[1])
-        raise AgentError("status server: no listening socket", ExitCode.STARTUP_FAILED)
 
     async def stop(self) -> None:
         """Stop listening, give open requests SHUTDOWN_GRACE, then close upstream connections. Idempotent."""
         if self._runner is not None:
             runner, self._runner = self._runner, None
             await runner.cleanup()
-            self.guard.uninstall()
         if self._session is not None:
             session, self._session = self._session, None
             await session.close()

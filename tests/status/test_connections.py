@@ -136,7 +136,7 @@ def test_out_of_descriptors_the_agent_sheds_idle_connections_and_logs_one_line()
         idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(60)]
         started = time.monotonic()
         status, body = http_get(f"http://127.0.0.1:{port}/stats/prometheus", timeout=5)
-        assert status == 200 and time.monotonic() - started < 5
+        assert status == 200 and time.monotonic() - started < 2, time.monotonic() - started
         failures = re.search(rb"^istio_agent_status_accept_failures_total (\S+)$", body, re.MULTILINE)
         assert failures is not None and float(failures.group(1)) > 0
         for conn in idle:
