@@ -51,8 +51,13 @@ def _forbidden() -> web.Response:
     return web.Response(status=403, text="Only requests from localhost are allowed")
 
 
-def _method_not_allowed() -> web.Response:
-    return web.Response(status=405, text="Method Not Allowed")
+def _refused_unless_local_post(request: web.Request) -> web.Response | None:
+    """The guard of /quitquitquit and /drain: a non-loopback peer gets 403, another method than POST 405."""
+    if not is_loopback(request.remote):
+        return _forbidden()
+    if request.method != "POST":
+        return web.Response(status=405, text="Method Not Allowed")
+    return None
 
 
 class StatusServer:
@@ -145,19 +150,15 @@ class StatusServer:
         return web.Response(status=503, text=reason + "\n")
 
     async def _quit(self, request: web.Request) -> web.Response:
-        if not is_loopback(request.remote):
-            return _forbidden()
-        if request.method != "POST":
-            return _method_not_allowed()
+        if (refused := _refused_unless_local_post(request)) is not None:
+            return refused
         self.lifecycle.request_shutdown("/quitquitquit called", skip_drain=True)
         return web.Response(text="OK")
 
     async def _drain(self, request: web.Request) -> web.Response:
         """Native-sidecar preStop: drain now, keep Envoy running, and make the later SIGTERM exit without waiting."""
-        if not is_loopback(request.remote):
-            return _forbidden()
-        if request.method != "POST":
-            return _method_not_allowed()
+        if (refused := _refused_unless_local_post(request)) is not None:
+            return refused
         started = time.monotonic()
         try:
             await self.admin.drain_listeners(
