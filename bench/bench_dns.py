@@ -1,12 +1,12 @@
-"""The DNS proxy's latency and throughput, against a real resolver measured in the same run.
+"""The DNS proxy's latency and throughput, beside Istio's and against a real resolver, all in the same run.
 
-    .venv/bin/python -m bench.bench_dns [--seconds 5] [--json out.json]      # as root; needs dnsperf, dnsmasq
+    .venv/bin/python -m bench.bench_dns [--seconds 5] [--json out.json]      # as root; needs dnsperf, dnsmasq, go
 
-A pod network namespace whose resolv.conf names dnsmasq (Debian `dnsmasq-base`) in the client namespace on :53;
-the proxy (agent.dns, via tests/dns/run_proxy.py) runs in the pod on 127.0.0.1:15053, pinned to CPU 1, with
-Istio's test name table; dnsperf (Debian `dnsperf`) and dnsmasq share CPU 0. For each of: a table hit through the
-proxy, a forwarded query through the proxy (dnsmasq answers it), the same query straight to dnsmasq (the
-baseline):
+A pod network namespace whose resolv.conf names dnsmasq (Debian `dnsmasq-base`) in the client namespace on :53.
+In the pod, with Istio's test name table, each pinned to CPU 1 in turn (only one runs at a time): the Python proxy
+(agent.dns, via tests/dns/run_proxy.py) and Istio's (its pkg/dns/client, tests/dns/istio_dns; Go sees one CPU).
+dnsperf (Debian `dnsperf`) and dnsmasq share CPU 0. For each proxy: a table hit, a forwarded query (dnsmasq answers
+it); and the same query straight to dnsmasq (the baseline):
 - latency: one query outstanding (dnsperf -q 1), average and minimum;
 - throughput: 100 queries outstanding (dnsperf -q 100), queries per second (the proxy on one core).
 """
@@ -21,7 +21,8 @@ import sys
 import time
 from pathlib import Path
 
-from tests.dns.istio_cases import TABLE
+from tests.dns.istio_cases import DOMAIN, NAMESPACE, SEARCH, TABLE
+from tests.dns.istio_dns import build_istio_dns
 from tests.dns.run_proxy import table_json
 from tests.support.netns import PodNetwork, Process, pod_network
 
@@ -52,6 +53,36 @@ def dnsperf(pod: PodNetwork, target: tuple[str, int, str], *, seconds: float, ou
     return {"qps": qps, "avg_us": float(lat.group(1)) * 1e6, "min_us": float(lat.group(2)) * 1e6, "lost": lost}
 
 
+def run_proxy(pod: PodNetwork, which: str, table: Path) -> Process:
+    """One proxy on 127.0.0.1:PROXY_PORT in the pod, pinned to CPU 1."""
+    if which == "python":
+        argv = [sys.executable, "-m", "tests.dns.run_proxy", str(table), f"127.0.0.1:{PROXY_PORT}"]
+    else:
+        argv = [str(build_istio_dns()), f"127.0.0.1:{PROXY_PORT}", NAMESPACE, DOMAIN, str(table), "5s", "false"]
+    proxy = pod.popen(["taskset", "-c", "1", *argv], log_name=f"{which}-proxy.log")
+    _wait_ready(proxy)
+    return proxy
+
+
+def measure(pod: PodNetwork, table: Path, seconds: float) -> dict[str, dict[str, float]]:
+    results: dict[str, dict[str, float]] = {}
+    for which in ("python", "istio"):
+        proxy = run_proxy(pod, which, table)
+        try:
+            for mode, outstanding in (("latency", 1), ("throughput", 100)):
+                for query_name, query in (("hit", HIT), ("forwarded", FORWARDED)):
+                    target = ("127.0.0.1", PROXY_PORT, query)
+                    results[f"{mode}: {query_name} via {which}"] = dnsperf(
+                        pod, target, seconds=seconds, outstanding=outstanding
+                    )
+        finally:
+            proxy.stop()
+    for mode, outstanding in (("latency", 1), ("throughput", 100)):
+        target = (pod.client_ip, 53, FORWARDED)
+        results[f"{mode}: direct to resolver"] = dnsperf(pod, target, seconds=seconds, outstanding=outstanding)
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=float, default=5.0)
@@ -60,9 +91,9 @@ def main() -> None:
     for tool in ("dnsperf", "dnsmasq", "taskset"):
         if shutil.which(tool) is None:
             raise SystemExit(f"{tool} is needed (apt-get install dnsperf dnsmasq-base util-linux)")
-    results: dict[str, dict[str, float]] = {}
+    build_istio_dns()
     with pod_network("dnsb") as pod:
-        pod.set_resolv_conf(f"nameserver {pod.client_ip}\nsearch ns1.svc.cluster.local svc.cluster.local\n")
+        pod.set_resolv_conf(f"nameserver {pod.client_ip}\nsearch {' '.join(SEARCH)}\n")
         dnsmasq = pod.popen(
             ["taskset", "-c", "0", "dnsmasq", "--no-daemon", "--no-resolv", "--no-hosts", "--conf-file=/dev/null",
              f"--listen-address={pod.client_ip}", "--bind-interfaces", "--port=53", "--user=root", "--pid-file=",
@@ -72,35 +103,23 @@ def main() -> None:
         _wait_ready(dnsmasq)
         table = pod.workdir / "table.json"
         table.write_text(table_json(TABLE))
-        proxy = pod.popen(
-            ["taskset", "-c", "1", sys.executable, "-m", "tests.dns.run_proxy", str(table), f"127.0.0.1:{PROXY_PORT}"],
-            log_name="proxy.log",
-        )
-        _wait_ready(proxy)
         try:
-            for mode, outstanding in (("latency", 1), ("throughput", 100)):
-                runs = {
-                    "hit via proxy": ("127.0.0.1", PROXY_PORT, HIT),
-                    "forwarded via proxy": ("127.0.0.1", PROXY_PORT, FORWARDED),
-                    "direct to resolver": (pod.client_ip, 53, FORWARDED),
-                }
-                for name, target in runs.items():
-                    results[f"{mode}: {name}"] = dnsperf(pod, target, seconds=args.seconds, outstanding=outstanding)
+            results = measure(pod, table, args.seconds)
         finally:
-            proxy.stop()
             dnsmasq.stop()
     for name, values in results.items():
-        print(f"{name:40s} qps {values['qps']:9.0f}  avg {values['avg_us']:7.0f} us  min {values['min_us']:6.0f} us"
+        print(f"{name:36s} qps {values['qps']:9.0f}  avg {values['avg_us']:7.0f} us  min {values['min_us']:6.0f} us"
               f"  lost {values['lost']:.0f}")  # fmt: skip
-    lat_hit = results["latency: hit via proxy"]["avg_us"]
-    lat_fwd = results["latency: forwarded via proxy"]["avg_us"]
-    lat_direct = results["latency: direct to resolver"]["avg_us"]
-    print(f"latency ratios vs direct: hit {lat_hit / lat_direct:.2f}x, forwarded {lat_fwd / lat_direct:.2f}x")
-    qps_direct = results["throughput: direct to resolver"]["qps"]
-    print(
-        f"throughput ratios vs direct: hit {results['throughput: hit via proxy']['qps'] / qps_direct:.2f}x, "
-        f"forwarded {results['throughput: forwarded via proxy']['qps'] / qps_direct:.2f}x"
-    )
+    direct = results["latency: direct to resolver"]["avg_us"]
+    for query_name in ("hit", "forwarded"):
+        python = results[f"latency: {query_name} via python"]["avg_us"]
+        istio = results[f"latency: {query_name} via istio"]["avg_us"]
+        print(f"latency {query_name}: python {python / istio:.2f}x istio's; vs direct: python {python / direct:.2f}x, "
+              f"istio {istio / direct:.2f}x")  # fmt: skip
+    for query_name in ("hit", "forwarded"):
+        python = results[f"throughput: {query_name} via python"]["qps"]
+        istio = results[f"throughput: {query_name} via istio"]["qps"]
+        print(f"throughput {query_name}: python {python / istio:.2f}x istio's")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 

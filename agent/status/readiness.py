@@ -15,6 +15,7 @@ import asyncio
 import logging
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -47,8 +48,9 @@ class NotReady(Exception):
 
 
 class Probe(Protocol):
-    # True once the fact held: it is remembered (until forget()), so no further admin request is needed.
-    passed: bool
+    @property
+    def passed(self) -> bool:
+        """True once the fact held: it is remembered (until forget()), so no further check is needed."""
 
     async def check(self) -> None:
         """Return when this fact holds; raise NotReady(reason) otherwise."""
@@ -137,8 +139,11 @@ class Readiness:
         self._inflight: asyncio.Future[str | None] | None = None
 
     @classmethod
-    def for_envoy(cls, lifecycle: Lifecycle, metrics: AgentMetrics, admin: AdminClient) -> Readiness:
-        return cls(lifecycle, metrics, [EnvoyConfigProbe(admin), EnvoyLiveProbe(admin)])
+    def for_envoy(
+        cls, lifecycle: Lifecycle, metrics: AgentMetrics, admin: AdminClient, extra: Sequence[Probe] = ()
+    ) -> Readiness:
+        """Envoy's probes, then the agent's own (`extra`: the DNS proxy's name table), as Istio orders them."""
+        return cls(lifecycle, metrics, [EnvoyConfigProbe(admin), EnvoyLiveProbe(admin), *extra])
 
     async def check(self) -> str | None:
         """None when ready, else the reason. Concurrent callers share one evaluation."""

@@ -11,7 +11,7 @@ import ipaddress
 import logging
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 import aiohttp
 from aiohttp import web
@@ -25,7 +25,7 @@ from agent.status.app_probes import AppProber
 from agent.status.connections import ConnectionGuard, ConnectionLimits, GuardedSite
 from agent.status.listen import bind_status_sockets
 from agent.status.metrics_merge import MetricsMerger
-from agent.status.readiness import Readiness
+from agent.status.readiness import Probe, Readiness
 from agent.status.settings import StatusSettings
 
 log = logging.getLogger("agent.status")
@@ -71,12 +71,17 @@ class StatusServer:
         started_at: float | None = None,
         sockets: Sequence[socket.socket] = (),
         limits: ConnectionLimits | None = None,
+        extra_probes: Sequence[Probe] = (),
+        debug_views: Mapping[str, Callable[[], str | None]] | None = None,
     ) -> None:
+        """`extra_probes` run after Envoy's in readiness; `debug_views` are loopback-only JSON endpoints ({path:
+        body or None for 404 `{}`}), e.g. the DNS proxy's /debug/ndsz."""
         self.settings = settings
         self.lifecycle = lifecycle
         self.metrics = metrics
         self.admin = admin
-        self.readiness = Readiness.for_envoy(lifecycle, metrics, admin)
+        self.readiness = Readiness.for_envoy(lifecycle, metrics, admin, extra_probes)
+        self.debug_views = dict(debug_views or {})
         if started_at is not None:
             self.readiness.started_at = started_at
         self.prober = AppProber(settings)
@@ -103,7 +108,21 @@ class StatusServer:
         app.router.add_route("*", "/drain", self._drain)
         app.router.add_route("*", "/app-health/{tail:.*}", self.prober.handle)
         app.router.add_route("*", "/app-lifecycle/{tail:.*}", self.prober.handle)
+        for path, view in self.debug_views.items():
+            app.router.add_route("*", path, self._debug_view(view))
         return app
+
+    @staticmethod
+    def _debug_view(view: Callable[[], str | None]) -> Callable[[web.Request], Awaitable[web.Response]]:
+        async def handle(request: web.Request) -> web.Response:
+            if not is_loopback(request.remote):
+                return _forbidden()
+            body = view()
+            if body is None:
+                return web.Response(status=404, text="{}", content_type="application/json")
+            return web.Response(text=body, content_type="application/json")
+
+        return handle
 
     async def start(self) -> None:
         """Listen on the status port. Raises AgentError(STARTUP_FAILED) when the port cannot be bound."""

@@ -29,9 +29,20 @@ def _go() -> str | None:
     return shutil.which("go") or next((p for p in ("/usr/local/go/bin/go",) if Path(p).exists()), None)
 
 
+class IstioDnsUnavailable(Exception):
+    """Go is missing or the build failed; the message says which."""
+
+
 def istio_dns_binary() -> Path:
-    """The built program; skips the test (a failure in CI for root/netns tests) when Go is missing or the build
-    fails, with the reason."""
+    """The built program; skips the test (a failure in CI for root/netns tests) when it cannot be built."""
+    try:
+        return build_istio_dns()
+    except IstioDnsUnavailable as exc:
+        pytest.skip(str(exc))
+
+
+def build_istio_dns() -> Path:
+    """The built program (built now if needed); IstioDnsUnavailable when Go is missing or the build fails."""
     digest = hashlib.sha256()
     for name in ("main.go", "go.mod", "go.sum"):
         digest.update((SOURCE / name).read_bytes())
@@ -42,7 +53,7 @@ def istio_dns_binary() -> Path:
         return target
     go = _go()
     if go is None:
-        pytest.skip("no Go toolchain (go on PATH or /usr/local/go/bin/go) to build Istio's DNS proxy")
+        raise IstioDnsUnavailable("no Go toolchain (go on PATH or /usr/local/go/bin/go) to build Istio's DNS proxy")
     bin_dir.mkdir(parents=True, exist_ok=True)
     with (bin_dir / ".istio-dns.lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -55,6 +66,6 @@ def istio_dns_binary() -> Path:
             timeout=BUILD_TIMEOUT_S, check=False,
         )  # fmt: skip
         if done.returncode != 0:
-            pytest.skip(f"building Istio's DNS proxy failed: {done.stderr.strip().splitlines()[-1:]}")
+            raise IstioDnsUnavailable(f"building Istio's DNS proxy failed: {done.stderr.strip().splitlines()[-1:]}")
         partial.rename(target)
     return target
