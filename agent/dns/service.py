@@ -3,19 +3,25 @@ it (the readiness probe that waits for the first name table, and /debug/ndsz).""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 from google.protobuf import json_format
+from google.protobuf.message import DecodeError
 
 from agent.dns.metrics import DnsMetrics
 from agent.dns.proxy import DnsProxy
 from agent.dns.resolvconf import DNS_PORT, read_resolv_conf
 from agent.dns.server import DnsServer
 from agent.dns.settings import DnsSettings, listen_addresses
-from agent.dns.table import TableSettings, debug_table
+from agent.dns.table import TableSettings, debug_table, load_name_table
 from agent.dns.upstream import Upstream, UpstreamSettings
 
 NOT_READY = "istio DNS capture is turned ON and DNS lookup table is not ready yet"
+# The xDS type of istiod's name table: the xDS proxy subscribes to it on Envoy's first LDS request and hands its
+# responses to `name_table_handler` instead of Envoy.
+NDS_TYPE_URL = "type.googleapis.com/istio.networking.nds.v1.NameTable"
 
 
 @dataclass
@@ -43,6 +49,22 @@ def build_dns_service(settings: DnsSettings, metrics: DnsMetrics) -> DnsService:
         max_tcp_connections=settings.max_tcp_connections,
     )
     return DnsService(proxy, server)
+
+
+def name_table_handler(proxy: DnsProxy) -> Callable[[Any], Awaitable[None]]:
+    """The xDS proxy's handler for NDS responses: the resource (a google.protobuf.Any) becomes the served table
+    once built; a resource that is not a NameTable raises, which the xDS proxy NACKs with the message."""
+
+    async def handle(resource: Any) -> None:
+        if resource.type_url != NDS_TYPE_URL:
+            raise ValueError(f"expected a {NDS_TYPE_URL}, got {resource.type_url or 'no type'}")
+        try:
+            table = load_name_table(resource.value)
+        except DecodeError as exc:
+            raise ValueError(f"name table does not parse: {exc}") from None
+        await proxy.update(table)
+
+    return handle
 
 
 class NameTableProbe:

@@ -6,10 +6,18 @@ import json
 from pathlib import Path
 
 import pytest
+from google.protobuf import any_pb2
 from prometheus_client import CollectorRegistry
 
 from agent.dns.metrics import DnsMetrics
-from agent.dns.service import NOT_READY, NameTableProbe, build_dns_service, ndsz_json
+from agent.dns.service import (
+    NDS_TYPE_URL,
+    NOT_READY,
+    NameTableProbe,
+    build_dns_service,
+    name_table_handler,
+    ndsz_json,
+)
 from agent.dns.settings import DnsSettings
 from agent.dns.table import name_table_from
 from agent.errors import ConfigError
@@ -61,3 +69,18 @@ def test_ndsz_shows_the_table_with_alternate_names(tmp_path: Path) -> None:
     }  # fmt: skip
     assert body["table"]["productpage."] == {"ips": ["9.9.9.9"], "registry": "Kubernetes"}
     assert body["table"]["svc-with-alt.ns1.svc.cluster.local"]["altHosts"] == ["svc-with-alt.ns1.svc.clusterset.local"]
+
+
+async def test_nds_handler_serves_the_table_and_rejects_what_is_not_one(tmp_path: Path) -> None:
+    service = build_dns_service(settings_with(tmp_path, "nameserver 10.96.0.10\n"), DnsMetrics(CollectorRegistry()))
+    handle = name_table_handler(service.proxy)
+    resource = any_pb2.Any()
+    resource.Pack(name_table_from(TABLE))
+    assert resource.type_url == NDS_TYPE_URL
+    await handle(resource)
+    assert service.proxy.ready and "www.google.com." in service.proxy._lookup  # type: ignore[operator]
+    with pytest.raises(ValueError, match="does not parse"):
+        await handle(any_pb2.Any(type_url=NDS_TYPE_URL, value=b"\xff\xff\xff"))
+    with pytest.raises(ValueError, match=r"expected a .*NameTable, got .*Listener"):
+        await handle(any_pb2.Any(type_url="type.googleapis.com/envoy.config.listener.v3.Listener", value=b""))
+    assert service.proxy.tables_received == 1  # a rejected table leaves the served one alone
