@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     # `pilot-agent proxy` imports content_hash before it execs Envoy; watchdog loads when the watcher starts.
     from watchdog.events import FileSystemEvent, FileSystemEventHandler
+    from watchdog.observers.api import BaseObserver
 
     from agent.metrics import AgentMetrics
 
@@ -82,6 +83,34 @@ class Watcher:
         self.debounce = debounce
         self.hashes: dict[Path, str | None] = {p: content_hash(p) for p in self.files}
         self.ready = asyncio.Event()
+        # While run() is watching: the observer, its handler and the directories scheduled on it (for add()).
+        self._observer: BaseObserver | None = None
+        self._handler: FileSystemEventHandler | None = None
+        self._scheduled: set[Path] = set()
+
+    def add(self, files: Mapping[Path, str]) -> None:
+        """Watch more files from now on; their contents now are the baseline. Files already watched are ignored.
+        (The SDS secret cache adds the files Envoy asks for by name while the agent runs.)"""
+        for raw, kind in files.items():
+            path = Path(raw).absolute()
+            if path not in self.files:
+                self.files[path] = kind
+                self.hashes[path] = content_hash(path)
+        if self._observer is not None and self._handler is not None:
+            try:
+                self._schedule(self._observer, self._handler)
+            except OSError as exc:
+                log.warning(
+                    "cannot watch more directories (%s): changes to %s are not seen", exc, ", ".join(map(str, files))
+                )
+
+    def _schedule(self, observer: BaseObserver, handler: FileSystemEventHandler) -> None:
+        for directory in sorted(self.directories() - self._scheduled):
+            if directory.is_dir():
+                observer.schedule(handler, str(directory), recursive=False)
+                self._scheduled.add(directory)
+            else:
+                log.warning("not watching %s: directory does not exist", directory)
 
     def directories(self) -> set[Path]:
         """Each file's directory, and the directory above any symlinked ancestor: in a Kubernetes volume an item
@@ -102,19 +131,17 @@ class Watcher:
         observer = Observer()
         handler = _handler(loop, queue)
         try:
-            for directory in sorted(self.directories()):
-                if directory.is_dir():
-                    observer.schedule(handler, str(directory), recursive=False)
-                else:
-                    log.warning("not watching %s: directory does not exist", directory)
+            self._schedule(observer, handler)
             observer.start()
         except OSError as exc:
             # inotify instance or watch limits (per uid: every istio-proxy on a node runs as 1337) must not take a
             # healthy Envoy down: look at the files periodically instead.
             observer.unschedule_all()
+            self._scheduled.clear()
             log.warning("file events unavailable (%s): checking watched files every %.0fs", exc, POLL_INTERVAL)
             await self._poll()
             return
+        self._observer, self._handler = observer, handler
         try:
             # Hash again now that events are flowing, so nothing changed between __init__ and here is missed.
             self.check()
@@ -130,6 +157,7 @@ class Watcher:
                         break
                 self.check()
         finally:
+            self._observer, self._handler = None, None
             observer.stop()
             with contextlib.suppress(RuntimeError):
                 await asyncio.to_thread(observer.join, 5.0)
