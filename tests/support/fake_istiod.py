@@ -14,6 +14,11 @@ What it does:
 - `hold=True` (or `hold()` later) withholds responses until `release()`: Envoy connected, istiod not answering;
 - records the node Envoy sent (id, cluster, metadata: what istiod would see), and every ACK and NACK per type;
 - `set_resources()` replaces a type's resources and pushes them to every open stream (an istiod config push).
+- behind the agent's xDS proxy it listens on TCP (`listen="127.0.0.1:0"`), with TLS (`tls=(chain, key, client
+  root)`: istiod's serving certificate; `require_client_cert=True` for mTLS), authenticates callers as
+  Istio's FakeAuthenticator does (`tokens={bearer token: identity}`, or a client certificate's spiffe SAN;
+  `require_auth=True` refuses unauthenticated ADS streams with UNAUTHENTICATED) and, with `ca=MeshCa(...)`, serves
+  `istio.v1.auth.IstioCertificateService/CreateCertificate`: identities from authentication, never the CSR.
 
 It is not istiod: no ordering of CDS before LDS, no EDS/RDS semantics beyond answering by name, no debouncing.
 """
@@ -40,6 +45,9 @@ from envoy.extensions.filters.http.router.v3 import router_pb2  # noqa: F401
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2  # noqa: F401
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from google.protobuf import any_pb2, json_format
+
+from agent.protos.istio_ca import CREATE_CERTIFICATE, IstioCertificateRequest, IstioCertificateResponse
+from tests.support.mesh_pki import MeshCa
 
 LISTENER = "type.googleapis.com/envoy.config.listener.v3.Listener"
 CLUSTER = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
@@ -106,12 +114,37 @@ class _Stream:
 
 
 class FakeIstiod:
-    """Use as a context manager: `with FakeIstiod(config_path / "XDS") as istiod: ...`."""
+    """Use as a context manager: `with FakeIstiod(config_path / "XDS") as istiod: ...` (a unix socket), or
+    `FakeIstiod("127.0.0.1:0", tls=..., ca=...)` (TCP; `istiod.address` is where it listens)."""
 
-    def __init__(self, socket_path: Path, resources: Mapping[str, Sequence[Any]] | None = None, *, hold: bool = False):
-        # sun_path is 108 bytes; a longer path would fail inside grpc with a less obvious message.
-        assert len(str(socket_path)) < 100, f"unix socket path too long: {socket_path}"
-        self.socket_path = socket_path
+    def __init__(
+        self,
+        listen: Path | str,
+        resources: Mapping[str, Sequence[Any]] | None = None,
+        *,
+        hold: bool = False,
+        tls: tuple[bytes, bytes, bytes] | None = None,
+        ca: MeshCa | None = None,
+        tokens: Mapping[str, str] | None = None,
+        require_auth: bool = False,
+        require_client_cert: bool = False,
+    ):
+        if isinstance(listen, Path):
+            # sun_path is 108 bytes; a longer path would fail inside grpc with a less obvious message.
+            assert len(str(listen)) < 100, f"unix socket path too long: {listen}"
+        self.listen = listen
+        self.address = ""  # host:port once listening on TCP
+        self.tls = tls
+        self.ca = ca
+        self.tokens = dict(tokens or {})
+        self.require_auth = require_auth
+        # Python's gRPC either requires client certificates or never asks for them (istiod asks and verifies
+        # any given): a test of client-certificate authentication asks for them to be required.
+        self.require_client_cert = require_client_cert
+        self.ca_failure: grpc.StatusCode | None = None  # set: every CSR fails with this code (a CA outage)
+        self.csr_ttls: list[int] = []  # validity asked for, per CSR signed
+        self.auth_failures = 0
+        self.metadata: list[dict[str, str]] = []  # the headers of every ADS stream and CSR
         self._lock = threading.Lock()
         self._nonces = itertools.count(1)
         self._versions: dict[str, int] = {}  # per type URL; a type never set is served empty at version 0
@@ -128,14 +161,35 @@ class FakeIstiod:
     # -- lifecycle -------------------------------------------------------------------------------------------
 
     def __enter__(self) -> FakeIstiod:
-        self.socket_path.parent.mkdir(parents=True, exist_ok=True)
-        self.socket_path.unlink(missing_ok=True)
         # A stream takes one pool thread (its sender) and a reader thread of its own; Envoy opens one ADS stream
         # at a time (a restarted Envoy a new one, after the old one ended).
         self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
         ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(self, self._server)
-        bound = self._server.add_insecure_port(f"unix:{self.socket_path}")
-        assert bound, f"could not listen on unix:{self.socket_path}"
+        if self.ca is not None:
+            handler = grpc.unary_unary_rpc_method_handler(
+                self._create_certificate,
+                request_deserializer=IstioCertificateRequest.FromString,
+                response_serializer=IstioCertificateResponse.SerializeToString,
+            )
+            service, method = CREATE_CERTIFICATE.strip("/").split("/")
+            self._server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(service, {method: handler})])
+        if isinstance(self.listen, Path):
+            self.listen.parent.mkdir(parents=True, exist_ok=True)
+            self.listen.unlink(missing_ok=True)
+            target = f"unix:{self.listen}"
+        else:
+            target = self.listen
+        if self.tls is not None:
+            chain, key, client_root = self.tls
+            credentials = grpc.ssl_server_credentials(
+                [(key, chain)], root_certificates=client_root, require_client_auth=self.require_client_cert
+            )
+            bound = self._server.add_secure_port(target, credentials)
+        else:
+            bound = self._server.add_insecure_port(target)
+        assert bound, f"could not listen on {target}"
+        if not isinstance(self.listen, Path):
+            self.address = f"{self.listen.rsplit(':', 1)[0]}:{bound}"
         self._server.start()
         return self
 
@@ -145,7 +199,8 @@ class FakeIstiod:
         for stream in streams:
             stream.outbox.put(_END)
         self._server.stop(grace=None).wait(5)
-        self.socket_path.unlink(missing_ok=True)
+        if isinstance(self.listen, Path):
+            self.listen.unlink(missing_ok=True)
 
     # -- what tests drive ------------------------------------------------------------------------------------
 
@@ -211,7 +266,39 @@ class FakeIstiod:
     def DeltaAggregatedResources(self, request_iterator: Iterator[Any], context: Any) -> Iterator[Any]:
         return self._serve("delta", request_iterator, context)
 
+    def _authenticate(self, context: Any) -> list[str]:
+        """The caller's identities (Istio's FakeAuthenticator): a known bearer token, or the spiffe SANs of a
+        verified client certificate; [] when neither."""
+        metadata = {k: v for k, v in context.invocation_metadata() if isinstance(v, str)}
+        with self._lock:
+            self.metadata.append(metadata)
+        token = metadata.get("authorization", "").removeprefix("Bearer ")
+        if token in self.tokens:
+            return [self.tokens[token]]
+        sans = context.auth_context().get("x509_subject_alternative_name", [])
+        identities = [san.decode() for san in sans if san.startswith(b"spiffe://")]
+        if not identities:
+            with self._lock:
+                self.auth_failures += 1
+        return identities
+
+    def _create_certificate(self, request: Any, context: Any) -> Any:
+        assert self.ca is not None
+        identities = self._authenticate(context)
+        if not identities:
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "request authenticate failure")
+        if self.ca_failure is not None:
+            context.abort(self.ca_failure, "CA is down (test)")
+        with self._lock:
+            self.csr_ttls.append(request.validity_duration)
+        chain = self.ca.issue(request.csr.encode(), identities, request.validity_duration)
+        return IstioCertificateResponse(cert_chain=chain)
+
     def _serve(self, protocol: str, requests: Iterator[Any], context: Any) -> Iterator[Any]:
+        if self.require_auth and not self._authenticate(context):
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "authentication failure")
+        elif not self.require_auth and self.tls is not None:
+            self._authenticate(context)  # only to record the headers
         stream = _Stream(protocol)
         with self._lock:
             self._streams.append(stream)

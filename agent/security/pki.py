@@ -1,0 +1,141 @@
+"""Keys, CSRs and certificates (Istio's security/pkg/pki/util), with `cryptography`.
+
+Pure functions over PEM bytes. Key generation is CPU work (an RSA 2048 key takes tens of milliseconds): callers on
+the event loop run `generate_csr` in a thread.
+"""
+
+from __future__ import annotations
+
+import datetime
+import re
+from dataclasses import dataclass
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import NameOID
+
+# Istio's MinimumRsaKeySize.
+MINIMUM_RSA_KEY_SIZE = 2048
+CURVES = {"P256": ec.SECP256R1, "P384": ec.SECP384R1}
+
+_PEM_BLOCK = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----\r?\n.*?-----END \1-----\r?\n?", re.DOTALL)
+
+
+class PkiError(Exception):
+    """A key, CSR or certificate could not be made or read; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class KeyOptions:
+    """WORKLOAD_RSA_KEY_SIZE, ECC_SIGNATURE_ALGORITHM (only "ECDSA"), ECC_CURVE (P256, P384), PKCS8_KEY."""
+
+    rsa_key_size: int = 2048
+    ecc_signature_algorithm: str = ""
+    ecc_curve: str = "P256"
+    pkcs8: bool = False
+
+
+def spiffe_id(trust_domain: str, namespace: str, service_account: str) -> str:
+    return f"spiffe://{trust_domain}/ns/{namespace}/sa/{service_account}"
+
+
+def generate_csr(identity: str, options: KeyOptions) -> tuple[bytes, bytes]:
+    """A new private key and a CSR for it, as Istio's GenCSR makes them: subject `O=` (one empty organization), a
+    critical subjectAltName holding the URI `identity`. Returns (csr PEM, key PEM): PKCS#1 `RSA PRIVATE KEY` / SEC1
+    `EC PRIVATE KEY`, or PKCS#8 with `options.pkcs8`."""
+    key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
+    if options.ecc_signature_algorithm:
+        if options.ecc_signature_algorithm != "ECDSA":
+            raise PkiError(f"unsupported EC signature algorithm {options.ecc_signature_algorithm!r} (only ECDSA)")
+        key = ec.generate_private_key(CURVES.get(options.ecc_curve, ec.SECP256R1)())
+    else:
+        if options.rsa_key_size < MINIMUM_RSA_KEY_SIZE:
+            raise PkiError(
+                f"requested key size does not meet the minimum required size of {MINIMUM_RSA_KEY_SIZE} "
+                f"(requested: {options.rsa_key_size})"
+            )
+        key = rsa.generate_private_key(public_exponent=65537, key_size=options.rsa_key_size)
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "")]))
+        .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(identity)]), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    key_format = serialization.PrivateFormat.PKCS8 if options.pkcs8 else serialization.PrivateFormat.TraditionalOpenSSL
+    key_pem = key.private_bytes(serialization.Encoding.PEM, key_format, serialization.NoEncryption())
+    return csr.public_bytes(serialization.Encoding.PEM), key_pem
+
+
+def pem_blocks(data: bytes, kind: str = "CERTIFICATE") -> list[bytes]:
+    """The PEM blocks of one kind in `data`, each ending in a newline."""
+    blocks = []
+    for match in _PEM_BLOCK.finditer(data):
+        if match.group(1).decode() == kind:
+            block = match.group(0)
+            blocks.append(block if block.endswith(b"\n") else block + b"\n")
+    return blocks
+
+
+def concat_certs(pems: list[str]) -> bytes:
+    """Istio's concatCerts: the PEMs joined, each one starting on a new line."""
+    out = []
+    for i, pem in enumerate(pems):
+        out.append(pem)
+        if i < len(pems) - 1 and not pem.endswith("\n"):
+            out.append("\n")
+    return "".join(out).encode()
+
+
+def leaf_certificate(chain_pem: bytes) -> x509.Certificate:
+    """The first certificate of a PEM chain; PkiError if there is none or it does not parse."""
+    blocks = pem_blocks(chain_pem)
+    if not blocks:
+        raise PkiError("no certificate found in the PEM data")
+    try:
+        return x509.load_pem_x509_certificate(blocks[0])
+    except ValueError as exc:
+        raise PkiError(f"the certificate does not parse: {exc}") from None
+
+
+def not_after(chain_pem: bytes) -> datetime.datetime:
+    """The leaf certificate's NotAfter (UTC): Istio's ParseCertAndGetExpiryTimestamp."""
+    return leaf_certificate(chain_pem).not_valid_after_utc
+
+
+def valid_root_certs(pem: bytes) -> tuple[bytes, list[str]]:
+    """Istio's ParseRootCerts: the certificates of `pem` that parse, re-encoded, and an error per one that does not
+    (a root with a negative serial, say, is skipped rather than failing the whole bundle)."""
+    valid: list[bytes] = []
+    errors: list[str] = []
+    for block in pem_blocks(pem):
+        try:
+            cert = x509.load_pem_x509_certificate(block)
+        except ValueError as exc:
+            errors.append(str(exc))
+            continue
+        valid.append(cert.public_bytes(serialization.Encoding.PEM))
+    if not valid and not errors and pem.strip():
+        errors.append("invalid PEM encoded certificate")
+    return b"".join(valid), errors
+
+
+def check_key_pair(chain_pem: bytes, key_pem: bytes) -> None:
+    """Go's tls.X509KeyPair check: the chain's leaf parses and the key is the private half of its public key.
+    Raises PkiError naming what is wrong."""
+    leaf = leaf_certificate(chain_pem)
+    try:
+        key = serialization.load_pem_private_key(key_pem, password=None)
+    except (ValueError, TypeError) as exc:
+        raise PkiError(f"the private key does not parse: {exc}") from None
+    public = serialization.PublicFormat.SubjectPublicKeyInfo
+    if key.public_key().public_bytes(serialization.Encoding.DER, public) != leaf.public_key().public_bytes(
+        serialization.Encoding.DER, public
+    ):
+        raise PkiError("private key does not match public key")
+
+
+def merge_roots(*bundles: bytes) -> bytes:
+    """Istio's mergeConfigTrustBundle: every certificate of the bundles once, sorted by PEM text."""
+    unique = {block for bundle in bundles for block in pem_blocks(bundle)}
+    return b"".join(sorted(unique))

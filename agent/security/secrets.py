@@ -1,0 +1,135 @@
+"""Secrets as SDS serves them, and the ones read from files (Istio's security.SecretItem, generateFileSecret).
+
+Resource names (pkg/security/security.go): `default` (the workload's key and certificate chain), `ROOTCA` (its
+trust roots), `file-cert:<chain>~<key>`, `file-root:<path>`, `file-root:system` (the OS bundle).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from agent.security import pki
+
+WORKLOAD = "default"
+ROOT = "ROOTCA"
+FILE_CERT_PREFIX = "file-cert:"
+FILE_ROOT_PREFIX = "file-root:"
+SYSTEM_ROOT = "file-root:system"
+SEPARATOR = "~"
+# Istio's totalTimeout: how long a file that does not parse yet (a half-written rotation) is retried.
+FILE_RETRY_TOTAL = 10.0
+
+# Where Go finds the OS bundle (pkg/security GetOSRootFilePath).
+OS_ROOT_FILES = (
+    "/etc/ssl/certs/ca-certificates.crt",
+    "/etc/pki/tls/certs/ca-bundle.crt",
+    "/etc/ssl/ca-bundle.pem",
+    "/etc/pki/tls/cacert.pem",
+    "/etc/pki/ca-trust/extracted/pem/tls-ca-bundle.pem",
+    "/etc/ssl/cert.pem",
+    "/usr/local/etc/ssl/cert.pem",
+    "/etc/ssl/certs/ca-certificates",
+)
+
+
+class SecretError(Exception):
+    """A secret could not be produced; the SDS stream that asked ends with this message (Envoy retries)."""
+
+
+@dataclass(frozen=True)
+class SecretItem:
+    """What one SDS resource carries: a key and chain, or roots. Times are wall-clock seconds."""
+
+    name: str
+    certificate_chain: bytes = b""
+    private_key: bytes = b""
+    root_cert: bytes = b""
+    created: float = 0.0
+    expires: float = 0.0
+
+    @property
+    def is_root(self) -> bool:
+        return bool(self.root_cert) and not self.certificate_chain
+
+
+@dataclass(frozen=True)
+class FileRef:
+    """A resource name that is served from files: `chain`+`key`, or `root`."""
+
+    chain: str = ""
+    key: str = ""
+    root: str = ""
+
+
+def parse_file_name(name: str) -> FileRef | None:
+    """Istio's SdsCertificateConfigFromResourceName; None for names that are not file names."""
+    if name.startswith(FILE_CERT_PREFIX):
+        parts = name[len(FILE_CERT_PREFIX) :].split(SEPARATOR)
+        return FileRef(chain=parts[0], key=parts[1]) if len(parts) == 2 else None
+    if name.startswith(FILE_ROOT_PREFIX):
+        parts = name[len(FILE_ROOT_PREFIX) :].split(SEPARATOR)
+        return FileRef(root=parts[0]) if len(parts) == 1 else None
+    return None
+
+
+def os_root_file() -> str:
+    """The OS CA bundle `file-root:system` serves, "" when there is none."""
+    return next((path for path in OS_ROOT_FILES if Path(path).exists()), "")
+
+
+def non_empty(*paths: str) -> bool:
+    """Every file exists and is not empty (Istio's rootCertificateExist / keyCertificateExist)."""
+    for path in paths:
+        try:
+            if not Path(path).read_bytes():
+                return False
+        except OSError:
+            return False
+    return True
+
+
+async def _retrying(read: Callable[[], SecretItem], first_wait: float, total: float, what: str) -> SecretItem:
+    """Call `read()` until it succeeds, waiting `first_wait` doubling (Istio: a rotation may be half-written when
+    its first event arrives), for at most `total` seconds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + total
+    wait = max(first_wait, 0.01)
+    while True:
+        try:
+            return read()
+        except (OSError, pki.PkiError, SecretError) as exc:
+            if loop.time() + wait > deadline:
+                raise SecretError(f"{what}: {getattr(exc, 'strerror', None) or exc}") from None
+        await asyncio.sleep(wait)
+        wait *= 2
+
+
+async def read_root(name: str, path: str, first_wait: float, total: float = FILE_RETRY_TOTAL) -> SecretItem:
+    """Roots from `path`: certificates that do not parse are skipped, none valid is an error."""
+
+    def read() -> SecretItem:
+        roots, errors = pki.valid_root_certs(Path(path).read_bytes())
+        if not roots:
+            raise SecretError(f"failed to parse root certs from file {path}: {'; '.join(errors) or 'no certificate'}")
+        return SecretItem(name, root_cert=roots)
+
+    return await _retrying(read, first_wait, total, f"root certificate {path}")
+
+
+async def read_key_pair(
+    name: str, chain_path: str, key_path: str, first_wait: float, total: float = FILE_RETRY_TOTAL
+) -> SecretItem:
+    """A key and chain from files, once they match (the key may be written before the chain)."""
+
+    def read() -> SecretItem:
+        chain = Path(chain_path).read_bytes()
+        key = Path(key_path).read_bytes()
+        pki.check_key_pair(chain, key)
+        expires = pki.not_after(chain).timestamp()
+        return SecretItem(name, certificate_chain=chain, private_key=key, created=time.time(), expires=expires)
+
+    return await _retrying(read, first_wait, total, f"key pair {chain_path}, {key_path}")
