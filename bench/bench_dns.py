@@ -1,6 +1,6 @@
 """The DNS proxy's latency and throughput, beside Istio's and against a real resolver, all in the same run.
 
-    .venv/bin/python -m bench.bench_dns [--seconds 5] [--json out.json]      # as root; needs dnsperf, dnsmasq, go
+    .venv/bin/python -m bench.bench_dns [--seconds 3] [--rounds 3] [--json out.json]   # root; dnsperf, dnsmasq, go
 
 A pod network namespace whose resolv.conf names dnsmasq (Debian `dnsmasq-base`) in the client namespace on :53.
 In the pod, with Istio's test name table, each pinned to CPU 1 in turn (only one runs at a time): the Python proxy
@@ -17,6 +17,7 @@ import argparse
 import json
 import re
 import shutil
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -64,28 +65,35 @@ def run_proxy(pod: PodNetwork, which: str, table: Path) -> Process:
     return proxy
 
 
-def measure(pod: PodNetwork, table: Path, seconds: float) -> dict[str, dict[str, float]]:
-    results: dict[str, dict[str, float]] = {}
-    for which in ("python", "istio"):
-        proxy = run_proxy(pod, which, table)
-        try:
-            for mode, outstanding in (("latency", 1), ("throughput", 100)):
-                for query_name, query in (("hit", HIT), ("forwarded", FORWARDED)):
-                    target = ("127.0.0.1", PROXY_PORT, query)
-                    results[f"{mode}: {query_name} via {which}"] = dnsperf(
-                        pod, target, seconds=seconds, outstanding=outstanding
-                    )
-        finally:
-            proxy.stop()
-    for mode, outstanding in (("latency", 1), ("throughput", 100)):
-        target = (pod.client_ip, 53, FORWARDED)
-        results[f"{mode}: direct to resolver"] = dnsperf(pod, target, seconds=seconds, outstanding=outstanding)
-    return results
+def measure(pod: PodNetwork, table: Path, seconds: float, rounds: int) -> dict[str, dict[str, float]]:
+    """The median of `rounds` alternating rounds (python, istio, direct, python, ...): a load change on the shared
+    machine hits every side alike."""
+    samples: dict[str, list[dict[str, float]]] = {}
+    modes = (("latency", 1), ("throughput", 100))
+    for _ in range(rounds):
+        for which in ("python", "istio"):
+            proxy = run_proxy(pod, which, table)
+            try:
+                for mode, outstanding in modes:
+                    for query_name, query in (("hit", HIT), ("forwarded", FORWARDED)):
+                        result = dnsperf(
+                            pod, ("127.0.0.1", PROXY_PORT, query), seconds=seconds, outstanding=outstanding
+                        )
+                        samples.setdefault(f"{mode}: {query_name} via {which}", []).append(result)
+            finally:
+                proxy.stop()
+        for mode, outstanding in modes:
+            result = dnsperf(pod, (pod.client_ip, 53, FORWARDED), seconds=seconds, outstanding=outstanding)
+            samples.setdefault(f"{mode}: direct to resolver", []).append(result)
+    return {
+        name: {key: statistics.median(run[key] for run in runs) for key in runs[0]} for name, runs in samples.items()
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     for tool in ("dnsperf", "dnsmasq", "taskset"):
@@ -104,7 +112,7 @@ def main() -> None:
         table = pod.workdir / "table.json"
         table.write_text(table_json(TABLE))
         try:
-            results = measure(pod, table, args.seconds)
+            results = measure(pod, table, args.seconds, args.rounds)
         finally:
             dnsmasq.stop()
     for name, values in results.items():

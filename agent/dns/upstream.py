@@ -51,9 +51,13 @@ async def _exchange_udp(server: tuple[str, int], query: bytes) -> bytes:
     with socket.socket(_family(server[0]), socket.SOCK_DGRAM) as sock:
         sock.setblocking(False)
         # Connected: the kernel drops datagrams from anyone else, and an ICMP port-unreachable fails the read at
-        # once instead of waiting for the timeout.
-        await loop.sock_connect(sock, server)
-        await loop.sock_sendall(sock, query)
+        # once instead of waiting for the timeout. Connecting a UDP socket and sending one datagram on a fresh
+        # socket do not block: done directly, without the event loop's round trips (a third of the CPU per query).
+        sock.connect(server)
+        try:
+            sock.send(query)
+        except BlockingIOError:
+            await loop.sock_sendall(sock, query)
         while True:
             reply = await loop.sock_recv(sock, 65535)
             if _is_answer(reply, query):
