@@ -1,8 +1,9 @@
 """The DNS proxy's sockets: UDP and TCP on each listen address (Istio's dnsProxy, one per protocol and address).
 
-`DnsServer` owns their lifetime in a fixed order: start = bind every socket (an address in use fails the start
-with STARTUP_FAILED before Envoy runs, as in Istio), then serve; stop = close the sockets, cancel the forwarded
-queries in flight and the TCP connections. Both are idempotent.
+`DnsServer` owns their lifetime in a fixed order: start = bind every socket unless the caller bound them already
+(agent.dns.sockets: an address in use fails the start with STARTUP_FAILED before Envoy runs, as in Istio), then
+serve; stop = close the sockets, cancel the forwarded queries in flight and the TCP connections. Both are
+idempotent.
 
 A table hit is answered inside the datagram callback. A forwarded query runs as a task the server owns (cancelled
 at stop); at most `max_pending_forwards` at a time, the rest answered SERVFAIL at once, so a flood cannot grow
@@ -14,16 +15,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import logging
-import socket
 import struct
 from collections.abc import Sequence
 from typing import Protocol, cast
 
 from agent.dns.proxy import DnsProxy
+from agent.dns.sockets import SocketPair, bind_dns_sockets
 from agent.dns.wire import SERVFAIL, Query, reply
-from agent.errors import AgentError, ExitCode
 
 log = logging.getLogger("agent.dns")
 
@@ -72,37 +71,6 @@ class _UdpProtocol(asyncio.DatagramProtocol):
         log.debug("udp: %s", exc)
 
 
-def _bind(host: str, port: int, kind: socket.SocketKind) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host or host == "" else socket.AF_INET
-    sock = socket.socket(family, kind)
-    try:
-        if family == socket.AF_INET6 and host == "":
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)  # every address, both families
-        if kind == socket.SOCK_STREAM:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host or "::", port))
-        if kind == socket.SOCK_STREAM:
-            sock.listen(128)
-        sock.setblocking(False)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
-
-def bind_pair(host: str, port: int, attempts: int = 20) -> tuple[socket.socket, socket.socket]:
-    """A UDP and a TCP socket on the same host and port. Port 0 picks a port free for both (tests)."""
-    for _ in range(attempts if port == 0 else 1):
-        udp = _bind(host, port, socket.SOCK_DGRAM)
-        try:
-            return udp, _bind(host, udp.getsockname()[1], socket.SOCK_STREAM)
-        except OSError:
-            udp.close()
-            if port != 0:
-                raise
-    raise OSError(errno.EADDRINUSE, "no port free for both UDP and TCP")
-
-
 class DnsServer:
     def __init__(
         self,
@@ -111,9 +79,12 @@ class DnsServer:
         *,
         max_pending_forwards: int = 1024,
         max_tcp_connections: int = 256,
+        sockets: list[SocketPair] | None = None,
     ) -> None:
+        """`sockets`: already bound for `addresses` (bind_dns_sockets), served as they are by start()."""
         self.proxy = proxy
         self.addresses = tuple(addresses)
+        self._pairs = sockets
         self.max_pending_forwards = max_pending_forwards
         self.max_tcp_connections = max_tcp_connections
         # (protocol, host, port) of every socket, as bound (port 0 resolved).
@@ -124,20 +95,11 @@ class DnsServer:
         self._connections: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
-        """Bind and serve. Raises AgentError(STARTUP_FAILED) when an address cannot be bound (nothing is left
-        open then)."""
+        """Serve on the sockets given (`sockets`), else bind them now. Raises AgentError(STARTUP_FAILED) when an
+        address cannot be bound (nothing is left open then)."""
         loop = asyncio.get_running_loop()
-        pairs: list[tuple[socket.socket, socket.socket]] = []
-        try:
-            for host, port in self.addresses:
-                pairs.append(bind_pair(host, port))
-        except OSError as exc:
-            for udp, tcp in pairs:
-                udp.close()
-                tcp.close()
-            host, port = self.addresses[len(pairs)]
-            why = "address already in use" if exc.errno == errno.EADDRINUSE else (exc.strerror or str(exc))
-            raise AgentError(f"dns proxy: cannot listen on {host}:{port}: {why}", ExitCode.STARTUP_FAILED) from None
+        pairs = self._pairs if self._pairs is not None else bind_dns_sockets(self.addresses)
+        self._pairs = None
         for udp_sock, tcp_sock in pairs:
             name = udp_sock.getsockname()
             _, protocol = await loop.create_datagram_endpoint(lambda: _UdpProtocol(self), sock=udp_sock)

@@ -29,7 +29,7 @@ import dns.rdataclass
 import dns.rdatatype
 import dns.rrset
 
-from agent.dns.server import bind_pair
+from agent.dns.sockets import bind_pair
 
 GIANT_ADDRESSES = tuple(f"240.0.0.{i}" for i in range(64))
 

@@ -69,7 +69,8 @@ async def start() -> AsyncIterator[Starter]:
         parallel: bool = False,
         respond_before_sync: bool = False,
         settings: TableSettings = SETTINGS,
-        **server_kwargs: int,
+        max_pending_forwards: int = 1024,
+        max_tcp_connections: int = 256,
     ) -> Running:
         resolver = ScriptedResolver(UPSTREAM_RECORDS, silent=["silent.example."], giant=["giant."],
                                     giant_unfit=["giant-unfit."])  # fmt: skip
@@ -80,7 +81,12 @@ async def start() -> AsyncIterator[Starter]:
         proxy = DnsProxy(settings, upstream, DnsMetrics(registry), respond_before_sync=respond_before_sync)
         if table:
             proxy.set_table(name_table_from(TABLE))
-        server = DnsServer(proxy, [("127.0.0.1", 0)], **server_kwargs)
+        server = DnsServer(
+            proxy,
+            [("127.0.0.1", 0)],
+            max_pending_forwards=max_pending_forwards,
+            max_tcp_connections=max_tcp_connections,
+        )
         await server.start()
         cleanup.append(server.stop)
         return Running(proxy, server, registry, resolver)
@@ -334,3 +340,22 @@ async def test_update_builds_off_the_loop_and_swaps(start: Starter) -> None:
     assert running.proxy.tables_received == 1
     assert records_of(await running.ask("late.example.com.")) == [("late.example.com.", "A", "9.8.7.6")]
     assert isinstance(running.proxy.build(name_table_from({})), LookupTable)
+
+
+async def test_serves_sockets_bound_before_the_loop(start: Starter) -> None:
+    """`pilot-agent proxy` binds the DNS sockets before Envoy's exec; the server then serves them as they are."""
+    from agent.dns.sockets import bind_dns_sockets  # noqa: PLC0415
+
+    running = await start()
+    pairs = bind_dns_sockets([("127.0.0.1", 0)])
+    port = pairs[0][0].getsockname()[1]
+    server = DnsServer(running.proxy, [("127.0.0.1", port)], sockets=pairs)
+    await server.start()
+    try:
+        assert server.bound == [("udp", "127.0.0.1", port), ("tcp", "127.0.0.1", port)]
+        query = dns.message.make_query("www.google.com.", "A")
+        for ask in (dns.asyncquery.udp, dns.asyncquery.tcp):
+            message = await ask(query, "127.0.0.1", timeout=5, port=port)
+            assert records_of(message) == [("www.google.com.", "A", "1.1.1.1")]
+    finally:
+        await server.stop()
