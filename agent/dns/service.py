@@ -15,6 +15,7 @@ from agent.dns.proxy import DnsProxy
 from agent.dns.resolvconf import DNS_PORT, read_resolv_conf
 from agent.dns.server import DnsServer
 from agent.dns.settings import DnsSettings, listen_addresses
+from agent.dns.sockets import SocketPair
 from agent.dns.table import TableSettings, debug_table, load_name_table
 from agent.dns.upstream import Upstream, UpstreamSettings
 
@@ -26,12 +27,24 @@ NDS_TYPE_URL = "type.googleapis.com/istio.networking.nds.v1.NameTable"
 
 @dataclass
 class DnsService:
+    """A supervisor service (agent.supervisor.Service): start() serves the sockets, stop() closes them."""
+
     proxy: DnsProxy
     server: DnsServer
 
+    async def start(self) -> None:
+        """AgentError(STARTUP_FAILED) when an address cannot be bound (unless the sockets were bound before)."""
+        await self.server.start()
 
-def build_dns_service(settings: DnsSettings, metrics: DnsMetrics) -> DnsService:
-    """Reads resolv.conf (ConfigError naming it when unreadable); binds nothing yet (DnsServer.start does)."""
+    async def stop(self) -> None:
+        await self.server.stop()
+
+
+def build_dns_service(
+    settings: DnsSettings, metrics: DnsMetrics, sockets: list[SocketPair] | None = None
+) -> DnsService:
+    """Reads resolv.conf (ConfigError naming it when unreadable). `sockets`: bound before (agent.dns.sockets, for
+    listen_addresses(settings.address, ...)); otherwise start() binds them."""
     resolv = read_resolv_conf(settings.resolv_conf)
     upstream = Upstream(
         UpstreamSettings(
@@ -47,6 +60,7 @@ def build_dns_service(settings: DnsSettings, metrics: DnsMetrics) -> DnsService:
         listen_addresses(settings.address, resolv),
         max_pending_forwards=settings.max_pending_forwards,
         max_tcp_connections=settings.max_tcp_connections,
+        sockets=sockets,
     )
     return DnsService(proxy, server)
 
