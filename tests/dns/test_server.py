@@ -359,3 +359,21 @@ async def test_serves_sockets_bound_before_the_loop(start: Starter) -> None:
             assert records_of(message) == [("www.google.com.", "A", "1.1.1.1")]
     finally:
         await server.stop()
+
+
+async def test_ipv6_listener_and_upstream() -> None:
+    """A pod whose resolv.conf server is IPv6: the proxy listens on ::1 and forwards over IPv6."""
+    async with ScriptedResolver(UPSTREAM_RECORDS, host="::1") as resolver:
+        upstream = Upstream(UpstreamSettings((resolver.address,), 1.0))
+        proxy = DnsProxy(SETTINGS, upstream, DnsMetrics(CollectorRegistry()))
+        proxy.set_table(name_table_from(TABLE))
+        server = DnsServer(proxy, [("::1", 0)])
+        await server.start()
+        try:
+            for name, expected in (("www.google.com.", "1.1.1.1"), ("www.bing.com.", "1.1.1.1")):
+                for ask in (dns.asyncquery.udp, dns.asyncquery.tcp):
+                    message = await ask(dns.message.make_query(name, "A"), "::1", timeout=5, port=server.port())
+                    assert records_of(message) == [(name, "A", expected)]
+        finally:
+            await server.stop()
+    assert [q[:2] for q in resolver.queries] == [("udp", "www.bing.com."), ("tcp", "www.bing.com.")]
