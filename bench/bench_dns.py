@@ -19,25 +19,17 @@ import re
 import shutil
 import statistics
 import sys
-import time
 from pathlib import Path
 
 from tests.dns.istio_cases import DOMAIN, NAMESPACE, SEARCH, TABLE
 from tests.dns.istio_dns import build_istio_dns
+from tests.dns.processes import wait_ready
 from tests.dns.run_proxy import table_json
 from tests.support.netns import PodNetwork, Process, pod_network
 
 HIT = "productpage.ns1.svc.cluster.local A"
 FORWARDED = "www.bing.com A"
 PROXY_PORT = 15053
-
-
-def _wait_ready(process: Process) -> None:
-    deadline = time.monotonic() + 20
-    while "ready" not in process.log() and "started, version" not in process.log():
-        if process.popen.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit(f"did not start: {process.log()}")
-        time.sleep(0.02)
 
 
 def dnsperf(pod: PodNetwork, target: tuple[str, int, str], *, seconds: float, outstanding: int) -> dict[str, float]:
@@ -61,7 +53,7 @@ def run_proxy(pod: PodNetwork, which: str, table: Path) -> Process:
     else:
         argv = [str(build_istio_dns()), f"127.0.0.1:{PROXY_PORT}", NAMESPACE, DOMAIN, str(table), "5s", "false"]
     proxy = pod.popen(["taskset", "-c", "1", *argv], log_name=f"{which}-proxy.log")
-    _wait_ready(proxy)
+    wait_ready(proxy)
     return proxy
 
 
@@ -108,7 +100,7 @@ def main() -> None:
              "--log-facility=-", "--host-record=www.bing.com,1.1.1.1"],
             ns="client", log_name="dnsmasq.log",
         )  # fmt: skip
-        _wait_ready(dnsmasq)
+        wait_ready(dnsmasq, "started, version")
         table = pod.workdir / "table.json"
         table.write_text(table_json(TABLE))
         try:

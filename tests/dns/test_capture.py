@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
 
 from tests.conftest import require_root
+from tests.dns.processes import wait_ready
 from tests.dns.run_proxy import table_json
 from tests.iptables.conftest import INJECTOR_ARGS
 from tests.support.netns import PodNetwork, Process, pod_network
@@ -68,14 +68,6 @@ class CapturedPod:
         return [line.split()[1:] for line in self.resolver.log().splitlines() if line.startswith("query ")]
 
 
-def _wait_ready(process: Process) -> None:
-    deadline = time.monotonic() + 20
-    while "ready" not in process.log():
-        assert process.popen.poll() is None, process.log()
-        assert time.monotonic() < deadline, process.log()
-        time.sleep(0.02)
-
-
 @pytest.fixture(scope="module")
 def captured() -> Iterator[CapturedPod]:
     require_root()
@@ -83,7 +75,7 @@ def captured() -> Iterator[CapturedPod]:
         pod.set_resolv_conf(RESOLV_CONF.format(server=pod.client_ip))
         records = ["real.example.test=10.30.0.1", "real.example.test=fd00::30"]
         resolver = pod.popen([sys.executable, "-m", "tests.dns.resolver", pod.client_ip, "53", *records], ns="client")
-        _wait_ready(resolver)
+        wait_ready(resolver)
         installed = pod.pilot_agent(*INJECTOR_ARGS, "--redirect-dns")
         assert installed.returncode == 0, installed.stderr
         table = pod.workdir / "table.json"
@@ -92,7 +84,7 @@ def captured() -> Iterator[CapturedPod]:
             [sys.executable, "-m", "tests.dns.run_proxy", str(table), "localhost:15053", str(FORWARD_TIMEOUT)],
             uid=1337, gid=1337, log_name="dns-proxy.log",
         )  # fmt: skip
-        _wait_ready(proxy)
+        wait_ready(proxy)
         try:
             yield CapturedPod(pod, resolver, proxy)
         finally:

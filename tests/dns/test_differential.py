@@ -14,7 +14,6 @@ import json
 import random
 import struct
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +27,7 @@ import pytest
 from tests.conftest import require_root
 from tests.dns.istio_cases import CASES, DOMAIN, NAMESPACE, SEARCH, TABLE
 from tests.dns.istio_dns import istio_dns_binary
+from tests.dns.processes import wait_ready
 from tests.dns.run_proxy import table_json
 from tests.support.netns import PodNetwork, Process, pod_network
 
@@ -126,14 +126,6 @@ class TwoProxies:
         return [None if r is None else bytes.fromhex(r) for r in json.loads(done.stdout)]
 
 
-def _wait_ready(process: Process) -> None:
-    deadline = time.monotonic() + 20
-    while "ready" not in process.log():
-        assert process.popen.poll() is None, process.log()
-        assert time.monotonic() < deadline, process.log()
-        time.sleep(0.02)
-
-
 @pytest.fixture(scope="module")
 def proxies() -> Iterator[TwoProxies]:
     require_root()
@@ -144,7 +136,7 @@ def proxies() -> Iterator[TwoProxies]:
         resolver = pod.popen(
             [sys.executable, "-m", "tests.dns.resolver", pod.client_ip, "53", *UPSTREAM_RECORDS], ns="client"
         )
-        _wait_ready(resolver)
+        wait_ready(resolver)
         table = pod.workdir / "table.json"
         table.write_text(table_json(TABLE))
         timeout_s = str(float(FORWARD_TIMEOUT.removesuffix("ms")) / 1000)
@@ -156,7 +148,7 @@ def proxies() -> Iterator[TwoProxies]:
         ]  # fmt: skip
         try:
             for process in started:
-                _wait_ready(process)
+                wait_ready(process)
             yield TwoProxies(pod, resolver)
         finally:
             for process in started:
