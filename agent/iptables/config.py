@@ -96,6 +96,8 @@ _TRUE = {"1", "t", "true", "y", "yes", "on"}
 _FALSE = {"0", "f", "false", "n", "no", "off", ""}
 _IFNAME = re.compile(r"^[^\s/:,]{1,15}$")
 _OWNER = re.compile(r"^[A-Za-z0-9_.][A-Za-z0-9_.-]*$")
+# ASCII only, as Go's strconv: str.isdigit() is true for "²", which int() then refuses (a traceback, not exit 78).
+_DIGITS = re.compile(r"[0-9]+")
 
 
 @dataclass(frozen=True)
@@ -164,7 +166,7 @@ def parse_bool(raw: str, source: str) -> bool:
 
 def _check_port(value: str, source: str, allow_range: bool) -> None:
     parts = value.split(":") if allow_range else [value]
-    if len(parts) > 2 or not all(p.isdigit() for p in parts):
+    if len(parts) > 2 or not all(_DIGITS.fullmatch(p) for p in parts):
         kind = "port or port range (N or N:M)" if allow_range else "port"
         raise ConfigError(source, "", f"not a valid {kind}: {value!r}")
     numbers = [int(p) for p in parts]
@@ -205,12 +207,12 @@ def _check_id_list(value: str, source: str, what: str) -> None:
     if not items:
         raise ConfigError(source, "", f"no {what} given")
     for item in items:
-        if not item.isdigit() or int(item) >= 2**32 - 1:
+        if not _DIGITS.fullmatch(item) or int(item) >= 2**32 - 1:
             raise ConfigError(source, "", f"not a numeric {what}: {item!r}")
 
 
 def _check_uint(value: str, source: str, bits: int = 32) -> None:
-    if not value.isdigit() or int(value) >= 2**bits:
+    if not _DIGITS.fullmatch(value) or int(value) >= 2**bits:
         raise ConfigError(source, "", f"not an unsigned integer: {value!r}")
 
 

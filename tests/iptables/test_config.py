@@ -59,6 +59,11 @@ def test_gid_defaults_to_uid_and_booleans_read_env_forms() -> None:
         (["-u", "envoy"], {}, "flag -u/--proxy-uid"),
         (["-g", "-5"], {}, "flag -g/--proxy-gid"),
         (["-t", "0x539"], {}, "flag -t/--istio-inbound-tproxy-mark"),
+        # Unicode digits: str.isdigit() takes them, int() refuses "²" and reads "٤٥" as 45; Go refuses both.
+        (["-p", "²"], {}, "flag -p/--envoy-port"),
+        (["-d", "15020,٤٥"], {}, "flag -d/--istio-local-exclude-ports"),
+        (["-u", "¹³³⁷"], {}, "flag -u/--proxy-uid"),
+        (["-r", "١٣٣"], {}, "flag -r/--istio-inbound-tproxy-route-table"),
         ([], {"ISTIO_SERVICE_CIDR": "300.1.1.1/8"}, "env ISTIO_SERVICE_CIDR"),
         ([], {"ISTIO_INBOUND_INTERCEPTION_MODE": "NAT"}, "env ISTIO_INBOUND_INTERCEPTION_MODE"),
         ([], {"ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR": "::1/128"}, "env ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR"),
