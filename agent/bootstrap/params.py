@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ DEFAULT_MAX_CONNECTIONS = 2147483647
 SDS_SOCKET_DIR = "./var/run/secrets/workload-spiffe-uds"
 # Runtime flags Istio sets on every proxy (pkg/bootstrap extractRuntimeFlags); runtimeValues override them.
 DEFAULT_RUNTIME_FLAGS: Mapping[str, Any] = {
-    "re2.max_program_size.error_level": "32768",
+    stats.RE2_PROGRAM_SIZE_FLAG: stats.DEFAULT_RE2_PROGRAM_SIZE,
     "envoy.deprecated_features:envoy.config.listener.v3.Listener.hidden_envoy_deprecated_use_original_dst": True,
     "envoy.reloadable_features.http_reject_path_with_fragment": False,
     "envoy.reloadable_features.fixed_heap_use_allocated": True,
@@ -40,7 +41,7 @@ def split_host_port(address: str, source: str, field: str, host_ip: str = "") ->
         host, sep, port = address.rpartition(":")
         if ":" in host:
             raise ConfigError(source, field, f"{address!r}: too many colons (bracket IPv6 hosts: [::1]:9411)")
-    if not sep or not port.isdigit() or int(port) > 65535:
+    if not sep or not re.fullmatch("[0-9]+", port) or int(port) > 65535:
         raise ConfigError(source, field, f"{address!r} is not host:port")
     if host == "$(HOST_IP)" and host_ip:
         host = host_ip
@@ -75,7 +76,7 @@ def max_connections(cfg: AgentConfig) -> int:
         (f"runtimeValues.{MAX_CONNECTIONS_RUNTIME_KEY}", cfg.proxy.runtime_values.get(MAX_CONNECTIONS_RUNTIME_KEY)),
     ):
         if value:
-            if not value.strip().isdigit():
+            if not re.fullmatch("[0-9]+", value.strip()):
                 raise ConfigError("ProxyConfig", source, f"expected a non-negative integer, got {value!r}")
             return int(value)
     return DEFAULT_MAX_CONNECTIONS

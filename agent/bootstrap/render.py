@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import json
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ import jinja2
 
 from agent.bootstrap.params import template_params
 from agent.config.agent_config import AgentConfig
-from agent.config.documents import parse_yaml
+from agent.config.documents import parse_yaml, read_file, read_file_if_present, to_json, utf8_text
 from agent.errors import ConfigError
 
 DEFAULT_TEMPLATE = "envoy_bootstrap.json.j2"
@@ -25,12 +26,39 @@ def default_template_path() -> Path:
 
 def _json_filter(value: Any) -> str:
     # ensure_ascii keeps the output ASCII: no encoding surprises for values that came from the environment.
-    return json.dumps(value, sort_keys=True)
+    return to_json(value, "template parameter")
 
 
 def _compact_json_filter(value: Any) -> str:
     # Node metadata as Istio writes it: compact, sorted keys (istiod and tests read it as one line).
-    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+    return to_json(value, "node metadata", compact=True)
+
+
+def _mtime(path: Path) -> float | None:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return None
+
+
+class _BoundedLoader(jinja2.BaseLoader):
+    """jinja2's FileSystemLoader, reading through read_file: a bounded read (`ISTIO_BOOTSTRAP=/dev/zero` is an
+    error, not a read that never ends), UTF-8 or a ConfigError."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    def get_source(self, environment: jinja2.Environment, template: str) -> tuple[str, str, Callable[[], bool]]:
+        path = self.directory.joinpath(*jinja2.loaders.split_template_path(template))
+        data = read_file_if_present(path, f"template {path}")
+        if data is None:
+            raise jinja2.TemplateNotFound(template)
+        mtime = _mtime(path)
+
+        def uptodate() -> bool:
+            return mtime is not None and _mtime(path) == mtime
+
+        return utf8_text(data, f"template {path}"), str(path), uptodate
 
 
 @functools.lru_cache(maxsize=8)
@@ -38,7 +66,7 @@ def _environment(directory: Path) -> jinja2.Environment:
     # Cached so the compiled template is reused: compiling the default template costs ~0.15 s, paid at start-up
     # and on every re-render (cert rotation). jinja2's auto_reload still recompiles when the file's mtime changes.
     env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(str(directory)),
+        loader=_BoundedLoader(directory),
         undefined=jinja2.StrictUndefined,
         autoescape=False,
         keep_trailing_newline=True,
@@ -92,11 +120,5 @@ def render_bootstrap(cfg: AgentConfig) -> bytes:
     """The bytes Envoy's config file must hold. With ProxyConfig.customConfigFile, that file's contents as they
     are (no templating, as Istio); otherwise the rendered template (ISTIO_BOOTSTRAP / --templateFile / default)."""
     if cfg.custom_config_file:
-        path = Path(cfg.custom_config_file)
-        try:
-            return path.read_bytes()
-        except OSError as exc:
-            raise ConfigError(
-                "ProxyConfig customConfigFile", str(path), f"cannot read: {exc.strerror or exc}"
-            ) from None
+        return read_file(Path(cfg.custom_config_file), "ProxyConfig customConfigFile", cfg.custom_config_file)
     return render_template(template_params(cfg), template_path_of(cfg))

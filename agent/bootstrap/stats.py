@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -28,6 +29,12 @@ RBAC_SUFFIXES = ("rbac.allowed", "rbac.denied", "shadow_allowed", "shadow_denied
 DRAIN_SUFFIX = "downstream_cx_active"  # needed when the agent exits on zero active connections
 REQUIRED_REGEXPS = (r"vhost\..*\.route\..*",)
 DEFAULT_FLUSH_SECONDS = 5.0
+# Envoy's bootstrap: stats_flush_interval in [1ms, 300s), stats_eviction_interval >= 1ms.
+MIN_INTERVAL, MAX_FLUSH = 0.001, 300.0
+# Envoy refuses a regexp whose RE2 program is larger than this runtime flag (Istio sets it; runtimeValues may too).
+RE2_PROGRAM_SIZE_FLAG = "re2.max_program_size.error_level"
+DEFAULT_RE2_PROGRAM_SIZE = "32768"
+ENVOY_RE2_PROGRAM_SIZE = 100
 
 # Istio's stat tag extraction, in order; extra tags go between mongo_prefix and cache.
 _TAGS_HEAD = (
@@ -79,6 +86,39 @@ def _option(
     return _substitute([*chosen, *required], ips)
 
 
+def _check_regexps(cfg: AgentConfig, annotation: str | None, from_proxy: Sequence[str] | None) -> None:
+    """Envoy compiles stats_matcher regexps with RE2 and refuses the whole bootstrap over one bad pattern (or one
+    whose program is above the re2.max_program_size.error_level runtime flag): refuse it here, naming it."""
+    if annotation:
+        source, field, patterns = str(cfg.annotations_path), ANNO_REGEXPS, annotation.split(",")
+    elif from_proxy:
+        source, field, patterns = "ProxyConfig", "proxyStatsMatcher.inclusionRegexps", list(from_proxy)
+    else:
+        return
+    import re2  # noqa: PLC0415 (lazy: only when regexps are configured; ~7 ms)
+
+    options = re2.Options()
+    options.log_errors = False  # RE2 would also print each error to stderr
+    limit = _program_size_limit(cfg)
+    for pattern in patterns:
+        try:
+            program_size = re2.compile(pattern, options).programsize
+        except re2.error as exc:
+            problem = exc.args[0].decode(errors="replace") if exc.args and isinstance(exc.args[0], bytes) else exc
+            raise ConfigError(source, field, f"{pattern!r} is not a valid RE2 regexp: {problem}") from None
+        if limit is not None and program_size > limit:
+            raise ConfigError(
+                source, field, f"{pattern!r}: RE2 program size {program_size} is above re2.max_program_size ({limit})"
+            )
+
+
+def _program_size_limit(cfg: AgentConfig) -> int | None:
+    value = cfg.proxy.runtime_values.get(RE2_PROGRAM_SIZE_FLAG, DEFAULT_RE2_PROGRAM_SIZE)
+    if value == "":  # runtimeValues removed Istio's flag: Envoy's own default applies
+        return ENVOY_RE2_PROGRAM_SIZE
+    return int(value) if re.fullmatch("[0-9]+", value) else None
+
+
 def inclusion_patterns(cfg: AgentConfig, metadata_discovery: bool) -> list[dict[str, Any]]:
     annotations = cfg.annotations
     ips = list(dict.fromkeys(cfg.instance_ips))
@@ -91,6 +131,7 @@ def inclusion_patterns(cfg: AgentConfig, metadata_discovery: bool) -> list[dict[
     patterns += [{"prefix": p} for p in prefixes]
     sfx = _option(annotations.get(ANNO_SUFFIXES), matcher.get("inclusionSuffixes"), suffixes, ips)
     patterns += [{"suffix": s} for s in sfx]
+    _check_regexps(cfg, annotations.get(ANNO_REGEXPS), matcher.get("inclusionRegexps"))
     regexps = _option(annotations.get(ANNO_REGEXPS), matcher.get("inclusionRegexps"), REQUIRED_REGEXPS, ips)
     patterns += [{"safe_regex": {"regex": r}} for r in regexps]
     patterns += [{"prefix": "component"}, {"prefix": "istio"}]
@@ -133,10 +174,14 @@ def intervals(cfg: AgentConfig) -> tuple[str | None, str | None]:
     flush_out = None
     if ANNO_FLUSH in cfg.annotations:
         flush = parse_duration(cfg.annotations[ANNO_FLUSH], source, ANNO_FLUSH)
+        if not MIN_INTERVAL <= flush < MAX_FLUSH:
+            raise ConfigError(source, ANNO_FLUSH, f"{format_proto(flush)} is not in Envoy's range [1ms, 300s)")
         flush_out = format_proto(flush)
     eviction_out = None
     if ANNO_EVICTION in cfg.annotations:
         eviction = parse_duration(cfg.annotations[ANNO_EVICTION], source, ANNO_EVICTION)
+        if eviction < MIN_INTERVAL:
+            raise ConfigError(source, ANNO_EVICTION, f"{format_proto(eviction)} is below Envoy's minimum of 1ms")
         flush_us, eviction_us = round(flush * 1e6), round(eviction * 1e6)
         if flush_us == 0 or eviction_us % flush_us != 0:
             # Istio only warns and drops it (golden invalid_stats_eviction_interval): keep that behaviour.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import tempfile
 from pathlib import Path
@@ -11,6 +12,9 @@ from agent.bootstrap.params import LIGHTSTEP_TOKEN_FILE
 from agent.bootstrap.render import template_path_of
 from agent.bootstrap.tls import tls_files
 from agent.config.agent_config import AgentConfig
+from agent.config.documents import go_string
+from agent.config.proxy_sources import TLS_FILE_METADATA
+from agent.errors import AgentError, ConfigError, ExitCode
 
 CERT_DIR = "/etc/certs"
 CERT_FILES = ("cert-chain.pem", "key.pem", "root-cert.pem")
@@ -47,8 +51,37 @@ def write_side_files(cfg: AgentConfig) -> list[Path]:
     if "lightstep" not in tracing:
         return []
     path = Path(cfg.proxy.config_path) / LIGHTSTEP_TOKEN_FILE
-    write_atomic(path, str(tracing["lightstep"].get("accessToken", "")).encode(), mode=0o600)
+    token = go_string(str(tracing["lightstep"].get("accessToken", "")))
+    try:
+        write_atomic(path, token.encode(), mode=0o600)
+    except OSError as exc:
+        raise write_error(path, exc) from None
     return [path]
+
+
+def check_config_dir(cfg: AgentConfig) -> None:
+    """configPath exists (created 0700 if not) and takes a new file: checked before Envoy starts, so a read-only
+    or full directory is one line at start instead of an Envoy that can never be given its bootstrap."""
+    directory = Path(cfg.proxy.config_path)
+    try:
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-check.", dir=directory)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise write_error(directory, exc) from None
+
+
+# A write that fails for lack of room is the machine's problem (exit 73); any other (read-only, permissions, not a
+# directory) is configPath pointing where the agent cannot write (exit 78).
+_NO_ROOM = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO})
+
+
+def write_error(path: Path, exc: OSError) -> AgentError:
+    why = exc.strerror or str(exc)
+    if exc.errno in _NO_ROOM:
+        return AgentError(f"cannot write {path}: {why}", ExitCode.STARTUP_FAILED)
+    return ConfigError("effective ProxyConfig", "configPath", f"cannot write {path}: {why}")
 
 
 def write_bootstrap(cfg: AgentConfig, data: bytes) -> Path:
@@ -67,14 +100,7 @@ def bootstrap_dependencies(cfg: AgentConfig) -> list[Path]:
     Listed when they exist: files named by the tracer / metrics / access-log TLS settings."""
     meta = cfg.istio_meta()
     paths: list[str] = [f"{CERT_DIR}/{name}" for name in CERT_FILES]
-    for key in (
-        "TLS_CLIENT_CERT_CHAIN",
-        "TLS_CLIENT_KEY",
-        "TLS_CLIENT_ROOT_CERT",
-        "TLS_SERVER_CERT_CHAIN",
-        "TLS_SERVER_KEY",
-        "TLS_SERVER_ROOT_CERT",
-    ):
+    for key in TLS_FILE_METADATA:
         if meta.get(key):
             paths.append(meta[key])
     paths += [str(cfg.labels_path), str(cfg.annotations_path), str(cfg.mesh_config_path)]

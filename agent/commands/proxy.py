@@ -17,7 +17,6 @@ import argparse
 import asyncio
 import contextlib
 import ipaddress
-import json
 import logging
 import os
 import socket
@@ -28,13 +27,13 @@ from typing import Any
 
 from agent.bootstrap import bootstrap_dependencies, render_bootstrap
 from agent.bootstrap.render import template_path_of
-from agent.bootstrap.write import bootstrap_path, write_side_files
+from agent.bootstrap.write import bootstrap_path, check_config_dir, write_side_files
 from agent.config import AgentConfig, add_proxy_flags, flags_from_args, load_agent_config
 from agent.config import env_settings as E
 from agent.config.agent_config import reload_files
-from agent.config.documents import parse_yaml
+from agent.config.documents import parse_yaml, read_file, to_json, utf8_text
 from agent.config.envvars import Environment
-from agent.errors import ConfigError
+from agent.errors import AgentError, ConfigError
 from agent.lifecycle import Lifecycle
 from agent.pid1 import HANDLED
 from agent.proxy.argv import LaunchSettings
@@ -69,16 +68,14 @@ def config_yaml(cfg: AgentConfig) -> str:
     if not cfg.bootstrap_override:
         return ""
     source = E.ISTIO_BOOTSTRAP_OVERRIDE.source
-    try:
-        text = Path(cfg.bootstrap_override).read_text()
-    except OSError as exc:
-        raise ConfigError(source, cfg.bootstrap_override, f"cannot read: {exc.strerror}") from None
+    data = read_file(Path(cfg.bootstrap_override), source, cfg.bootstrap_override)
+    text = utf8_text(data, source, cfg.bootstrap_override)
     host = cfg.host_ip
     if host and ":" in host:
         host = f"[{host}]"
     text = text.replace("$(HOST_IP)", host)
-    data = parse_yaml(text, source, field=cfg.bootstrap_override)
-    return json.dumps(data, separators=(",", ":")) if data else ""
+    document = parse_yaml(text, source, field=cfg.bootstrap_override)
+    return to_json(document, source, cfg.bootstrap_override, compact=True, sort_keys=False) if document else ""
 
 
 # Kinds of file the agent itself reads to render the bootstrap: a change shows in the rendered bytes, so their
@@ -182,7 +179,16 @@ def desired_state_fn(start: AgentConfig, watched: Mapping[Path, str], first: Des
     pending = [first]
 
     def desired_state() -> DesiredState:
-        return pending.pop() if pending else render_desired_state(reload_files(start), watched)
+        if pending:
+            return pending.pop()
+        try:
+            return render_desired_state(reload_files(start), watched)
+        except AgentError:
+            raise
+        except Exception as exc:
+            # A defect in our parsing or rendering rejects the changed configuration; it never ends the agent.
+            log.debug("unexpected error rendering the changed configuration", exc_info=True)
+            raise ConfigError("changed configuration", "", f"unexpected {type(exc).__name__}: {exc}") from exc
 
     return desired_state
 
@@ -191,6 +197,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_agent_config(flags_from_args(args), os.environ)
     binary = find_envoy(cfg.proxy.binary_path)
     settings = supervisor_settings(cfg, binary)
+    check_config_dir(cfg)
     # Fail fast, before anything starts, on a template that does not render.
     first = render_desired_state(cfg, settings.watch.files)
     status = None

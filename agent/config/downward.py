@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from agent.config.documents import read_file_if_present
 from agent.errors import ConfigError
 
 _SIMPLE_ESCAPES = {
@@ -105,10 +106,7 @@ def parse_downward_api(text: str, source: str) -> dict[str, str]:
 
 def read_downward_api(path: Path) -> dict[str, str] | None:
     """The parsed file, or None when it does not exist (outside Kubernetes, or the volume is not mounted)."""
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
+    data = read_file_if_present(path, str(path))
+    if data is None:
         return None
-    except OSError as exc:
-        raise ConfigError(str(path), "", f"cannot read: {exc.strerror or exc}") from None
     return parse_downward_api(data.decode("utf-8", "replace"), str(path))

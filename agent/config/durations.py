@@ -22,7 +22,8 @@ _UNITS = {
     "m": 60.0,
     "h": 3600.0,
 }
-_PART = re.compile(r"(\d+\.?\d*|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
+# ASCII digits only, as Go: `\d` would also take "٤٥" (45 to Python, an error to Go's ParseDuration).
+_PART = re.compile(r"([0-9]+\.?[0-9]*|\.[0-9]+)(ns|us|µs|μs|ms|s|m|h)")
 # Go's time.Duration is an int64 of nanoseconds: about 292 years.
 _MAX_SECONDS = (2**63 - 1) / 1e9
 

@@ -14,6 +14,7 @@ hides typos; failing before Envoy starts is the clearer contract).
 from __future__ import annotations
 
 import json
+import math
 import types
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from typing import Any, Generic, TypeVar
 
 from agent.config.durations import parse_duration
 from agent.errors import ConfigError
+from agent.flag_values import go_atoi
 
 T = TypeVar("T")
 
@@ -122,7 +124,7 @@ def _duration(text: str, source: str) -> float:
 def integer(lo: int = 0, hi: int = 2**31 - 1) -> Kind[int]:
     def parse(text: str, source: str) -> int:
         try:
-            value = int(text)
+            value = go_atoi(text)
         except ValueError:
             raise ConfigError(source, "", f"expected an integer, got {text!r}") from None
         if not lo <= value <= hi:
@@ -156,10 +158,20 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e400: Go's encoding/json refuses a number out of float64's range
+        raise ValueError(f"number {text} is out of range")
+    return value
+
+
 def json_object(text: str, source: str) -> dict[str, Any]:
-    """A JSON object (Go's encoding/json rules: no NaN/Infinity). ConfigError naming `source` otherwise."""
+    """A JSON object, by Go's encoding/json rules (no NaN/Infinity, no out-of-range numbers). ConfigError naming
+    `source` otherwise."""
     try:
-        value = json.loads(text, parse_constant=_reject_constant)
+        value = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(source, "", f"not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
     except (ValueError, RecursionError) as exc:
         raise ConfigError(source, "", f"not valid JSON: {exc}") from None
     if not isinstance(value, dict):

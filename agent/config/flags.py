@@ -11,6 +11,21 @@ from agent.flag_values import non_negative_int_flag
 # Envoy's -l / --component-log-level levels ("warn" is Envoy's alias of "warning").
 ENVOY_LOG_LEVELS = frozenset({"trace", "debug", "info", "warning", "warn", "error", "critical", "off"})
 DEFAULT_MESH_CONFIG = "./etc/istio/config/mesh"
+# Envoy 1.40's logger names (admin `/logging`): --component-log-level with any other name stops Envoy at start
+# ("invalid component specified"). tests/bootstrap/test_envoy.py compares this list with the running Envoy's.
+ENVOY_COMPONENTS = frozenset(
+    {
+        *("a2a", "admin", "ai_protocol_manager", "alternate_protocols_cache", "assert", "aws", "backtrace"),
+        *("basic_auth", "cache_filter", "client", "compression", "config", "conn_handler", "connection"),
+        *("credential_injector", "decompression", "dns", "dubbo", "dynamic_modules", "envoy_bug", "ext_authz"),
+        *("ext_proc", "file", "filter", "forward_proxy", "geolocation", "golang", "grpc", "happy_eyeballs", "hc"),
+        *("health_checker", "http", "http2", "hystrix", "init", "io", "ip_tagging", "json_rpc", "jwt", "kafka"),
+        *("key_value_store", "local_rate_limit", "lua", "main", "matcher", "mcp", "misc", "mongo"),
+        *("multi_connection", "notification", "oauth2", "pool", "quic", "quic_stream", "rate_limit_quota", "rbac"),
+        *("rds", "redis", "rocketmq", "router", "runtime", "secret", "sse", "stats", "stats_sinks", "tap"),
+        *("testing", "thrift", "tracing", "udp", "upstream", "wasm", "websocket"),
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -126,4 +141,6 @@ def split_component_log(level: str, component_level: str) -> tuple[str, str]:
             raise ConfigError(
                 source, item, f"expected SCOPE:LEVEL with LEVEL one of {', '.join(sorted(ENVOY_LOG_LEVELS))}"
             )
+        if scope not in ENVOY_COMPONENTS:
+            raise ConfigError(source, item, f"{scope!r} is not one of Envoy's log components (see `envoy /logging`)")
     return log_level, ",".join(components)

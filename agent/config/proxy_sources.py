@@ -12,29 +12,41 @@ from pathlib import Path
 from typing import Any
 
 from agent.config import env_settings as E
-from agent.config.documents import parse_yaml
+from agent.config.documents import parse_yaml, read_file_if_present, utf8_text
+from agent.config.durations import format_proto
 from agent.config.envvars import Environment
 from agent.config.flags import ProxyFlags
 from agent.config.proxyconfig import DEFAULTS, ProxyConfig, merge, parse_text
 from agent.config.schema import normalise_proxy_config
 from agent.errors import ConfigError
+from agent.flag_values import go_atoi
 
 log = logging.getLogger("agent.config")
 
 ANNOTATION_PROXY_CONFIG = "proxy.istio.io/config"
 ANNOTATION_DISCOVERY_ADDRESS = "sidecar.istio.io/discoveryAddress"
 ANNOTATION_STATUS_PORT = "status.sidecar.istio.io/port"
+# Envoy's --drain-time-s, --parent-shutdown-time-s, --file-flush-interval-msec and --concurrency are uint32.
+UINT32_MAX = 2**32 - 1
+# Envoy runs a thread per worker; tens of thousands fail at start (out of file descriptors), not in validation.
+MAX_CONCURRENCY = 1024
+# ISTIO_META_<key> values that name files (the TLS client/server material Envoy loads through the agent's SDS).
+TLS_FILE_METADATA = (
+    "TLS_CLIENT_CERT_CHAIN",
+    "TLS_CLIENT_KEY",
+    "TLS_CLIENT_ROOT_CERT",
+    "TLS_SERVER_CERT_CHAIN",
+    "TLS_SERVER_KEY",
+    "TLS_SERVER_ROOT_CERT",
+)
 
 
 def read_mesh_config(path: Path) -> dict[str, Any]:
     """The mesh config file's `defaultConfig`, normalised; {} when the file does not exist."""
-    try:
-        text = path.read_text(encoding="utf-8", errors="replace")
-    except FileNotFoundError:
+    data = read_file_if_present(path, str(path))
+    if data is None:
         return {}
-    except OSError as exc:
-        raise ConfigError(str(path), "", f"cannot read: {exc.strerror or exc}") from None
-    mesh = parse_yaml(text, str(path))
+    mesh = parse_yaml(utf8_text(data, str(path)), str(path))
     if mesh is None:
         return {}
     if not isinstance(mesh, Mapping):
@@ -84,9 +96,13 @@ def assemble_proxy_config(
         raw["discoveryAddress"] = annotations[ANNOTATION_DISCOVERY_ADDRESS]
     if ANNOTATION_STATUS_PORT in annotations:
         value = annotations[ANNOTATION_STATUS_PORT].strip()
-        if not value.isdigit() or not 0 < int(value) <= 65535:
+        try:
+            port = go_atoi(value)
+        except ValueError:
+            port = 0
+        if not 0 < port <= 65535:
             raise ConfigError(f"{annotations_path}", ANNOTATION_STATUS_PORT, f"{value!r} is not a valid port")
-        raw["statusPort"] = int(value)
+        raw["statusPort"] = port
     if raw.get("statsdUdpAddress"):
         raw["statsdUdpAddress"] = resolve(raw["statsdUdpAddress"])
         if not raw["statsdUdpAddress"]:
@@ -110,7 +126,7 @@ def resolve_statsd(address: str) -> str:
         pass
     try:
         infos = socket.getaddrinfo(host, port or None, type=socket.SOCK_DGRAM)
-    except (OSError, UnicodeError) as exc:
+    except (OSError, UnicodeError, ValueError) as exc:
         log.warning("statsdUdpAddress %s does not resolve (%s): statsd sink disabled", address, exc)
         return ""
     ip = str(infos[0][4][0])
@@ -118,13 +134,38 @@ def resolve_statsd(address: str) -> str:
 
 
 def _validate(proxy: ProxyConfig) -> None:
+    """What Istio's ValidateMeshConfigProxyConfig checks that the agent uses, and what Envoy would refuse only
+    after it started (its command-line flags are 32-bit)."""
     src = "effective ProxyConfig"
     if not proxy.config_path:
         raise ConfigError(src, "configPath", "must not be empty")
     for name, port in (("proxyAdminPort", proxy.proxy_admin_port), ("statusPort", proxy.status_port)):
         if not 0 < port <= 65535:
             raise ConfigError(src, name, f"{port} is not a valid port (1-65535)")
-    if proxy.concurrency is not None and proxy.concurrency < 0:
-        raise ConfigError(src, "concurrency", "must not be negative")
+    if proxy.concurrency is not None and not 0 <= proxy.concurrency <= MAX_CONCURRENCY:
+        raise ConfigError(
+            src,
+            "concurrency",
+            f"{proxy.concurrency} is not in [0, {MAX_CONCURRENCY}] (ProxyConfig, ISTIO_CPU_LIMIT or --concurrency;"
+            " Envoy starts one thread per worker)",
+        )
     if proxy.stat_name_length < 0:
         raise ConfigError(src, "statNameLength", "must not be negative")
+    # Istio's ValidateDrainDuration.
+    drain_ms = round(proxy.drain_duration * 1000, 6)
+    if drain_ms < 1 or drain_ms % 1000:
+        raise ConfigError(src, "drainDuration", f"{format_proto(proxy.drain_duration)}: must be whole seconds, >= 1s")
+    for name, seconds, flag in (
+        ("drainDuration", proxy.drain_duration, "--drain-time-s"),
+        ("parentShutdownDuration", proxy.parent_shutdown_duration, "--parent-shutdown-time-s"),
+    ):
+        if int(seconds) > UINT32_MAX:
+            raise ConfigError(src, name, f"{format_proto(seconds)} is more than Envoy's {flag} takes ({UINT32_MAX}s)")
+    flush = proxy.file_flush_interval
+    if flush is not None and int(flush * 1000) > UINT32_MAX:
+        raise ConfigError(
+            src, "fileFlushInterval", f"{format_proto(flush)} is more than Envoy's --file-flush-interval-msec takes"
+        )
+    for key in TLS_FILE_METADATA:
+        if "\0" in proxy.proxy_metadata.get(f"ISTIO_META_{key}", ""):
+            raise ConfigError(src, f"proxyMetadata.ISTIO_META_{key}", "a path must not contain a NUL byte")

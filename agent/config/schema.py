@@ -7,6 +7,7 @@ Normalised form = proto3 JSON: camelCase keys, proto3 default scalars dropped, d
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -90,7 +91,7 @@ def _integer(value: Any, source: str, path: str, lo: int, hi: int) -> int:
         raise ConfigError(source, path, f"expected an integer, got {value!r}")
     if isinstance(value, float) and value.is_integer():
         value = int(value)
-    if isinstance(value, str) and re.fullmatch(r"-?\d+", value.strip()):
+    if isinstance(value, str) and re.fullmatch(r"-?[0-9]+", value.strip()):
         value = int(value.strip())  # proto JSON accepts integers as strings
     if not isinstance(value, int):
         raise ConfigError(source, path, f"expected an integer, got {_kind(value)} {value!r}")
@@ -146,6 +147,9 @@ def bool_wrapper(value: Any, source: str, path: str) -> Any:
 def double(value: Any, source: str, path: str) -> Any:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ConfigError(source, path, f"expected a number, got {value!r}")
+    # YAML's .nan/.inf: Go's YAML-to-JSON step refuses them, and Envoy's JSON parser would too.
+    if not math.isfinite(value):
+        raise ConfigError(source, path, f"expected a finite number, got {value!r}")
     return float(value)
 
 
@@ -169,6 +173,14 @@ def enum(*names: str) -> Normaliser:
 
     _DEFAULTS[normalise] = names[0]
     return normalise
+
+
+@_zero("")
+def path_string(value: Any, source: str, path: str) -> Any:
+    """A file path: a string without NUL bytes (no file can be named so; Python's file calls raise on them)."""
+    if "\0" in string(value, source, path):
+        raise ConfigError(source, path, "a path must not contain a NUL byte")
+    return value
 
 
 @_zero({})
@@ -218,14 +230,14 @@ def runtime_values(value: Any, source: str, path: str) -> Any:
 CLIENT_TLS = Message(
     {
         "mode": enum("DISABLE", "SIMPLE", "MUTUAL", "ISTIO_MUTUAL"),
-        "clientCertificate": string,
-        "privateKey": string,
-        "caCertificates": string,
+        "clientCertificate": path_string,
+        "privateKey": path_string,
+        "caCertificates": path_string,
         "credentialName": string,
         "subjectAltNames": string_list,
         "sni": string,
         "insecureSkipVerify": bool_wrapper,
-        "caCrl": string,
+        "caCrl": path_string,
     }
 )
 TCP_KEEPALIVE = Message({"probes": uint32, "time": duration, "interval": duration})
@@ -256,8 +268,8 @@ TRACING = Message(
 
 PROXY_CONFIG = Message(
     {
-        "configPath": string,
-        "binaryPath": string,
+        "configPath": path_string,
+        "binaryPath": path_string,
         "serviceCluster": string,
         "tracingServiceName": enum("APP_LABEL_AND_NAMESPACE", "CANONICAL_NAME_ONLY", "CANONICAL_NAME_AND_NAMESPACE"),
         "drainDuration": duration,
@@ -270,10 +282,10 @@ PROXY_CONFIG = Message(
         "proxyAdminPort": int32,
         "availabilityZone": string,
         "controlPlaneAuthPolicy": enum("NONE", "MUTUAL_TLS", "INHERIT"),
-        "customConfigFile": string,
+        "customConfigFile": path_string,
         "statNameLength": int32,
         "concurrency": int32_wrapper,
-        "proxyBootstrapTemplatePath": string,
+        "proxyBootstrapTemplatePath": path_string,
         "interceptionMode": enum("REDIRECT", "TPROXY", "NONE"),
         "tracing": TRACING,
         "sds": any_object,

@@ -6,15 +6,15 @@ ExitCode.CONFIG_ERROR and one line instead of serving half a configuration (Isti
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from agent.config import env_settings as E
-from agent.config.envvars import Environment
+from agent.config.envvars import Environment, json_object
 from agent.errors import ConfigError
+from agent.flag_values import go_atoi
 
 APP_PROBERS_ENV = E.ISTIO_KUBE_APP_PROBERS.source
 ANNOTATIONS_ENV = E.ISTIO_PROMETHEUS_ANNOTATIONS.source
@@ -27,6 +27,7 @@ DEFAULT_SOURCE_CAP = 10 * 1024 * 1024
 # would then pin a scrape (and its sockets) for good. 10 s is Prometheus's own default scrape timeout.
 DEFAULT_SCRAPE_TIMEOUT = 10.0
 
+INT32_MAX = 2**31 - 1
 _PROBE_KEY = re.compile(r"^/(app-health|app-lifecycle)/[^/]+/(livez|readyz|startupz|prestopz|poststartz)$")
 
 
@@ -127,22 +128,12 @@ def _port(value: Any, source: str, key: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int | str):
         raise ConfigError(source, key, f"must be an integer port, got {value!r}")
     try:
-        port = int(value)
+        port = value if isinstance(value, int) else go_atoi(value)
     except ValueError:
         raise ConfigError(source, key, f"must be an integer port, got {value!r}") from None
     if not 1 <= port <= 65535:
         raise ConfigError(source, key, f"port {port} is out of range 1-65535")
     return port
-
-
-def _load_object(raw: str, source: str) -> dict[str, Any]:
-    try:
-        value = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise ConfigError(source, "", f"invalid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
-    if not isinstance(value, dict):
-        raise ConfigError(source, "", f"must be a JSON object, got {type(value).__name__}")
-    return value
 
 
 def parse_app_probers(raw: str) -> dict[str, AppProbe]:
@@ -151,7 +142,7 @@ def parse_app_probers(raw: str) -> dict[str, AppProbe]:
         return {}
     src = APP_PROBERS_ENV
     probes: dict[str, AppProbe] = {}
-    for key, spec in _load_object(raw, src).items():
+    for key, spec in json_object(raw, src).items():
         if not _PROBE_KEY.match(key):
             raise ConfigError(
                 src, key, "key must look like /app-health/<container>/livez|readyz|startupz or /app-lifecycle/..."
@@ -188,9 +179,12 @@ def parse_app_probers(raw: str) -> dict[str, AppProbe]:
             if not isinstance(service, str):
                 raise ConfigError(src, f"{where}.service", "must be a string")
             action = GRPCAction(port, service)
+        # Istio's Prober.TimeoutSeconds is an int32: Go refuses 1.5, 1e3 and anything beyond 2^31-1.
         timeout = spec.get("timeoutSeconds", 1)
-        if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout < 0:
-            raise ConfigError(src, f"{key}.timeoutSeconds", f"must be a non-negative number, got {timeout!r}")
+        if isinstance(timeout, bool) or not isinstance(timeout, int) or not 0 <= timeout <= INT32_MAX:
+            raise ConfigError(
+                src, f"{key}.timeoutSeconds", f"must be a non-negative integer (seconds, int32), got {timeout!r}"
+            )
         probes[key] = AppProbe(action, float(timeout))
     return probes
 
@@ -212,7 +206,7 @@ def parse_prometheus_annotations(raw: str, status_port: int) -> tuple[ScrapeTarg
     if not raw.strip():
         return ()
     src = ANNOTATIONS_ENV
-    config = _load_object(raw, src)
+    config = json_object(raw, src)
     scrape = config.get("scrape", "")
     if not isinstance(scrape, str | bool):
         raise ConfigError(src, "scrape", f'must be "true" or "false", got {scrape!r}')

@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import subprocess
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,6 +17,7 @@ import pytest
 from agent.bootstrap import render_bootstrap, write_bootstrap
 from agent.config import NodeOverrides, ProxyFlags, load_agent_config
 from agent.config.agent_config import AgentConfig, example_xds_dir
+from agent.config.flags import ENVOY_COMPONENTS
 from tests.bootstrap.golden import load_cases, render_case
 from tests.bootstrap.test_conformance import proxycfg_input
 from tests.support.conformance import conformance_dir
@@ -138,6 +140,11 @@ def test_default_bootstrap_starts_envoy_waiting_for_the_control_plane(tmp_path: 
         assert info["state"] == "PRE_INITIALIZING"
         assert info["node"]["id"] == "sidecar~10.244.0.7~reviews-v1-6d8f.default~default.svc.cluster.local"
         assert info["node"]["cluster"] == "reviews.default"
+        # The agent refuses a --proxyComponentLogLevel component Envoy does not have: the same names as Envoy's.
+        request = urllib.request.Request(f"http://127.0.0.1:{ports['admin']}/logging", method="POST")
+        with urllib.request.urlopen(request, timeout=5) as response:
+            listed = response.read().decode().splitlines()[1:]
+        assert {line.split(":")[0].strip() for line in listed if line.strip()} == ENVOY_COMPONENTS
         assert process.poll() is None
     finally:
         process.terminate()

@@ -50,9 +50,10 @@ def test_app_probers_of_every_kind() -> None:
     [
         (
             "{not json",
-            "env ISTIO_KUBE_APP_PROBERS: invalid JSON: Expecting property name enclosed in double quotes at line 1",
+            "env ISTIO_KUBE_APP_PROBERS: not valid JSON: Expecting property name enclosed in double quotes at line 1"
+            " column 2",
         ),
-        ("[]", "env ISTIO_KUBE_APP_PROBERS: must be a JSON object, got list"),
+        ("[]", "env ISTIO_KUBE_APP_PROBERS: expected a JSON object, got list"),
         (
             '{"/healthz/web/readyz": {"tcpSocket": {"port": 1}}}',
             "env ISTIO_KUBE_APP_PROBERS: /healthz/web/readyz: key must",
@@ -84,7 +85,7 @@ def test_app_probers_of_every_kind() -> None:
         ),
         (
             '{"/app-health/web/readyz": {"tcpSocket": {"port": 1}, "timeoutSeconds": "soon"}}',
-            "env ISTIO_KUBE_APP_PROBERS: /app-health/web/readyz.timeoutSeconds: must be a non-negative number",
+            "env ISTIO_KUBE_APP_PROBERS: /app-health/web/readyz.timeoutSeconds: must be a non-negative integer",
         ),
         (
             '{"/app-health/web/readyz": {"httpGet": {"port": 1, "httpHeaders": [{"value": "x"}]}}}',
@@ -112,7 +113,7 @@ def test_prometheus_annotations() -> None:
 @pytest.mark.parametrize(
     ("raw", "message"),
     [
-        ('{"port": "80', "env ISTIO_PROMETHEUS_ANNOTATIONS: invalid JSON"),
+        ('{"port": "80', "env ISTIO_PROMETHEUS_ANNOTATIONS: not valid JSON: Unterminated string starting at"),
         ('{"port": "eighty"}', "env ISTIO_PROMETHEUS_ANNOTATIONS: port: must be an integer port, got 'eighty'"),
         ('{"port": "15020"}', "env ISTIO_PROMETHEUS_ANNOTATIONS: port: port 15020 is the status port itself"),
         (
