@@ -17,11 +17,13 @@ from agent.bootstrap import stats
 from agent.bootstrap.metadata import build_node
 from agent.bootstrap.tls import transport_socket
 from agent.config.agent_config import AgentConfig
+from agent.config.proxy_sources import UINT32_MAX
 from agent.errors import ConfigError
 
 LIGHTSTEP_TOKEN_FILE = "lightstep_access_token.txt"
 MAX_CONNECTIONS_RUNTIME_KEY = "overload.global_downstream_max_connections"
 DEFAULT_MAX_CONNECTIONS = 2147483647
+INT64_MAX = 2**63 - 1
 SDS_SOCKET_DIR = "./var/run/secrets/workload-spiffe-uds"
 # Runtime flags Istio sets on every proxy (pkg/bootstrap extractRuntimeFlags); runtimeValues override them.
 DEFAULT_RUNTIME_FLAGS: Mapping[str, Any] = {
@@ -76,8 +78,9 @@ def max_connections(cfg: AgentConfig) -> int:
         (f"runtimeValues.{MAX_CONNECTIONS_RUNTIME_KEY}", cfg.proxy.runtime_values.get(MAX_CONNECTIONS_RUNTIME_KEY)),
     ):
         if value:
-            if not re.fullmatch("[0-9]+", value.strip()):
-                raise ConfigError("ProxyConfig", source, f"expected a non-negative integer, got {value!r}")
+            # Go's strconv.Atoi range (int64): Istio takes nothing larger.
+            if not re.fullmatch("[0-9]+", value.strip()) or int(value) > INT64_MAX:
+                raise ConfigError("ProxyConfig", source, f"expected a non-negative integer (int64), got {value!r}")
             return int(value)
     return DEFAULT_MAX_CONNECTIONS
 
@@ -146,6 +149,10 @@ def _remote_service(
             keepalive["keepalive_probes"] = ka["probes"]
         for key, out in (("time", "keepalive_time"), ("interval", "keepalive_interval")):
             seconds = int(float(str(ka.get(key, "0s")).rstrip("s")))
+            if seconds > UINT32_MAX:  # Envoy's keepalive_time/interval are UInt32Value seconds
+                raise ConfigError(
+                    "ProxyConfig", f"{field}.tcpKeepalive.{key}", f"{seconds}s is more than {UINT32_MAX}s"
+                )
             if seconds > 0:
                 keepalive[out] = seconds
         keepalive = {"tcp_keepalive": keepalive}

@@ -221,6 +221,14 @@ def test_any_annotation_values_render_or_raise_config_error_only(tmp_path: Path,
             "RE2 program size 33004 is above re2.max_program_size (32768)",  # compiles, but Envoy refuses it
         ),
         ({"proxy_config": {"tracing": {"zipkin": {"address": "z:9411"}, "sampling": ".nan"}}}, "tracing.sampling"),
+        (
+            {"proxy_config": {"envoyMetricsService": {"address": "m:1", "tcpKeepalive": {"time": "2562047h"}}}},
+            "envoyMetricsService.tcpKeepalive.time: 9223369200s is more than 4294967295s",
+        ),
+        (
+            {"proxy_config": {"runtimeValues": {"overload.global_downstream_max_connections": "9" * 40}}},
+            "runtimeValues.overload.global_downstream_max_connections: expected a non-negative integer (int64)",
+        ),
         ({"env": {"ISTIO_METAJSON_X": '{"a": 1e400}'}}, "env ISTIO_METAJSON_X: not valid JSON: number 1e400"),
         ({"env": {"ISTIO_METAJSON_X": '{"a": NaN}'}}, "env ISTIO_METAJSON_X: not valid JSON: NaN is not valid JSON"),
     ],
