@@ -86,14 +86,24 @@ def _option(
     return _substitute([*chosen, *required], ips)
 
 
-def _check_regexps(cfg: AgentConfig, annotation: str | None, from_proxy: Sequence[str] | None) -> None:
+def _user_entries(cfg: AgentConfig, annotation: str, proxy_field: str) -> tuple[str, str, list[str]]:
+    """(source, field, entries) of one inclusion list as the user gave it (the annotation replaces ProxyConfig's).
+    Envoy refuses an empty prefix, suffix or regexp (and so the whole bootstrap): refused here, naming it."""
+    if cfg.annotations.get(annotation):
+        source, field, entries = str(cfg.annotations_path), annotation, cfg.annotations[annotation].split(",")
+    else:
+        matcher: Mapping[str, Any] = cfg.proxy.proxy_stats_matcher or {}
+        source, field, entries = "ProxyConfig", f"proxyStatsMatcher.{proxy_field}", list(matcher.get(proxy_field) or ())
+    if "" in entries:
+        raise ConfigError(source, field, "an empty entry (Envoy needs at least one character)")
+    return source, field, entries
+
+
+def _check_regexps(cfg: AgentConfig) -> None:
     """Envoy compiles stats_matcher regexps with RE2 and refuses the whole bootstrap over one bad pattern (or one
     whose program is above the re2.max_program_size.error_level runtime flag): refuse it here, naming it."""
-    if annotation:
-        source, field, patterns = str(cfg.annotations_path), ANNO_REGEXPS, annotation.split(",")
-    elif from_proxy:
-        source, field, patterns = "ProxyConfig", "proxyStatsMatcher.inclusionRegexps", list(from_proxy)
-    else:
+    source, field, patterns = _user_entries(cfg, ANNO_REGEXPS, "inclusionRegexps")
+    if not patterns:
         return
     import re2  # noqa: PLC0415 (lazy: only when regexps are configured; ~7 ms)
 
@@ -127,11 +137,13 @@ def inclusion_patterns(cfg: AgentConfig, metadata_discovery: bool) -> list[dict[
     patterns: list[dict[str, Any]] = [{"prefix": "reporter="}]
     if metadata_discovery:
         patterns.append({"prefix": "workload_discovery"})
+    _user_entries(cfg, ANNO_PREFIXES, "inclusionPrefixes")
+    _user_entries(cfg, ANNO_SUFFIXES, "inclusionSuffixes")
+    _check_regexps(cfg)
     prefixes = _option(annotations.get(ANNO_PREFIXES), matcher.get("inclusionPrefixes"), REQUIRED_PREFIXES, ips)
     patterns += [{"prefix": p} for p in prefixes]
     sfx = _option(annotations.get(ANNO_SUFFIXES), matcher.get("inclusionSuffixes"), suffixes, ips)
     patterns += [{"suffix": s} for s in sfx]
-    _check_regexps(cfg, annotations.get(ANNO_REGEXPS), matcher.get("inclusionRegexps"))
     regexps = _option(annotations.get(ANNO_REGEXPS), matcher.get("inclusionRegexps"), REQUIRED_REGEXPS, ips)
     patterns += [{"safe_regex": {"regex": r}} for r in regexps]
     patterns += [{"prefix": "component"}, {"prefix": "istio"}]
@@ -164,6 +176,12 @@ def histogram_buckets(cfg: AgentConfig) -> list[dict[str, Any]] | None:
     )
     if not ok:
         raise ConfigError(source, ANNO_HISTOGRAM, 'expected {"prefix": [bucket, ...], ...} with numeric buckets')
+    # Envoy's HistogramBucketSettings: a non-empty prefix, buckets > 0 and unique.
+    for prefix, buckets in value.items():
+        if not prefix or any(b <= 0 for b in buckets) or len(set(buckets)) != len(buckets):
+            raise ConfigError(
+                source, ANNO_HISTOGRAM, f"{prefix!r}: Envoy needs a non-empty prefix and unique buckets above 0"
+            )
     return [{"match": {"prefix": p}, "buckets": value[p]} for p in sorted(value)] or None
 
 

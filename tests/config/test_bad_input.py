@@ -222,6 +222,20 @@ def test_any_annotation_values_render_or_raise_config_error_only(tmp_path: Path,
         ),
         ({"proxy_config": {"tracing": {"zipkin": {"address": "z:9411"}, "sampling": ".nan"}}}, "tracing.sampling"),
         (
+            {"annotations": {"sidecar.istio.io/statsInclusionPrefixes": "cluster.,"}},
+            "statsInclusionPrefixes: an empty entry",
+        ),
+        (
+            {"proxy_config": {"proxyStatsMatcher": {"inclusionSuffixes": ["_total", ""]}}},
+            "ProxyConfig: proxyStatsMatcher.inclusionSuffixes: an empty entry",
+        ),
+        (
+            {"annotations": {"sidecar.istio.io/statsHistogramBuckets": '{"a": [0, 1]}'}},
+            "statsHistogramBuckets: 'a': Envoy needs a non-empty prefix and unique buckets above 0",
+        ),
+        ({"annotations": {"sidecar.istio.io/statsHistogramBuckets": '{"a": [1, 1]}'}}, "unique buckets above 0"),
+        ({"annotations": {"sidecar.istio.io/statsHistogramBuckets": '{"": [1]}'}}, "'': Envoy needs a non-empty"),
+        (
             {"proxy_config": {"envoyMetricsService": {"address": "m:1", "tcpKeepalive": {"time": "2562047h"}}}},
             "envoyMetricsService.tcpKeepalive.time: 9223369200s is more than 4294967295s",
         ),
