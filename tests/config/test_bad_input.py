@@ -284,6 +284,14 @@ def test_a_lightstep_token_with_a_lone_surrogate_is_written(tmp_path: Path) -> N
     assert (tmp_path / "proxy" / "lightstep_access_token.txt").read_text() == "t\ufffdk"
 
 
+def test_a_lightstep_token_that_cannot_be_written_is_a_config_error(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("")
+    tracing = {"lightstep": {"address": "ls:8080", "accessToken": "t"}}
+    cfg = load(tmp_path, proxy_config={"configPath": str(tmp_path / "file" / "proxy"), "tracing": tracing})
+    with pytest.raises(ConfigError, match=r"^effective ProxyConfig: configPath: cannot write .*lightstep_access_token"):
+        render_desired_state(cfg, {})
+
+
 def test_config_path_that_cannot_be_written_is_refused_at_start(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("")
     cfg = load(tmp_path, proxy_config={"configPath": str(tmp_path / "file" / "proxy")})
