@@ -106,18 +106,20 @@ class RecordingRunner:
 
 
 def require_privileges() -> None:
-    """Root, or at least CAP_NET_ADMIN in the effective set (what istio-init's securityContext grants)."""
-    if os.geteuid() == 0:
-        return
+    """CAP_NET_ADMIN in the effective set, what istio-init's securityContext grants. Being root is not enough: in a
+    container that drops ALL capabilities, uid 0 cannot change the rules either (iptables then fails with "Permission
+    denied (you must be root)")."""
     try:
         with open("/proc/self/status", encoding="ascii") as status:
-            for line in status:
-                if line.startswith("CapEff:") and int(line.split()[1], 16) >> CAP_NET_ADMIN & 1:
-                    return
+            effective = next((int(line.split()[1], 16) for line in status if line.startswith("CapEff:")), None)
     except OSError:
-        pass
+        effective = None
+    if effective is None and os.geteuid() == 0:
+        return  # no /proc to ask: root is the best guess
+    if effective is not None and effective >> CAP_NET_ADMIN & 1:
+        return
     raise AgentError(
-        f"istio-iptables must run as root or with CAP_NET_ADMIN (running as uid {os.geteuid()})",
+        f"istio-iptables needs CAP_NET_ADMIN (root, or the NET_ADMIN capability); uid {os.geteuid()} runs without it",
         ExitCode.NOT_PERMITTED,
     )
 

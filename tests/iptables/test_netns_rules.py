@@ -138,7 +138,7 @@ def test_a_failing_table_through_the_cli_applies_nothing(pod: PodNetwork) -> Non
 def test_not_root_is_not_permitted(pod: PodNetwork) -> None:
     done = pod.pilot_agent(*INJECTOR_ARGS, uid=65534)
     assert done.returncode == ExitCode.NOT_PERMITTED
-    assert "root or with CAP_NET_ADMIN" in one_line_error(done.stderr)
+    assert "needs CAP_NET_ADMIN" in one_line_error(done.stderr)
     assert "ISTIO" not in pod.iptables_save()
 
 
