@@ -14,7 +14,7 @@ import pytest
 
 from tests.conftest import require_root
 from tests.support.atomic_writer import format_map
-from tests.support.container import ContainerProcess, Identity
+from tests.support.container import ContainerProcess, Identity, RunningContainer
 from tests.support.envoy import wait_until
 from tests.support.kube_values import PodIdentity
 from tests.support.pod import Image, Pod
@@ -24,9 +24,9 @@ DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 
 
 @pytest.fixture
-def container(tmp_path: Path) -> Iterator[list[ContainerProcess]]:
+def container(tmp_path: Path) -> Iterator[list[RunningContainer]]:
     require_root()
-    started: list[ContainerProcess] = []
+    started: list[RunningContainer] = []
     os.chmod(tmp_path, 0o755)
     yield started
     for process in started:
@@ -50,7 +50,7 @@ def _start(
 
 
 def test_pid1_without_a_sigterm_handler_is_killed_after_the_grace_period(
-    tmp_path: Path, container: list[ContainerProcess]
+    tmp_path: Path, container: list[RunningContainer]
 ) -> None:
     # `sleep` installs no handler, and the kernel drops a signal to a namespace's init that has none: kubelet's
     # SIGTERM does nothing, the grace period runs out, SIGKILL ends it.
@@ -65,7 +65,7 @@ def test_pid1_without_a_sigterm_handler_is_killed_after_the_grace_period(
 
 
 def test_pid1_with_a_handler_exits_on_sigterm_with_its_own_code(
-    tmp_path: Path, container: list[ContainerProcess]
+    tmp_path: Path, container: list[RunningContainer]
 ) -> None:
     process = _start(tmp_path, ["sh", "-c", "trap 'exit 7' TERM; sleep 300 & while :; do sleep 0.05; done"])
     container.append(process)
@@ -78,7 +78,7 @@ def test_pid1_with_a_handler_exits_on_sigterm_with_its_own_code(
 
 
 def test_container_runs_as_its_user_with_its_capabilities_as_pid1(
-    tmp_path: Path, container: list[ContainerProcess]
+    tmp_path: Path, container: list[RunningContainer]
 ) -> None:
     script = "echo $$; id -u; id -g; grep CapBnd /proc/self/status; cat /proc/1/comm"
     proxy = _start(tmp_path, ["sh", "-c", script], Identity(1337, 1337, ()))
@@ -96,7 +96,7 @@ def test_container_runs_as_its_user_with_its_capabilities_as_pid1(
 
 
 def test_read_only_root_leaves_only_the_writable_volumes_writable(
-    tmp_path: Path, container: list[ContainerProcess]
+    tmp_path: Path, container: list[RunningContainer]
 ) -> None:
     volume = tmp_path / "istio-envoy"
     volume.mkdir(mode=0o777)
@@ -115,7 +115,7 @@ def test_read_only_root_leaves_only_the_writable_volumes_writable(
     (tmp_path / "host-still-writable").touch()  # the remount stayed inside the container's mount namespace
 
 
-def test_exec_runs_inside_the_containers_namespaces(tmp_path: Path, container: list[ContainerProcess]) -> None:
+def test_exec_runs_inside_the_containers_namespaces(tmp_path: Path, container: list[RunningContainer]) -> None:
     process = _start(tmp_path, ["sleep", "300"], Identity(1337, 1337, ()))
     container.append(process)
     done = process.exec(["sh", "-c", "cat /proc/1/comm; id -u"], timeout=10)
@@ -129,7 +129,7 @@ def test_exec_runs_inside_the_containers_namespaces(tmp_path: Path, container: l
 
 
 @pytest.mark.netns
-def test_container_runs_in_the_given_network_namespace(tmp_path: Path, container: list[ContainerProcess]) -> None:
+def test_container_runs_in_the_given_network_namespace(tmp_path: Path, container: list[RunningContainer]) -> None:
     name = f"podh-{os.getpid()}"
     subprocess.run(["ip", "netns", "add", name], check=True)
     try:
@@ -142,7 +142,7 @@ def test_container_runs_in_the_given_network_namespace(tmp_path: Path, container
         subprocess.run(["ip", "netns", "del", name], check=True)
 
 
-def test_pod_from_manifest_has_kubelets_volumes_env_and_argv(container: list[ContainerProcess]) -> None:
+def test_pod_from_manifest_has_kubelets_volumes_env_and_argv(container: list[RunningContainer]) -> None:
     identity = PodIdentity(
         name="echo-sidecar-5d8f7b6c4-x7k2p",
         namespace="shop",
@@ -188,7 +188,7 @@ def test_pod_from_manifest_has_kubelets_volumes_env_and_argv(container: list[Con
         assert ((certs / "cert-chain.pem").read_bytes(), (certs / "key.pem").read_bytes()) == (b"chain-2", b"key-2")
 
 
-def test_pod_deletion_stops_app_containers_before_native_sidecars(container: list[ContainerProcess]) -> None:
+def test_pod_deletion_stops_app_containers_before_native_sidecars(container: list[RunningContainer]) -> None:
     loop = 'trap "echo $NAME >> ./order; exit 0" TERM; while :; do sleep 0.05; done'
 
     def looping(name: str, **extra: object) -> dict[str, object]:

@@ -9,6 +9,9 @@ with the container's capability bounding set and execs the command, which is PID
 A signal from outside to a PID namespace's init is delivered only if init has a handler for it (SIGKILL excepted):
 the rule a container's PID 1 lives under, which is what makes the agent's PID-1 tests meaningful. unshare's own
 parent blocks SIGTERM, so kubelet's signals go to PID 1 directly.
+
+`RunningContainer` is what the tests see of a container whatever runs it: ContainerProcess here (the host's
+filesystem as the image), `tests.support.runc.RuncContainer` for the image itself under runc.
 """
 
 from __future__ import annotations
@@ -73,74 +76,25 @@ class Termination:
     seconds: float  # from the start of termination (preStop included) to exit
 
 
-class ContainerProcess:
-    """One container's PID 1, in its own PID namespace, in the pod's network namespace."""
+class RunningContainer:
+    """A running container as the tests see it, whatever the runtime: its PID 1 (a host pid), what runs in its PID
+    namespace, its log, and kubelet's actions on it. A runtime sets `_popen` (the process whose exit is the
+    container's), `pid1`, `pid_ns` and `log_path`, and says how to signal and exec."""
 
-    def __init__(
-        self,
-        *,
-        argv: Sequence[str],
-        env: Mapping[str, str],
-        cwd: Path,
-        identity: Identity,
-        netns: str | Path | None,
-        log_path: Path,
-        read_only_root: bool = False,
-        writable: Sequence[Path] = (),
-    ) -> None:
-        self.argv = list(argv)
-        self.env = dict(env)
-        self.cwd = cwd
-        self.identity = identity
-        self.netns = netns_path(netns)
-        self.log_path = log_path
-        prefix = ["nsenter", f"--net={self.netns}"] if self.netns else []
-        setup = ["mount -t tmpfs -o mode=1777,size=64m shm /dev/shm"]
-        if read_only_root:
-            # Bind each writable volume onto itself first: a separate mount keeps its own rw flag when / goes ro.
-            setup += [f"mount --bind {shlex.quote(str(w))} {shlex.quote(str(w))}" for w in writable]
-            setup.append("mount -o remount,bind,ro /")
-        script = " && ".join([*setup, 'exec "$@"'])
-        command = [
-            *prefix, "unshare", "--pid", "--fork", "--mount-proc",
-            "sh", "-c", script, "sh", *identity.setpriv(), *self.argv,
-        ]  # fmt: skip
-        # The child keeps its own copy of the descriptor; the harness reads the file by path.
-        with log_path.open("ab") as log:
-            self._popen = subprocess.Popen(
-                command, env=self.env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
-            )
-        # Host pid of the container's PID 1; None when it was over before it could be seen (a quick init container).
-        self.pid1 = self._find_pid1()
-        self.pid_ns = self._read_pid_ns()
-        self._wait_for_exec()
+    _popen: subprocess.Popen[bytes]
+    started_at: float  # time.monotonic() just before the runtime's process was started
+    pid1: int | None
+    pid_ns: str | None
+    log_path: Path
 
-    def _find_pid1(self, timeout: float = 5.0) -> int | None:
-        deadline = time.monotonic() + timeout
-        pid = self._popen.pid
-        while time.monotonic() < deadline:
-            try:
-                children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-            except FileNotFoundError:
-                children = []
-            if children:
-                return int(children[0])
-            if self._popen.poll() is not None:
-                return None
-            time.sleep(0.005)
-        raise RuntimeError("unshare did not fork the container's PID 1")
+    def signal(self, sig: int) -> None:
+        raise NotImplementedError
 
-    def _wait_for_exec(self, timeout: float = 5.0) -> None:
-        """Return once PID 1 runs the container's command, not the harness's sh/setpriv wrappers before it."""
-        deadline = time.monotonic() + timeout
-        while self.pid1 is not None and time.monotonic() < deadline:
-            try:
-                cmdline = Path(f"/proc/{self.pid1}/cmdline").read_bytes()
-            except (FileNotFoundError, ProcessLookupError):
-                return
-            if not cmdline.startswith(_WRAPPERS):
-                return
-            time.sleep(0.002)
+    def exec(self, argv: Sequence[str], timeout: float) -> subprocess.CompletedProcess[bytes]:
+        raise NotImplementedError
+
+    def _decode_exit(self, code: int, start: float, killed: bool) -> Termination:
+        raise NotImplementedError
 
     def _read_pid_ns(self) -> str | None:
         if self.pid1 is None:
@@ -203,6 +157,106 @@ class ContainerProcess:
         return self._popen.wait(timeout)
 
     # ---- kubelet's actions ------------------------------------------------------------------------------------------
+    def terminate(
+        self, grace_s: float = 30.0, pre_stop: Sequence[str] | None = None, min_grace_s: float = KUBELET_MIN_GRACE_S
+    ) -> Termination:
+        """kubelet's killContainer: preStop (counted against the grace period), SIGTERM, wait, SIGKILL."""
+        start = time.monotonic()
+        if pre_stop is not None and self.running():
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.exec(pre_stop, timeout=grace_s)
+        remaining = max(grace_s - (time.monotonic() - start), min_grace_s)
+        self.signal(signal.SIGTERM)
+        killed = False
+        try:
+            self._popen.wait(timeout=remaining)
+        except subprocess.TimeoutExpired:
+            killed = True
+            self.signal(signal.SIGKILL)
+            self._popen.wait(timeout=10)
+        return self._decode_exit(self._popen.returncode, start, killed)
+
+    def kill(self) -> None:
+        if self.running():
+            self.signal(signal.SIGKILL)
+            self._popen.wait(timeout=10)
+
+    def close(self) -> None:
+        """Kill it if it still runs and release what the runtime holds for it."""
+        self.kill()
+
+
+class ContainerProcess(RunningContainer):
+    """One container's PID 1, in its own PID namespace, in the pod's network namespace."""
+
+    def __init__(
+        self,
+        *,
+        argv: Sequence[str],
+        env: Mapping[str, str],
+        cwd: Path,
+        identity: Identity,
+        netns: str | Path | None,
+        log_path: Path,
+        read_only_root: bool = False,
+        writable: Sequence[Path] = (),
+    ) -> None:
+        self.argv = list(argv)
+        self.env = dict(env)
+        self.cwd = cwd
+        self.identity = identity
+        self.netns = netns_path(netns)
+        self.log_path = log_path
+        prefix = ["nsenter", f"--net={self.netns}"] if self.netns else []
+        setup = ["mount -t tmpfs -o mode=1777,size=64m shm /dev/shm"]
+        if read_only_root:
+            # Bind each writable volume onto itself first: a separate mount keeps its own rw flag when / goes ro.
+            setup += [f"mount --bind {shlex.quote(str(w))} {shlex.quote(str(w))}" for w in writable]
+            setup.append("mount -o remount,bind,ro /")
+        script = " && ".join([*setup, 'exec "$@"'])
+        command = [
+            *prefix, "unshare", "--pid", "--fork", "--mount-proc",
+            "sh", "-c", script, "sh", *identity.setpriv(), *self.argv,
+        ]  # fmt: skip
+        # The child keeps its own copy of the descriptor; the harness reads the file by path.
+        self.started_at = time.monotonic()
+        with log_path.open("ab") as log:
+            self._popen = subprocess.Popen(
+                command, env=self.env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
+            )
+        # Host pid of the container's PID 1; None when it was over before it could be seen (a quick init container).
+        self.pid1 = self._find_pid1()
+        self.pid_ns = self._read_pid_ns()
+        self._wait_for_exec()
+
+    def _find_pid1(self, timeout: float = 5.0) -> int | None:
+        deadline = time.monotonic() + timeout
+        pid = self._popen.pid
+        while time.monotonic() < deadline:
+            try:
+                children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+            except FileNotFoundError:
+                children = []
+            if children:
+                return int(children[0])
+            if self._popen.poll() is not None:
+                return None
+            time.sleep(0.005)
+        raise RuntimeError("unshare did not fork the container's PID 1")
+
+    def _wait_for_exec(self, timeout: float = 5.0) -> None:
+        """Return once PID 1 runs the container's command, not the harness's sh/setpriv wrappers before it."""
+        deadline = time.monotonic() + timeout
+        while self.pid1 is not None and time.monotonic() < deadline:
+            try:
+                cmdline = Path(f"/proc/{self.pid1}/cmdline").read_bytes()
+            except (FileNotFoundError, ProcessLookupError):
+                return
+            if not cmdline.startswith(_WRAPPERS):
+                return
+            time.sleep(0.002)
+
+    # ---- kubelet's actions ------------------------------------------------------------------------------------------
     def signal(self, sig: int) -> None:
         # To PID 1 itself: unshare's parent blocks SIGTERM/SIGINT and would not pass them on.
         if self.pid1 is None or not self.running():
@@ -225,33 +279,8 @@ class ContainerProcess:
         ]
         return subprocess.run(command, env=self.env, cwd=self.cwd, capture_output=True, timeout=timeout, check=False)
 
-    def terminate(
-        self, grace_s: float = 30.0, pre_stop: Sequence[str] | None = None, min_grace_s: float = KUBELET_MIN_GRACE_S
-    ) -> Termination:
-        """kubelet's killContainer: preStop (counted against the grace period), SIGTERM, wait, SIGKILL."""
-        start = time.monotonic()
-        if pre_stop is not None and self.running():
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.exec(pre_stop, timeout=grace_s)
-        remaining = max(grace_s - (time.monotonic() - start), min_grace_s)
-        self.signal(signal.SIGTERM)
-        killed = False
-        try:
-            self._popen.wait(timeout=remaining)
-        except subprocess.TimeoutExpired:
-            killed = True
-            self.signal(signal.SIGKILL)
-            self._popen.wait(timeout=10)
-        return self._termination(start, killed)
-
-    def kill(self) -> None:
-        if self.running():
-            self.signal(signal.SIGKILL)
-            self._popen.wait(timeout=10)
-
-    def _termination(self, start: float, killed: bool) -> Termination:
+    def _decode_exit(self, code: int, start: float, killed: bool) -> Termination:
         seconds = time.monotonic() - start
-        code = self._popen.returncode
         if killed:
             # unshare re-raises its child's fatal signal on itself, except SIGKILL, for which it exits 1.
             return Termination(None, signal.SIGKILL, True, seconds)

@@ -30,12 +30,19 @@ from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import yaml
 
 from tests.support.atomic_writer import AtomicWriter, FileProjection, downward_api_payload
-from tests.support.container import KUBELET_MIN_GRACE_S, ContainerProcess, Identity, Termination, netns_path
+from tests.support.container import (
+    KUBELET_MIN_GRACE_S,
+    ContainerProcess,
+    Identity,
+    RunningContainer,
+    Termination,
+    netns_path,
+)
 from tests.support.envoy import envoy_binary
 from tests.support.kube_values import PodIdentity, container_argv, container_env, field_value, resource_value
 from tests.support.probes import ContainerProbes, ProbeSpec
@@ -77,6 +84,18 @@ def probe_specs(container: Mapping[str, Any]) -> dict[str, ProbeSpec]:
 
 
 # ---- the pod ---------------------------------------------------------------------------------------------------------
+class ContainerRuntime(Protocol):
+    """What starts a pod's containers from real images (tests/support/runc.py); without one, the harness runs them
+    on the host's filesystem (ContainerProcess)."""
+
+    def image(self, reference: str) -> Image: ...
+
+    def start(
+        self, pod: Pod, name: str, *, argv: Sequence[str], env: Mapping[str, str], identity: Identity,
+        read_only_root: bool, log_path: Path,
+    ) -> RunningContainer: ...  # fmt: skip
+
+
 @dataclass
 class Image:
     """What the image would provide: ENTRYPOINT, ENV, USER and the programs in its /usr/local/bin.
@@ -112,6 +131,7 @@ class Pod:
         secrets: Mapping[str, Mapping[str, bytes]] | None = None,
         images: Mapping[str, Image] | None = None,
         root: Path | None = None,
+        runtime: ContainerRuntime | None = None,
     ) -> None:
         labels = dict(metadata.get("labels") or {})
         annotations = dict(metadata.get("annotations") or {})
@@ -121,10 +141,11 @@ class Pod:
         self.configmaps = {k: dict(v) for k, v in (configmaps or {}).items()}
         self.secrets = {k: dict(v) for k, v in (secrets or {}).items()}
         self.images = dict(images or {})
+        self.runtime = runtime
         # The pod root plays the image's `/`; readable by the container's non-root user.
         self.root = root or Path(tempfile.mkdtemp(prefix="pod-"))
         os.chmod(self.root, 0o755)
-        self.containers: dict[str, ContainerProcess] = {}
+        self.containers: dict[str, RunningContainer] = {}
         self._writers: dict[str, list[AtomicWriter]] = {}
         self._mount_volumes()
         for image in [Image(), *self.images.values()]:
@@ -262,6 +283,8 @@ class Pod:
         return find_container(self.spec, name)[0]
 
     def image(self, name: str) -> Image:
+        if self.runtime is not None:
+            return self.runtime.image(str(self.container_spec(name)["image"]))
         return self.images.get(name, Image())
 
     def env(self, name: str) -> dict[str, str]:
@@ -278,22 +301,29 @@ class Pod:
 
     def start(
         self, name: str, argv: Sequence[str] | None = None, env_overrides: Mapping[str, str] | None = None
-    ) -> ContainerProcess:
+    ) -> RunningContainer:
         """Start a container (its postStart hook, if any, is the caller's: `lifecycle_hook` + `exec`).
 
         `env_overrides` is for what the harness cannot reproduce, e.g. an absolute mountPath in an env value
         (`pod.path(...)` gives where it is here)."""
+        if name in self.containers:
+            self.containers.pop(name).close()  # a restart: the runtime's old container goes first
         container = self.container_spec(name)
-        process = ContainerProcess(
-            argv=argv if argv is not None else self.argv(name),
-            env={**self.env(name), **(env_overrides or {})},
-            cwd=self.root,
-            identity=Identity.of(container, self.spec, self.image(name).user),
-            netns=self.netns,
-            log_path=self.root / f"{name}.log",
-            read_only_root=bool((container.get("securityContext") or {}).get("readOnlyRootFilesystem")),
-            writable=self._writable_paths(container),
-        )
+        argv = argv if argv is not None else self.argv(name)
+        env = {**self.env(name), **(env_overrides or {})}
+        identity = Identity.of(container, self.spec, self.image(name).user)
+        read_only_root = bool((container.get("securityContext") or {}).get("readOnlyRootFilesystem"))
+        log_path = self.root / f"{name}.log"
+        process: RunningContainer
+        if self.runtime is not None:
+            process = self.runtime.start(
+                self, name, argv=argv, env=env, identity=identity, read_only_root=read_only_root, log_path=log_path
+            )
+        else:
+            process = ContainerProcess(
+                argv=argv, env=env, cwd=self.root, identity=identity, netns=self.netns, log_path=log_path,
+                read_only_root=read_only_root, writable=self._writable_paths(container),
+            )  # fmt: skip
         self.containers[name] = process
         return process
 
@@ -309,7 +339,7 @@ class Pod:
         try:
             code = process.wait(timeout)
         finally:
-            process.kill()
+            process.close()
         return code, process.log_text()
 
     def lifecycle_hook(self, name: str, hook: str) -> list[str] | None:
@@ -358,7 +388,7 @@ class Pod:
 
     def close(self) -> None:
         for process in self.containers.values():
-            process.kill()
+            process.close()
         shutil.rmtree(self.root, ignore_errors=True)
 
     def __enter__(self) -> Pod:

@@ -24,11 +24,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from tests.support.container import ContainerProcess
+from tests.support.container import RunningContainer
 from tests.support.envoy import http_get
 from tests.support.kube_values import PodIdentity
 from tests.support.netns import PodNetwork, pod_network
-from tests.support.pod import Pod, load_documents, pod_template
+from tests.support.pod import ContainerRuntime, Pod, load_documents, pod_template
 from tests.support.probes import enter_netns
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
@@ -224,8 +224,8 @@ def self_signed(common_name: str, workdir: Path) -> dict[str, bytes]:
 class RunningPod:
     net: PodNetwork
     pod: Pod
-    proxy: ContainerProcess
-    # Monotonic times: istio-init started / finished, istio-proxy started, 15021 first answered 200.
+    proxy: RunningContainer
+    # Monotonic times: istio-init started / finished, istio-proxy's runtime started, 15021 first answered 200.
     init_started: float
     init_done: float
     proxy_started: float
@@ -368,13 +368,15 @@ def no_control_plane_pod(
     annotations: Mapping[str, str] | None = None,
     secrets: Mapping[str, Mapping[str, bytes]] | None = None,
     env: Callable[[Pod], Mapping[str, str]] | None = None,
+    runtime: ContainerRuntime | None = None,
 ) -> Iterator[RunningPod]:
     """deploy/no-control-plane.yaml on this machine, ready: istio-init run to completion, the app (the harness's,
     for agnhost), istio-proxy as PID 1 of its PID namespace; yields once 15021 answers 200 from the node side.
 
     `annotations` are added to the pod's (e.g. `proxy.istio.io/config`); `secrets` are the Secrets the API server
     would hold (the manifest's optional `istio.echo` cert volume); `env(pod)` goes on top of the container's env, for
-    what the harness cannot reproduce (absolute mount paths: the pod root is not the host's `/`)."""
+    what the harness cannot reproduce (absolute mount paths: the pod root is not the host's `/`). With a `runtime`
+    (tests/support/runc.py) istio-init and istio-proxy run from the built image, where every mount is at its path."""
     configmap, meta, spec = manifest_pod()
     with pod_network(prefix) as net:
         identity = PodIdentity(
@@ -387,16 +389,19 @@ def no_control_plane_pod(
             node_cpus=2,
         )
         configmaps = {configmap["metadata"]["name"]: configmap["data"]}
-        with Pod(meta, spec, identity=identity, netns=net.pod_ns, configmaps=configmaps, secrets=secrets) as pod:
+        with Pod(
+            meta, spec, identity=identity, netns=net.pod_ns, configmaps=configmaps, secrets=secrets, runtime=runtime
+        ) as pod:
             init_started = time.monotonic()
             code, output = pod.run_to_completion("istio-init")
             init_done = time.monotonic()
             assert code == 0, output
             with net.app([8080]):
-                overrides = {"ISTIO_LOCAL_XDS_DIR": str(pod.path("/etc/istio/local-xds")), **(env(pod) if env else {})}
+                overrides = {} if runtime else {"ISTIO_LOCAL_XDS_DIR": str(pod.path("/etc/istio/local-xds"))}
+                overrides.update(env(pod) if env else {})
                 live = _LiveWatch(netns_file(net.pod_ns))
-                proxy_started = time.monotonic()
                 proxy = pod.start("istio-proxy", env_overrides=overrides)
+                proxy_started = proxy.started_at
                 try:
                     ready_at = wait_ready(net)
                 except AssertionError:
