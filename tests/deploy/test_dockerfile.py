@@ -1,15 +1,15 @@
-"""The Dockerfile, checked by reading: no container engine runs here, so what a build would prove is checked statically.
+"""The Dockerfile, checked by reading: what the real build (tests/container, on bases made locally and a wheelhouse)
+cannot show.
 
-What an operator relies on: the entrypoint is this agent, it runs as uid/gid 1337 from `/` like Istio's proxyv2
-image, Envoy comes from the official image at the path the agent tries first, the same image can run istio-init
-(iptables, iproute2), and the build does not fail on a missing file or a path .dockerignore keeps out.
+tests/container builds the image and runs it, which proves the entrypoint, the user, the directories, the copied
+paths and istio-init. It never pulls the default bases nor installs from the package index, so here: the default
+bases match the pinned Envoy and the suite's Python, the default build still installs from the index (the
+wheelhouse is an opt-in), and .dockerignore keeps the build context to what the Dockerfile copies.
 """
 
 from __future__ import annotations
 
-import json
 import re
-import shlex
 import sys
 import tomllib
 from dataclasses import dataclass
@@ -127,31 +127,6 @@ def _final(dockerfile: tuple[dict[str, str], list[Stage]]) -> Stage:
     return dockerfile[1][-1]
 
 
-def test_entrypoint_is_the_agent_script_that_pip_installs(dockerfile: tuple[dict[str, str], list[Stage]]) -> None:
-    final = _final(dockerfile)
-    entrypoints = final.all("ENTRYPOINT")
-    assert len(entrypoints) == 1
-    # Exec form: the agent is PID 1 and gets kubelet's SIGTERM itself (the shell form would put sh in between).
-    assert json.loads(entrypoints[0].value) == ["/usr/local/bin/pilot-agent"]
-    # That path is a link to the console script pip writes into the venv for [project.scripts] pilot-agent.
-    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
-    assert scripts["pilot-agent"] == "agent.cli:main"
-    runs = " ".join(i.value for i in final.all("RUN"))
-    assert "ln -s /opt/pilot-agent/bin/pilot-agent /usr/local/bin/pilot-agent" in runs
-    assert any("/opt/pilot-agent" in i.value and "--from=build" in i.value for i in final.all("COPY"))
-    assert not final.all("CMD"), "the pod spec supplies the subcommand (args: [proxy, sidecar, ...])"
-
-
-def test_runs_as_uid_and_gid_1337_from_root_dir(dockerfile: tuple[dict[str, str], list[Stage]]) -> None:
-    final = _final(dockerfile)
-    users = final.all("USER")
-    # Numeric: kubelet can only enforce runAsNonRoot against a numeric image user.
-    assert users[-1].value == "1337:1337"
-    last_run = max(final.instructions.index(i) for i in final.all("RUN"))
-    assert final.instructions.index(users[-1]) > last_run, "USER must come after every RUN that needs root"
-    assert final.all("WORKDIR")[-1].value == "/"
-
-
 def test_envoy_comes_from_the_official_image_matching_the_pinned_envoy(
     dockerfile: tuple[dict[str, str], list[Stage]],
 ) -> None:
@@ -183,63 +158,27 @@ def test_python_base_satisfies_requires_python(dockerfile: tuple[dict[str, str],
     assert (int(match.group(1)), int(match.group(2))) == sys.version_info[:2]
 
 
-def test_same_image_can_run_istio_init(dockerfile: tuple[dict[str, str], list[Stage]]) -> None:
-    runs = " ".join(i.value for i in _final(dockerfile).all("RUN"))
-    apt = re.search(r"apt-get install ([^&]*)", runs)
-    assert apt is not None
-    packages = set(shlex.split(apt.group(1)))
-    assert {"iptables", "iproute2"} <= packages
-
-
-def test_istio_directories_exist_and_proxy_dir_is_writable_by_1337(
-    dockerfile: tuple[dict[str, str], list[Stage]],
-) -> None:
-    runs = [i.value for i in _final(dockerfile).all("RUN")]
-    mkdir = next(r for r in runs if r.startswith("mkdir -p"))
-    made = set(shlex.split(mkdir.split("&&")[0])[2:])
-    assert {"/etc/istio/proxy", "/etc/istio/config", "/etc/istio/pod", "/var/lib/istio/data"} <= made
-    chown = next(part for part in mkdir.split("&&") if "chown" in part)
-    owned = shlex.split(chown)
-    assert owned[:3] == ["chown", "-R", "1337:1337"]
-    assert "/etc/istio/proxy" in owned
-    assert "/var/lib/istio" in owned
-
-
-def test_every_copied_path_exists_and_is_in_the_build_context(
-    dockerfile: tuple[dict[str, str], list[Stage]],
-) -> None:
-    patterns = _dockerignore()
-    sources: list[str] = []
-    for stage in dockerfile[1]:
-        for ins in stage.all("COPY") + stage.all("ADD"):
-            words = [w for w in shlex.split(ins.value) if not w.startswith("--")]
-            if "--from=" in ins.value:
-                continue
-            sources.extend(words[:-1])
-    assert sources, "the Dockerfile copies nothing from the repository"
-    for source in sources:
-        assert (REPO / source).exists(), f"Dockerfile copies {source}, which the repository does not have"
-        assert not dockerignore_excludes(patterns, source), f".dockerignore keeps {source} out of the build"
-
-
-def test_every_package_pyproject_installs_is_copied(dockerfile: tuple[dict[str, str], list[Stage]]) -> None:
-    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
-    include = pyproject["tool"]["setuptools"]["packages"]["find"]["include"]
-    tops = {pattern.rstrip("*").rstrip(".") for pattern in include}
-    copied = {
-        shlex.split(i.value)[0].rstrip("/")
-        for stage in dockerfile[1]
-        for i in stage.all("COPY")
-        if "--from=" not in i.value
-    }
-    assert tops <= copied, f"packages not copied into the build: {sorted(tops - copied)}"
+def test_the_default_build_installs_from_the_package_index(dockerfile: tuple[dict[str, str], list[Stage]]) -> None:
+    # The wheelhouse is opt-in (--build-context wheelhouse=DIR plus --no-index): without it the stage is empty and
+    # pip gets no options, so everyone else's `docker build .` installs from the index as before.
+    _args, stages = dockerfile
+    wheelhouse = next(s for s in stages if s.name == "wheelhouse")
+    assert wheelhouse.base == "scratch"
+    assert wheelhouse.instructions == ()
+    build = next(s for s in stages if s.name == "build")
+    assert [i.value for i in build.all("ARG")] == ["PIP_INSTALL_OPTIONS="]
+    pip_runs = [i.value for i in build.all("RUN") if "/opt/pilot-agent/bin/pip install" in i.value]
+    assert len(pip_runs) == 2
+    for run in pip_runs:
+        assert run.startswith("--mount=type=bind,from=wheelhouse,target=/wheelhouse ")
+        assert "pip install ${PIP_INSTALL_OPTIONS} " in run
 
 
 def test_dockerignore_keeps_out_what_must_not_reach_the_image() -> None:
     patterns = _dockerignore()
     for path in (".git/config", "tests/conftest.py", ".venv/bin/python", "agent/__pycache__/cli.cpython-311.pyc"):
         assert dockerignore_excludes(patterns, path), path
-    for path in ("agent/cli.py", "pyproject.toml", "bootstrap_templates/__init__.py"):
+    for path in ("agent/cli.py", "pyproject.toml", "LICENSE", "bootstrap_templates/__init__.py"):
         assert not dockerignore_excludes(patterns, path), path
 
 
