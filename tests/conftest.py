@@ -1,7 +1,8 @@
 """Suite-wide rules.
 
-In CI (CI=true) a skipped test that needs root, network namespaces, a real Envoy, the conformance data or the built
-image is a failure: those are the tests that prove the agent works, and a machine that cannot run them must not pass.
+In CI (CI=true) a skipped test that needs root, network namespaces, a real Envoy, Istio's goldens or binaries, or the
+built image is a failure: those are the tests that prove the agent works, and a machine that cannot run them must not
+pass.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from collections.abc import Generator
 
 import pytest
 
-MUST_RUN_IN_CI = {"envoy", "root", "netns", "conformance", "container"}
+MUST_RUN_IN_CI = {"envoy", "root", "netns", "conformance", "container", "istio"}
 
 
 @pytest.hookimpl(wrapper=True)
