@@ -18,9 +18,7 @@ from agent.bootstrap import render_bootstrap, write_bootstrap
 from agent.config import NodeOverrides, ProxyFlags, load_agent_config
 from agent.config.agent_config import AgentConfig, example_xds_dir
 from agent.config.flags import ENVOY_COMPONENTS
-from tests.bootstrap.golden import load_cases, render_case
-from tests.bootstrap.test_conformance import proxycfg_input
-from tests.support.conformance import conformance_dir
+from tests.bootstrap.golden import load_cases, proxycfg_input, render_case
 from tests.support.envoy import envoy_binary, free_port, http_get, new_base_id, remove_shm, running_envoy, wait_until
 from tests.support.http_server import QuietHandler, serving_http
 
@@ -104,16 +102,15 @@ def test_default_bootstrap_passes_envoy_validate(tmp_path: Path) -> None:
 
 @pytest.mark.conformance
 def test_every_conformance_bootstrap_validates_except_istio_only_extensions(tmp_path: Path) -> None:
-    directory = conformance_dir("bootstrap")
     failures = {}
-    for i, case in enumerate(load_cases(directory)):
+    for i, case in enumerate(load_cases()):
         case_dir = tmp_path / str(i)
         case_dir.mkdir()
-        rendered = render_case(directory, case, case_dir, proxycfg_input(directory, case))
+        rendered = render_case(case, case_dir, proxycfg_input(case))
         (case_dir / "bootstrap.json").write_text(rendered.text)
         result = validate(case_dir / "bootstrap.json")
         if result.returncode != 0:
-            failures[case["name"]] = result.stderr
+            failures[case.name] = result.stderr
     assert set(failures) == set(NOT_IN_UPSTREAM_ENVOY)
     for name, extension in NOT_IN_UPSTREAM_ENVOY.items():
         assert "Didn't find a registered implementation" in failures[name] and extension in failures[name]
