@@ -67,9 +67,10 @@ def runtime_flags(cfg: AgentConfig) -> dict[str, Any]:
 
 
 def max_connections(cfg: AgentConfig) -> int:
-    """connectionSettings > proxyMetadata ISTIO_META_GLOBAL_DOWNSTREAM_MAX_CONNECTIONS > runtime flag > 2^31-1."""
-    if cfg.proxy.global_downstream_connection_limit is not None:
-        return cfg.proxy.global_downstream_connection_limit
+    """proxyMetadata ISTIO_META_GLOBAL_DOWNSTREAM_MAX_CONNECTIONS > runtime flag > 2^31-1.
+
+    Not `connectionSettings.globalDownstreamConnectionLimit`: Istio's agent (at the pinned version) validates that
+    field but leaves it out of the bootstrap ("wired in later PR"), and so do we."""
     for source, value in (
         (
             "proxyMetadata.ISTIO_META_GLOBAL_DOWNSTREAM_MAX_CONNECTIONS",

@@ -107,13 +107,11 @@ class ProxyConfig:
     envoy_access_log_service: Mapping[str, Any] | None
     proxy_stats_matcher: Mapping[str, Any] | None
     stats_compression: bool | None
-    global_downstream_connection_limit: int | None
 
     @classmethod
     def from_raw(cls, raw: Mapping[str, Any]) -> ProxyConfig:
         """Typed view of a normalised dict. No defaults are added here: `raw` is taken as the whole config."""
         frozen: Mapping[str, Any] = _frozen(prune_defaults(raw))
-        conn = frozen.get("connectionSettings") or {}
         concurrency = frozen.get("concurrency")
         flush = frozen.get("fileFlushInterval")
         return cls(
@@ -143,7 +141,6 @@ class ProxyConfig:
             envoy_access_log_service=frozen.get("envoyAccessLogService"),
             proxy_stats_matcher=frozen.get("proxyStatsMatcher"),
             stats_compression=frozen.get("statsCompression"),
-            global_downstream_connection_limit=conn.get("globalDownstreamConnectionLimit"),
         )
 
     def to_proto_json(self) -> dict[str, Any]:
