@@ -37,7 +37,7 @@ def test_failed_build_is_one_line_and_leaves_no_stamp(tmp_path: Path, monkeypatc
         istio_build.build(NO_SUCH_VERSION)
     message = str(caught.value)
     assert "\n" not in message
-    assert message.startswith(f"`go install` of Istio {NO_SUCH_VERSION} failed: ")
+    assert message.startswith(f"`go install istio.io/istio/pilot/cmd/pilot-agent@{NO_SUCH_VERSION}` failed: ")
     assert not (istio_build.bin_dir(NO_SUCH_VERSION) / istio_build.STAMP).exists()
 
 

