@@ -132,6 +132,7 @@ class Pod:
         images: Mapping[str, Image] | None = None,
         root: Path | None = None,
         runtime: ContainerRuntime | None = None,
+        service_account_tokens: Mapping[str, str] | None = None,
     ) -> None:
         labels = dict(metadata.get("labels") or {})
         annotations = dict(metadata.get("annotations") or {})
@@ -142,6 +143,8 @@ class Pod:
         self.secrets = {k: dict(v) for k, v in (secrets or {}).items()}
         self.images = dict(images or {})
         self.runtime = runtime
+        # audience -> the token the API server would issue (e.g. a tests/support/istio_pki.py JwtIssuer's).
+        self.service_account_tokens = dict(service_account_tokens or {})
         # The pod root plays the image's `/`; readable by the container's non-root user.
         self.root = root or Path(tempfile.mkdtemp(prefix="pod-"))
         os.chmod(self.root, 0o755)
@@ -209,8 +212,10 @@ class Pod:
             return payload
         if "serviceAccountToken" in volume:
             token = volume["serviceAccountToken"]
-            # A stand-in: no API server issues tokens here. Files only need to exist for the agent's readers.
-            return {str(token["path"]): FileProjection(b"not-a-real-service-account-token", 0o644)}
+            # No API server issues tokens here: the test's token for that audience, else a stand-in that only needs
+            # to exist for the agent's readers.
+            issued = self.service_account_tokens.get(str(token.get("audience", "")), "not-a-real-service-account-token")
+            return {str(token["path"]): FileProjection(issued.encode(), 0o644)}
         if "downwardAPI" in volume:
             items = volume["downwardAPI"]["items"]
             return downward_api_payload(
