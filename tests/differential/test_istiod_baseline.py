@@ -17,6 +17,7 @@ import pytest
 from cryptography import x509
 
 from tests.conftest import require_root
+from tests.support.mesh_pki import uri_sans
 from tests.support.mesh_pod import NAMESPACE, SERVICE_ACCOUNT, istio_agent_image, istiod_sidecar_pod
 
 pytestmark = [pytest.mark.istio, pytest.mark.envoy, pytest.mark.root, pytest.mark.netns, pytest.mark.slow]
@@ -67,11 +68,9 @@ def test_istio_agent_joins_the_standalone_istiod(tmp_path: Path) -> None:
         secrets = {s["name"]: s for s in json.loads(body)["configs"]}
         assert {"default", "ROOTCA"} <= set(secrets)
         chain = secrets["default"]["secret"]["tls_certificate"]["certificate_chain"]["inline_bytes"]
-        leaf = x509.load_pem_x509_certificate(base64.b64decode(chain))
-        sans = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        spiffe = f"spiffe://cluster.local/ns/{NAMESPACE}/sa/{SERVICE_ACCOUNT}"
-        assert sans.get_values_for_type(x509.UniformResourceIdentifier) == [spiffe]
-        assert leaf.issuer == mesh.istiod.ca.ca.subject
+        leaf = base64.b64decode(chain)
+        assert uri_sans(leaf) == [f"spiffe://cluster.local/ns/{NAMESPACE}/sa/{SERVICE_ACCOUNT}"]
+        assert x509.load_pem_x509_certificate(leaf).issuer == mesh.istiod.ca.ca.subject
         assert mesh.istiod.jwks.requests, "istiod never fetched the JWKS"
 
         # istiod's side: one connected proxy, which ACKed what it was sent.

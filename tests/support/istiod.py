@@ -8,7 +8,7 @@
 How it runs (facts from pilot/pkg/bootstrap, see ../shared/reference/real-mesh.md section 4):
 - `--registries=` (no Kubernetes registry) and `--configDir` (a directory of Istio config YAML the test writes,
   watched by istiod: `write_config()` changes it live), so istiod never builds a Kubernetes client;
-- a plug-in CA in `ROOT_CA_DIR` (`MeshCA`, test-generated), so agents can be given the root the CA signs under;
+- a plug-in CA in `ROOT_CA_DIR` (a test-generated tests/support/mesh_pki.py `MeshCa`): agents get its root;
 - `JWT_RULE` with the JWKS a `JwtIssuer` serves on loopback: istiod's CA authenticates CSRs with those tokens
   (without Kubernetes it has no TokenReview; an unauthenticated caller gets no certificate);
 - every port moved to a free one (`IstiodPorts`), nothing on Istio's defaults, so agents and tests keep theirs;
@@ -40,7 +40,8 @@ import yaml
 
 from tests.support.envoy import free_port
 from tests.support.istio import istio_binary
-from tests.support.istio_pki import JwksServer, JwtIssuer, MeshCA, serving_jwks
+from tests.support.istio_jwt import JwksServer, JwtIssuer, serving_jwks
+from tests.support.mesh_pki import MeshCa
 from tests.support.pod_run import in_netns, netns_file
 
 ISTIOD_SAN = "istiod.istio-system.svc"
@@ -72,7 +73,7 @@ class IstiodPorts:
 class Istiod:
     host: str
     ports: IstiodPorts
-    ca: MeshCA
+    ca: MeshCa
     issuer: JwtIssuer
     jwks: JwksServer
     config_dir: Path
@@ -141,13 +142,13 @@ def running_istiod(
     netns: str | None = None,
     host: str = "127.0.0.1",
     env: Mapping[str, str] | None = None,
-    ca: MeshCA | None = None,
+    ca: MeshCa | None = None,
 ) -> Iterator[Istiod]:
     """Start pilot-discovery as described above; yield once `/ready` is 200; stop it (SIGTERM) after the block.
 
     `config`: file name -> Istio config YAML (ServiceEntry, DestinationRule, Sidecar, PeerAuthentication, ...).
     `mesh`: the mesh config (defaults to `DEFAULT_MESH`). `env`: extra istiod env (e.g. `PILOT_...` features).
-    `ca`: a `MeshCA` to reuse (one is generated otherwise)."""
+    `ca`: a `MeshCa` to reuse (one is generated otherwise)."""
     binary = istio_binary("pilot-discovery")
     root = workdir / "istiod"
     config_dir = root / "config"
@@ -156,8 +157,9 @@ def running_istiod(
         (config_dir / name).write_text(text)
     mesh_file = root / "mesh.yaml"
     mesh_file.write_text(yaml.safe_dump(dict(mesh if mesh is not None else DEFAULT_MESH)))
-    ca = ca or MeshCA()
-    ca_dir = ca.write_plugin_bundle(root / "etc" / "cacerts")
+    ca = ca or MeshCa()
+    ca_dir = root / "etc" / "cacerts"
+    ca.write_plugin_bundle(ca_dir)
     issuer = JwtIssuer()
     ports = IstiodPorts.pick()
     netns_path = netns_file(netns) if netns else None

@@ -143,7 +143,7 @@ class Pod:
         self.secrets = {k: dict(v) for k, v in (secrets or {}).items()}
         self.images = dict(images or {})
         self.runtime = runtime
-        # audience -> the token the API server would issue (e.g. a tests/support/istio_pki.py JwtIssuer's).
+        # audience -> the token the API server would issue (e.g. a tests/support/istio_jwt.py JwtIssuer's).
         self.service_account_tokens = dict(service_account_tokens or {})
         # The pod root plays the image's `/`; readable by the container's non-root user.
         self.root = root or Path(tempfile.mkdtemp(prefix="pod-"))
