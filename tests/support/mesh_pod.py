@@ -27,7 +27,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.support.container import ContainerProcess
+from tests.support.container import RunningContainer
 from tests.support.envoy import envoy_binary
 from tests.support.istio import istio_binary, istio_source
 from tests.support.istiod import ISTIOD_SAN, Istiod, running_istiod
@@ -55,7 +55,7 @@ class MeshPod:
     net: PodNetwork
     pod: Pod
     istiod: Istiod
-    proxy: ContainerProcess
+    proxy: RunningContainer
     proxy_started: float
     ready_at: float
 
