@@ -1,53 +1,94 @@
 """The agent's shared lifecycle state: is Envoy up, is shutdown requested, and why.
 
-One instance is built at start-up and handed to the supervisor (which writes it) and to the status server (which
-reads it for readiness and writes it from /quitquitquit and /drain). Shutdown is a request carrying a cause, not a
-signal sent to the process, so tests trigger it directly.
+One instance is built at start-up and handed to the supervisor (which reports Envoy's starts and exits) and to the
+status server (which reads it for readiness and requests shutdown from /quitquitquit and /drain). It changes only
+through its methods; readers get properties and awaitables. Shutdown is a request carrying a cause, not a signal
+sent to the process, so tests trigger it directly.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass, field
 
 log = logging.getLogger("agent.lifecycle")
 
 
-@dataclass
 class Lifecycle:
-    shutdown_requested: asyncio.Event = field(default_factory=asyncio.Event)
-    shutdown_cause: str | None = None
-    # Set by /drain and /quitquitquit: the later shutdown must not wait for a drain period.
-    skip_drain: bool = False
-    # Set once a second shutdown request arrives (second SIGTERM): stop everything now.
-    immediate: bool = False
-    # None while the supervisor believes an Envoy epoch is running; otherwise why it is not.
-    envoy_down_reason: str | None = "Envoy has not been started yet"
-    # Envoy cold starts so far (first start, crash restart, recovery of a wedged hot-restart family), counted by the
-    # supervisor. A reader caching what it verified about Envoy (config received) must verify again when it changes:
-    # the new Envoy knows nothing yet, even if no probe happened to land while it was down.
-    envoy_starts: int = 0
+    def __init__(self) -> None:
+        self._shutdown = asyncio.Event()
+        self._immediate = asyncio.Event()
+        self._shutdown_cause: str | None = None
+        self._skip_drain = False
+        self._envoy_down_reason: str | None = "Envoy has not been started yet"
+        self._envoy_starts = 0
+
+    # ---- shutdown ----
 
     def request_shutdown(self, cause: str, *, skip_drain: bool = False) -> None:
-        if self.shutdown_requested.is_set():
-            if not self.immediate:
+        """The first request starts the shutdown (readiness flips at once); a second one makes it immediate."""
+        if self._shutdown.is_set():
+            if not self._immediate.is_set():
                 log.warning("second shutdown request (%s): stopping now", cause)
-            self.immediate = True
+            self._immediate.set()
         else:
             log.info("shutdown requested: %s", cause)
-            self.shutdown_cause = cause
-        self.skip_drain = self.skip_drain or skip_drain
-        self.shutdown_requested.set()
+            self._shutdown_cause = cause
+        self._skip_drain = self._skip_drain or skip_drain
+        self._shutdown.set()
+
+    def skip_drain_at_shutdown(self) -> None:
+        """Listeners were drained already (/drain): the later shutdown must not wait for a drain period."""
+        self._skip_drain = True
+
+    @property
+    def shutting_down(self) -> bool:
+        return self._shutdown.is_set()
+
+    @property
+    def shutdown_cause(self) -> str | None:
+        return self._shutdown_cause
+
+    @property
+    def skip_drain(self) -> bool:
+        return self._skip_drain
+
+    @property
+    def immediate(self) -> bool:
+        """A second shutdown request came (second SIGTERM): stop everything now, no drain, no grace."""
+        return self._immediate.is_set()
+
+    async def wait_shutdown(self) -> None:
+        await self._shutdown.wait()
+
+    async def wait_immediate(self) -> None:
+        await self._immediate.wait()
+
+    # ---- Envoy, as the supervisor sees it ----
+
+    def envoy_started(self) -> None:
+        """A cold start of Envoy (first start, crash restart, recovery of a wedged hot-restart family)."""
+        self._envoy_starts += 1
 
     def envoy_up(self) -> None:
-        self.envoy_down_reason = None
+        self._envoy_down_reason = None
 
     def envoy_down(self, reason: str) -> None:
-        self.envoy_down_reason = reason
+        self._envoy_down_reason = reason
+
+    @property
+    def envoy_down_reason(self) -> str | None:
+        """None while the supervisor believes an Envoy epoch is running; otherwise why it is not."""
+        return self._envoy_down_reason
+
+    @property
+    def envoy_starts(self) -> int:
+        """Envoy cold starts so far. A reader caching what it verified about Envoy (config received) must verify
+        again when it changes: the new Envoy knows nothing yet, even if no probe happened to land while it was down."""
+        return self._envoy_starts
 
     def not_ready_reason(self) -> str | None:
         """What the agent itself knows makes the pod unready (before asking Envoy anything)."""
-        if self.shutdown_requested.is_set():
-            return f"server is terminated: {self.shutdown_cause}"
-        return self.envoy_down_reason
+        if self._shutdown.is_set():
+            return f"server is terminated: {self._shutdown_cause}"
+        return self._envoy_down_reason

@@ -15,6 +15,7 @@ zombies for a grace period (an owner that waits for its child does so within mil
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import os
@@ -39,11 +40,13 @@ class SignalDispatcher:
         *,
         on_hot_restart: Callable[[], None],
         forward: Callable[[int], None],
+        queue: asyncio.Queue[int] | None = None,
     ) -> None:
         self.lifecycle = lifecycle
         self.on_hot_restart = on_hot_restart
         self.forward = forward
-        self.queue: asyncio.Queue[int] = asyncio.Queue()
+        # Given at start-up: the queue the early handlers (installed before Envoy's exec) already fill.
+        self.queue: asyncio.Queue[int] = queue if queue is not None else asyncio.Queue()
 
     def install(self) -> None:
         loop = asyncio.get_running_loop()
@@ -92,11 +95,15 @@ def zombie_children(parent: int, proc: Path = Path("/proc")) -> set[int]:
 class OrphanReaper:
     """Reaps zombies that are not the agent's own children. Run it only when the agent is PID 1 (or a subreaper)."""
 
-    def __init__(self, own_pids: Callable[[], set[int]], *, grace: float = 1.0, interval: float = 1.0) -> None:
+    def __init__(
+        self, own_pids: Callable[[], set[int]], *, grace: float = 1.0, interval: float = 1.0, remember: int = 100
+    ) -> None:
         self.own_pids = own_pids
         self.grace = grace
         self.interval = interval
-        self.reaped: list[tuple[int, int]] = []
+        # The latest (pid, exit code) pairs reaped, for tests and debugging; bounded: PID 1 runs for months.
+        self.reaped: collections.deque[tuple[int, int]] = collections.deque(maxlen=remember)
+        self.reaped_count = 0
         self._seen: dict[int, float] = {}
         self._wake = asyncio.Event()
 
@@ -131,6 +138,7 @@ class OrphanReaper:
                 if waited == pid:
                     code = os.waitstatus_to_exitcode(status)
                     self.reaped.append((pid, code))
+                    self.reaped_count += 1
                     log.debug("reaped orphan %d (exit %d)", pid, code)
             del self._seen[pid]
 

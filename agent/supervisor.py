@@ -1,46 +1,60 @@
 """The supervisor: the one TaskGroup that owns every long-running task of `pilot-agent proxy`, and the shutdown.
 
-Start order (aiohttp's runner habit: fixed order, reversed on the way down): status server (kubelet must get
-503s, not connection refused, while Envoy starts), signal dispatcher, orphan reaper (PID 1 only), file watcher,
-then the Envoy epochs. Shutdown (Istio's pkg/envoy/agent.go terminate):
+Start order (aiohttp's runner habit: fixed order, reversed on the way down): the services in the order given (the
+status server first: kubelet must get 503s, not connection refused, while Envoy starts; then whatever Envoy must
+find listening), signal dispatcher, orphan reaper (PID 1 only), file watcher, then the Envoy epochs. Shutdown
+(Istio's pkg/envoy/agent.go terminate):
 1. readiness is 503 from the moment the shutdown is requested (Lifecycle.not_ready_reason);
 2. unless the drain is skipped (/quitquitquit, /drain) or a second SIGTERM came: POST
    /drain_listeners?inboundonly&graceful (sidecar) or ?graceful (router), then wait terminationDrainDuration, or
    with EXIT_ON_ZERO_ACTIVE_CONNECTIONS wait MINIMUM_DRAIN_DURATION and then until no downstream connection is
    active; the wait ends early when every epoch has exited or a second shutdown request arrives;
 3. stop every epoch (SIGTERM, then SIGKILL after a grace), remove their bootstrap files and /dev/shm segment;
-4. stop the watcher, the reaper, the signal dispatcher and the status server; return the exit code.
+4. stop the watcher, the reaper, the signal dispatcher, then the services in reverse order; return the exit code.
+
+A service is anything with `start()` and `stop()` (the Service protocol); one that also has `run()` (LongRunning)
+gets that coroutine run as a task of the TaskGroup from its start until just before its stop.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from agent.errors import AgentError, ExitCode
 from agent.lifecycle import Lifecycle
 from agent.pid1 import OrphanReaper, SignalDispatcher, is_pid1
-from agent.proxy.argv import LaunchSettings
-from agent.proxy.epochs import DesiredState, DesiredStateFn, Epochs, SupervisionSettings
-from agent.proxy.process import EnvoyProcess
+from agent.proxy.desired import DesiredState, DesiredStateFn
+from agent.proxy.epochs import Epochs, SupervisionSettings
+from agent.proxy.launcher import EnvoyHandle, EnvoyUnreachable, Launcher
 from agent.watch import ChangeSet, Watcher
 
 if TYPE_CHECKING:
     # `pilot-agent proxy` imports this module (its settings) before it execs Envoy; prometheus_client and aiohttp
     # load after the exec, overlapping Envoy's own start.
     from agent.metrics import AgentMetrics
-    from agent.proxy.admin import AdminClient
 
 log = logging.getLogger("agent.supervisor")
 
 
-class StatusServerLike(Protocol):
-    async def start(self) -> None: ...
-    async def stop(self) -> None: ...
+class Service(Protocol):
+    """A part of the agent that serves beside Envoy (the status server; the xDS proxy, SDS server, DNS proxy)."""
+
+    async def start(self) -> None:
+        """Listen. Called in order, before Envoy is started or adopted. Raises AgentError: the agent stops."""
+
+    async def stop(self) -> None:
+        """Close. Called in reverse order, after every Envoy epoch has stopped; only if start() returned."""
+
+
+@runtime_checkable
+class LongRunning(Protocol):
+    async def run(self) -> None:
+        """Work until cancelled (a refresh loop, an upstream connection). An exception ends the agent."""
 
 
 @dataclass(frozen=True)
@@ -58,58 +72,45 @@ class DrainSettings:
 class WatchSettings:
     files: Mapping[Path, str]
     debounce: float = 0.1
-
-
-def active_connections(stats: Mapping[str, int], excluded_ports: tuple[int, ...]) -> int:
-    """Sum of listener downstream_cx_active, Istio's way (pkg/envoy/agent.go activeProxyConnections)."""
-    total = 0
-    for name, value in stats.items():
-        if not name.startswith("listener.") or "worker_" in name or name.startswith("listener.admin."):
-            continue
-        if "envoy_internal" in name or any(f"_{port}." in name for port in excluded_ports):
-            continue
-        total += value
-    return total
+    # A directory that never goes quiet (a writer every few ms) must not postpone a rotation for ever: the files
+    # are hashed at the latest this long after the first event (None: max(1 s, 10 x debounce)).
+    max_delay: float | None = None
 
 
 class Supervisor:
     def __init__(
         self,
-        launch: LaunchSettings,
+        launcher: Launcher,
         supervision: SupervisionSettings,
         drain: DrainSettings,
         desired_state: DesiredStateFn,
         *,
         lifecycle: Lifecycle,
         metrics: AgentMetrics,
-        admin: AdminClient,
-        status: StatusServerLike | None = None,
+        services: Sequence[Service] = (),
         watch: WatchSettings | None = None,
         signals: bool = True,
+        signal_queue: asyncio.Queue[int] | None = None,
         reap: bool | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
-        sink: BinaryIO | None = None,
-        epoch0: tuple[EnvoyProcess, DesiredState] | None = None,
-        signal_queue: asyncio.Queue[int] | None = None,
+        epoch0: tuple[EnvoyHandle, DesiredState] | None = None,
     ) -> None:
-        self.launch = launch
+        self.launcher = launcher
         self.supervision = supervision
         self.drain = drain
         self.desired_state = desired_state
         self.lifecycle = lifecycle
         self.metrics = metrics
-        self.admin = admin
-        self.status = status
+        self.services = tuple(services)
         self.watch = watch
         self.signals = signals
+        # Start-up: the queue the early signal handlers fill (the dispatcher reads it: a signal whose handler call
+        # is already scheduled when install() replaces the handlers still lands there), and an epoch 0 started
+        # before the supervisor existed.
+        self.signal_queue = signal_queue
         self.reap = is_pid1() if reap is None else reap
         self.sleep = sleep
-        self.sink = sink
-        # Start-up: an epoch 0 exec'd before the supervisor existed, and the queue its early signal handlers fill
-        # (the dispatcher reads it: a signal whose handler call is already scheduled when install() replaces the
-        # handlers still lands there).
         self.epoch0 = epoch0
-        self.signal_queue = signal_queue
         self.epochs: Epochs | None = None
         self.watcher: Watcher | None = None
         self.reaper: OrphanReaper | None = None
@@ -117,36 +118,36 @@ class Supervisor:
 
     async def run(self) -> int:
         """Exit paths: 0 after a requested shutdown; ENVOY_RESTART_BUDGET_EXHAUSTED, or with the exit policy OK /
-        ENVOY_EXITED, when Envoy is gone for good; raises AgentError (config error at first render, status port
-        in use) after stopping whatever had started."""
+        ENVOY_EXITED, when Envoy is gone for good; raises AgentError (a service cannot listen, Envoy cannot start
+        at all) after stopping whatever had started."""
         error: AgentError | None = None
         code: int = ExitCode.OK
         async with asyncio.TaskGroup() as tg:
             epochs = Epochs(
-                self.launch,
+                self.launcher,
                 self.supervision,
                 self.desired_state,
                 lifecycle=self.lifecycle,
                 metrics=self.metrics,
-                admin=self.admin,
                 spawn=tg.create_task,
                 sleep=self.sleep,
-                sink=self.sink,
             )
             self.epochs = epochs
             if self.epoch0 is not None:
                 epochs.adopt(*self.epoch0)
             background: list[asyncio.Task[Any]] = []
+            started: list[tuple[Service, asyncio.Task[None] | None]] = []
             dispatcher = SignalDispatcher(
-                self.lifecycle, on_hot_restart=epochs.request_hot_restart, forward=epochs.forward_signal
+                self.lifecycle,
+                on_hot_restart=epochs.request_hot_restart,
+                forward=epochs.forward_signal,
+                queue=self.signal_queue,
             )
-            if self.signal_queue is not None:
-                dispatcher.queue = self.signal_queue
-            status_started = False
             try:
-                if self.status is not None:
-                    await self.status.start()
-                    status_started = True
+                for service in self.services:
+                    await service.start()
+                    work = tg.create_task(service.run()) if isinstance(service, LongRunning) else None
+                    started.append((service, work))
                 if self.signals:
                     dispatcher.install()
                     background.append(tg.create_task(dispatcher.run()))
@@ -155,7 +156,11 @@ class Supervisor:
                     background.append(tg.create_task(self.reaper.run()))
                 if self.watch is not None:
                     self.watcher = Watcher(
-                        self.watch.files, self._on_files_changed, metrics=self.metrics, debounce=self.watch.debounce
+                        self.watch.files,
+                        self._on_files_changed,
+                        metrics=self.metrics,
+                        debounce=self.watch.debounce,
+                        max_delay=self.watch.max_delay,
                     )
                     background.append(tg.create_task(self.watcher.run()))
                 self.started.set()
@@ -167,14 +172,17 @@ class Supervisor:
             except AgentError as exc:
                 error = exc
             finally:
-                # Whatever happened, no Envoy outlives the agent.
+                # Whatever happened, no Envoy outlives the agent, and services close only after it has stopped.
                 await epochs.stop_all(0 if self.lifecycle.immediate else self.supervision.stop_grace)
                 for task in background:
                     task.cancel()
                 if self.signals:
                     dispatcher.uninstall()
-                if status_started and self.status is not None:
-                    await self.status.stop()
+                for service, work in reversed(started):
+                    if work is not None:
+                        work.cancel()
+                        await asyncio.wait([work])
+                    await service.stop()
         if error is not None:
             raise error
         if code in (None, 0):
@@ -186,8 +194,6 @@ class Supervisor:
             self.epochs.notify_change(f"files changed: {', '.join(str(p) for p in changes.changed)}")
 
     async def _shutdown(self, epochs: Epochs) -> None:
-        from agent.proxy.admin import AdminError  # noqa: PLC0415 (lazy: see the TYPE_CHECKING imports)
-
         if not epochs.running():
             return
         if self.lifecycle.immediate or self.lifecycle.skip_drain:
@@ -196,8 +202,8 @@ class Supervisor:
             await epochs.stop_all(0 if self.lifecycle.immediate else self.supervision.stop_grace)
             return
         try:
-            await self.admin.drain_listeners(inbound_only=self.drain.proxy_type == "sidecar", graceful=True)
-        except AdminError as exc:
+            await self.launcher.drain_listeners(inbound_only=self.drain.proxy_type == "sidecar")
+        except EnvoyUnreachable as exc:
             log.warning("draining listeners failed: %s", exc)
         if self.drain.exit_on_zero_active_connections:
             await self._drain_until_idle(epochs)
@@ -208,36 +214,36 @@ class Supervisor:
         await epochs.stop_all(0 if self.lifecycle.immediate else self.supervision.stop_grace)
 
     async def _wait_draining(self, epochs: Epochs, seconds: float) -> bool:
-        """Wait up to `seconds`; False when cut short (second shutdown request, or every Envoy exited)."""
-        deadline = asyncio.get_running_loop().time() + seconds
-        # Polled: Lifecycle has no event for "immediate", and a 100 ms reaction to a second SIGTERM is enough.
-        while (remaining := deadline - asyncio.get_running_loop().time()) > 0:
-            if self.lifecycle.immediate or not epochs.running():
-                return False
-            await asyncio.sleep(min(0.1, remaining))
-        return True
+        """Wait up to `seconds`; False when cut short (a second shutdown request, or every Envoy exited)."""
+        cut_short = {
+            asyncio.ensure_future(epochs.wait_all_exited()),
+            asyncio.ensure_future(self.lifecycle.wait_immediate()),
+        }
+        try:
+            done, _ = await asyncio.wait(cut_short, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in cut_short:
+                waiter.cancel()
+        return not done
 
     async def _drain_until_idle(self, epochs: Epochs) -> None:
         log.info("Exit on zero active connections: waiting %gs first", self.drain.minimum_drain)
         if not await self._wait_draining(epochs, self.drain.minimum_drain):
             return
-        from agent.proxy.admin import AdminError  # noqa: PLC0415 (lazy: see the TYPE_CHECKING imports)
-
         errors = 0
         while True:
             try:
-                stats = await self.admin.stats("downstream_cx_active$")
-            except AdminError as exc:
+                active = await self.launcher.active_connections(self.drain.excluded_listener_ports)
+            except EnvoyUnreachable as exc:
                 errors += 1
                 log.warning("reading active connections failed (%d/5): %s", errors, exc)
                 if errors >= 5:
                     return
             else:
                 errors = 0
-                if not stats:
+                if active is None:
                     log.info("stats are not enabled: stopping now")
                     return
-                active = active_connections(stats, self.drain.excluded_listener_ports)
                 if active == 0:
                     log.info("no active connections left")
                     return

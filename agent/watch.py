@@ -2,10 +2,12 @@
 
 Directories are watched, not files: Kubernetes updates a secret or ConfigMap volume by writing a new timestamped
 directory and renaming the `..data` symlink onto it, so the watched file's own inode never sees an event. Any
-event in a watched directory starts (or extends) a debounce window; when the directory has been quiet for
-`debounce` seconds every watched file in it is hashed, and only files whose content hash differs from the last one
-seen are reported. A half-written file is caught by the debounce (writers that go quiet mid-file are caught by the
-validation that follows). A deleted file is reported as such: a warning, and the caller keeps its current state.
+event in a watched directory starts (or extends) a debounce window; when the directories have been quiet for
+`debounce` seconds, or at the latest `max_delay` after the first event (a directory with a writer every few ms
+never goes quiet, and must not postpone a certificate rotation for ever), every watched file is hashed, and only
+files whose content hash differs from the last one seen are reported. A half-written file is caught by the
+debounce (writers that go quiet mid-file are caught by the validation that follows). A deleted file is reported as
+such: a warning, and the caller keeps its current state.
 """
 
 from __future__ import annotations
@@ -76,11 +78,13 @@ class Watcher:
         *,
         metrics: AgentMetrics | None = None,
         debounce: float = 0.1,
+        max_delay: float | None = None,
     ) -> None:
         self.files = {Path(p).absolute(): kind for p, kind in files.items()}
         self.on_change = on_change
         self.metrics = metrics
         self.debounce = debounce
+        self.max_delay = max(1.0, 10 * debounce) if max_delay is None else max(max_delay, debounce)
         self.hashes: dict[Path, str | None] = {p: content_hash(p) for p in self.files}
         self.ready = asyncio.Event()
         # While run() is watching: the observer, its handler and the directories scheduled on it (for add()).
@@ -148,10 +152,11 @@ class Watcher:
             self.ready.set()
             while True:
                 await queue.get()
-                # Debounce: wait until no event arrived for `debounce` seconds.
-                while True:
+                # Debounce: wait until no event arrived for `debounce` seconds, or max_delay after the first one.
+                deadline = loop.time() + self.max_delay
+                while (quiet := min(self.debounce, deadline - loop.time())) > 0:
                     try:
-                        async with asyncio.timeout(self.debounce):
+                        async with asyncio.timeout(quiet):
                             await queue.get()
                     except TimeoutError:
                         break

@@ -2,7 +2,8 @@
 
 from agent.bootstrap.params import template_params
 from agent.bootstrap.render import default_template_path, render_bootstrap, render_template
-from agent.bootstrap.write import bootstrap_dependencies, bootstrap_path, write_atomic, write_bootstrap
+from agent.bootstrap.write import bootstrap_dependencies, bootstrap_path, write_bootstrap
+from agent.files import write_atomic
 
 __all__ = [
     "bootstrap_dependencies",

@@ -1,8 +1,7 @@
-"""Effects: write the bootstrap (and the Lightstep token file) atomically; list the files it depends on."""
+"""Effects: write the bootstrap (and the Lightstep token file) with agent.files.write_atomic; list its dependencies."""
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 import tempfile
@@ -15,34 +14,22 @@ from agent.config.agent_config import AgentConfig
 from agent.config.documents import go_string
 from agent.config.proxy_sources import TLS_FILE_METADATA
 from agent.errors import AgentError, ConfigError, ExitCode
+from agent.files import write_atomic
 
 CERT_DIR = "/etc/certs"
 CERT_FILES = ("cert-chain.pem", "key.pem", "root-cert.pem")
 
 
 def bootstrap_path(cfg: AgentConfig) -> Path:
-    """`<configPath>/envoy-rev.json` (`.yaml` when the template is YAML), as Istio names it."""
+    """`<configPath>/envoy-rev.json` as Istio names it, `.yaml` when the template is YAML. With customConfigFile the
+    user's own extension: Envoy picks its parser by the extension (`.yaml`/`.yml`, `.pb`, `.pb_text`, else JSON),
+    and Istio hands Envoy the user's path itself."""
     template = cfg.template_path
-    name = "envoy-rev.yaml" if template.endswith((".yaml", ".yaml.tmpl", ".yaml.j2")) else "envoy-rev.json"
-    return Path(cfg.proxy.config_path) / name
-
-
-def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Write via a temp file in the same directory and os.replace, so a reader never sees a partial file.
-    The directory is created 0700 (it holds the bootstrap and the tracer token)."""
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    if cfg.proxy.custom_config_file and not template:
+        suffix = Path(cfg.proxy.custom_config_file).suffix or ".json"
+    else:
+        suffix = ".yaml" if template.endswith((".yaml", ".yaml.tmpl", ".yaml.j2")) else ".json"
+    return Path(cfg.proxy.config_path) / f"envoy-rev{suffix}"
 
 
 def write_side_files(cfg: AgentConfig) -> list[Path]:

@@ -20,7 +20,7 @@ import ipaddress
 import logging
 import os
 import socket
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,17 +33,20 @@ from agent.config import env_settings as E
 from agent.config.agent_config import reload_files
 from agent.config.documents import parse_yaml, read_file, to_json, utf8_text
 from agent.config.envvars import Environment
-from agent.errors import AgentError, ConfigError
+from agent.errors import AgentError, ConfigError, ExitCode
+from agent.files import is_disk_error, remove_file
 from agent.lifecycle import Lifecycle
 from agent.pid1 import HANDLED
 from agent.proxy.argv import LaunchSettings
 from agent.proxy.binary import find_envoy
-from agent.proxy.epochs import DesiredState, DesiredStateFn, SupervisionSettings, exec_epoch, shm_path
-from agent.proxy.process import EnvoyProcess, remove_file
-from agent.proxy.shm import shared_memory_unusable
+from agent.proxy.desired import DesiredState, DesiredStateFn
+from agent.proxy.epochs import SupervisionSettings
+from agent.proxy.launcher import BootstrapWriteError, EnvoyExecError, EnvoyLauncher, start_envoy
+from agent.proxy.process import EnvoyProcess
+from agent.proxy.shm import shared_memory_unusable, shm_path
 from agent.status.listen import bind_status_sockets
 from agent.status.settings import StatusSettings
-from agent.supervisor import DrainSettings, Supervisor, WatchSettings
+from agent.supervisor import DrainSettings, Service, Supervisor, WatchSettings
 from agent.watch import content_hash
 
 log = logging.getLogger("agent.cli")
@@ -193,13 +196,32 @@ def desired_state_fn(start: AgentConfig, watched: Mapping[Path, str], first: Des
     return desired_state
 
 
+@contextlib.contextmanager
+def startup_errors() -> Iterator[None]:
+    """Nothing outside the agent's control ends it with a traceback: at start-up, an unexpected error reading the
+    configuration or writing under configPath is exit 78 with one line (73 when it is the disk)."""
+    try:
+        yield
+    except AgentError:
+        raise
+    except OSError as exc:
+        where = str(exc.filename or "configPath")
+        if is_disk_error(exc):
+            raise AgentError(f"cannot write {where}: {exc.strerror}", ExitCode.STARTUP_FAILED) from None
+        raise ConfigError(where, "", exc.strerror or str(exc)) from None
+    except Exception as exc:
+        log.debug("start-up configuration failed", exc_info=True)
+        raise ConfigError("configuration", "", f"{type(exc).__name__}: {exc}") from None
+
+
 def run(args: argparse.Namespace) -> int:
-    cfg = load_agent_config(flags_from_args(args), os.environ)
-    binary = find_envoy(cfg.proxy.binary_path)
-    settings = supervisor_settings(cfg, binary)
-    check_config_dir(cfg)
-    # Fail fast, before anything starts, on a template that does not render.
-    first = render_desired_state(cfg, settings.watch.files)
+    with startup_errors():
+        cfg = load_agent_config(flags_from_args(args), os.environ)
+        binary = find_envoy(cfg.proxy.binary_path)
+        settings = supervisor_settings(cfg, binary)
+        check_config_dir(cfg)
+        # Fail fast, before anything starts, on a template that does not render.
+        first = render_desired_state(cfg, settings.watch.files)
     status = None
     if cfg.proxy.status_port > 0:
         status = StatusSettings.from_env(
@@ -243,9 +265,12 @@ async def _main(
     for sig in HANDLED:
         loop.add_signal_handler(sig, signal_queue.put_nowait, sig)
     epoch0: EnvoyProcess | None = None
-    # On OSError the supervisor's own start fails the same way and reports it as a failed start (with its backoff).
-    with contextlib.suppress(OSError):
-        epoch0 = await exec_epoch(settings.launch, 0, first, tail_lines=settings.supervision.stderr_tail_lines)
+    try:
+        epoch0 = await start_envoy(settings.launch, 0, first, tail_lines=settings.supervision.stderr_tail_lines)
+    except BootstrapWriteError as exc:
+        raise exc.as_agent_error() from None
+    except EnvoyExecError:
+        pass  # the supervisor's own start fails the same way and reports it as a failed start (with its backoff)
     try:
         return await _supervise(
             cfg,
@@ -284,18 +309,19 @@ async def _supervise(
     lifecycle = Lifecycle()
     metrics = AgentMetrics()
     admin = AdminClient(port=cfg.proxy.proxy_admin_port)
-    status = None
+    launcher = EnvoyLauncher(settings.launch, admin, tail_lines=settings.supervision.stderr_tail_lines)
+    # In start order; each one Envoy needs listening must bind before the exec above, as the status port does.
+    services: list[Service] = []
     if status_settings is not None:
-        status = StatusServer(status_settings, lifecycle, metrics, admin, sockets=sockets)
+        services.append(StatusServer(status_settings, lifecycle, metrics, admin, sockets=sockets))
     supervisor = Supervisor(
-        settings.launch,
+        launcher,
         settings.supervision,
         settings.drain,
         desired_state,
         lifecycle=lifecycle,
         metrics=metrics,
-        admin=admin,
-        status=status,
+        services=services,
         watch=settings.watch,
         epoch0=(epoch0, first) if epoch0 is not None else None,
         signal_queue=signal_queue,

@@ -16,6 +16,10 @@ class AdminError(Exception):
     """The admin API could not be reached, timed out, or answered a non-2xx status."""
 
 
+class AdminTimeout(AdminError):
+    """The admin API did not answer within the timeout (Envoy stopped, or its main thread stuck)."""
+
+
 # server.state values (envoy/admin/v3/server_info.proto): LIVE=0, DRAINING=1, PRE_INITIALIZING=2, INITIALIZING=3.
 SERVER_STATES = {0: "LIVE", 1: "DRAINING", 2: "PRE_INITIALIZING", 3: "INITIALIZING"}
 
@@ -40,7 +44,9 @@ class AdminClient:
                 session.request(method, url, data=body) as response,
             ):
                 return response.status, await response.read()
-        except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:  # ValueError: a malformed method
+        except TimeoutError as exc:  # aiohttp's own timeouts (ServerTimeoutError, ...) are TimeoutErrors too
+            raise AdminTimeout(f"{method} {url}: no answer within {timeout:g}s") from exc
+        except (aiohttp.ClientError, OSError, ValueError) as exc:  # ValueError: a malformed method
             raise AdminError(f"{method} {url}: {type(exc).__name__}: {exc}") from exc
 
     async def _ok(self, method: str, path: str, timeout: float = 2.0) -> bytes:
@@ -73,13 +79,16 @@ class AdminClient:
         return info
 
     async def live_epoch(self, timeout: float = 1.0) -> int | None:
-        """The restart epoch of the Envoy answering on the admin port when it is LIVE, else None.
+        """The restart epoch of the Envoy answering on the admin port when it is LIVE, else None. Raises
+        AdminTimeout when nothing answers in time (a stopped or stuck Envoy is not "not LIVE yet").
 
         During a hot restart the parent answers until the child takes the admin socket over, so "LIVE" alone does
         not say which epoch is live; `server.hot_restart_epoch` does. (Two gauges: far lighter than /server_info
         for the supervisor's polling.)"""
         try:
             stats = await self.stats(r"^server\.(state|hot_restart_epoch)$", timeout=timeout)
+        except AdminTimeout:
+            raise
         except AdminError:
             return None
         if stats.get("server.state") != 0:  # 0 is LIVE
@@ -111,3 +120,16 @@ def parse_stats(text: str) -> dict[str, int]:
         if value.isdigit():
             values[name.strip()] = int(value)
     return values
+
+
+def active_connections(stats: dict[str, int], excluded_ports: tuple[int, ...]) -> int:
+    """Sum of listener downstream_cx_active, Istio's way (pkg/envoy/agent.go activeProxyConnections): Istio's own
+    listeners (`excluded_ports`), admin, envoy_internal and per-worker stats left out."""
+    total = 0
+    for name, value in stats.items():
+        if not name.startswith("listener.") or "worker_" in name or name.startswith("listener.admin."):
+            continue
+        if "envoy_internal" in name or any(f"_{port}." in name for port in excluded_ports):
+            continue
+        total += value
+    return total

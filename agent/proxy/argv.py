@@ -8,7 +8,7 @@ restart: Istio passes `--disable-hot-restart` (PR #31321); with hot restart on, 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 log = logging.getLogger("agent.proxy")
@@ -106,12 +106,11 @@ def envoy_argv(settings: LaunchSettings, config_file: Path, epoch: int = 0) -> l
 
 
 def validate_argv(settings: LaunchSettings, config_file: Path) -> list[str]:
-    """`envoy --mode validate` on the same bootstrap and overrides, without touching the hot-restart family."""
-    args = [settings.binary, "--mode", "validate", "-c", str(config_file), "--allow-unknown-static-fields"]
-    args += ["--disable-hot-restart", "-l", "error"]
-    if settings.config_yaml:
-        args += ["--config-yaml", settings.config_yaml]
-    return args
+    """`envoy --mode validate` with the options of a real start, so Envoy judges the command line too (log
+    components, 32-bit durations), but with --disable-hot-restart in place of the hot-restart flags: a validation
+    must not touch the running family's shared memory or sockets."""
+    binary, *options = envoy_argv(replace(settings, hot_restart=False), config_file)
+    return [binary, "--mode", "validate", *options]
 
 
 def _log_args(settings: LaunchSettings) -> list[str]:

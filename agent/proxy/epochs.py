@@ -1,65 +1,53 @@
 """Hot-restart epochs: reconcile the desired state (bootstrap + dependency files) with the running Envoy family.
 
+The policy only; Envoy itself (files, processes, admin API) is behind agent/proxy/launcher.Launcher.
 Policy (Envoy's restarter/hot-restarter.py and Istio's 2019 pkg/envoy/agent.go, adapted):
 - Epochs rise by one, same --base-id; epoch N+1 starts only when N is LIVE and no older epoch is still draining
   (starting N+2 while N drains makes Envoy kill N early, cutting its in-flight requests).
 - Never trade a healthy epoch for a doubtful one: the new bootstrap is checked with `envoy --mode validate` first;
-  an invalid one is logged and counted, the running epoch stays, and it is retried when the inputs change again.
+  an invalid one (or one that does not even render) is logged and counted, the running epoch stays, and it is
+  retried when the inputs change again.
 - A child epoch that fails anyway wedges the family (the parent already shut its admin listener down; every later
   hot restart on that base id fails). Recovery: stop the whole family and cold-start epoch 0 on the last
   configuration that went LIVE; the failed configuration is retried only when the inputs change again.
 - The newest epoch exiting unexpectedly is a crash: readiness goes 503 at once, every other epoch is stopped, and
-  the family is restarted at epoch 0 after an exponential backoff (tenacity; 200 ms doubling, budget 10). The
-  budget is reset after a healthy period or when the desired state changes. When it is spent, the termination
-  message is written and run() returns ENVOY_RESTART_BUDGET_EXHAUSTED.
+  the family is restarted at epoch 0 after an exponential backoff (tenacity; 200 ms doubling, budget 10). A crash
+  before any epoch was ever LIVE is judged first: a known start-up failure (diagnosis.py) or a bootstrap Envoy
+  rejects (`--mode validate`) will never run, so the agent exits with the reason instead of crash-looping.
+- The budget is one tenacity retry sequence. After a crash the next family is on probation: once it has run
+  healthy_period without a crash, or the desired state changes, the sequence ends and a fresh one (the whole
+  budget) begins. When the budget is spent the termination message is written and run() returns
+  ENVOY_RESTART_BUDGET_EXHAUSTED.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
+import enum
 import logging
-import shlex
 import time
 from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, Any
 
 from agent.errors import AgentError, ExitCode
-from agent.proxy.argv import LaunchSettings, envoy_argv, validate_argv
-from agent.proxy.process import EnvoyProcess, ExitInfo, remove_file
+from agent.proxy.desired import DesiredState, DesiredStateFn
+from agent.proxy.launcher import BootstrapWriteError, EnvoyExecError, EnvoyHandle, EnvoyUnresponsive, Launcher
+from agent.proxy.process import ExitCause, ExitInfo
 from agent.proxy.termination import termination_message, write_termination_log
 
 if TYPE_CHECKING:
-    # Only types here: `pilot-agent proxy` imports this module (DesiredState) before it execs Envoy, and tenacity,
+    # Only types here: `pilot-agent proxy` imports this module (its settings) before it execs Envoy, and tenacity,
     # prometheus_client and aiohttp load after the exec, overlapping Envoy's own start.
     from tenacity import RetryCallState
 
     from agent.lifecycle import Lifecycle
     from agent.metrics import AgentMetrics
-    from agent.proxy.admin import AdminClient
 
 log = logging.getLogger("agent.proxy")
 
-
-@dataclass(frozen=True)
-class DesiredState:
-    """What Envoy should run: the rendered bootstrap and the (path, sha256) of every file it depends on."""
-
-    bootstrap: bytes
-    dependencies: tuple[tuple[str, str], ...] = ()
-
-    @property
-    def digest(self) -> str:
-        h = hashlib.sha256(self.bootstrap)
-        for path, content_hash in self.dependencies:
-            h.update(f"\0{path}\0{content_hash}".encode())
-        return h.hexdigest()
-
-
-DesiredStateFn = Callable[[], DesiredState]
 Spawn = Callable[[Coroutine[Any, Any, Any]], "asyncio.Task[Any]"]
 
 
@@ -77,6 +65,65 @@ class SupervisionSettings:
     stop_grace: float = 5.0
     validate: bool = True
     stderr_tail_lines: int = 20
+    # A postponed hot restart (the running epoch is not LIVE yet) is tried again after this long.
+    retry_interval: float = 1.0
+
+
+@dataclass(eq=False)
+class Epoch:
+    """One running Envoy epoch and the state it was started on."""
+
+    process: EnvoyHandle
+    state: DesiredState
+    # LIVE once its child took over: it drains and exits on its own (--parent-shutdown-time-s).
+    retiring: bool = False
+
+    @property
+    def number(self) -> int:
+        return self.process.epoch
+
+
+@dataclass(frozen=True)
+class Exited:
+    epoch: Epoch
+
+
+@dataclass(frozen=True)
+class ChangeRequested:
+    reason: str
+    # SIGHUP: a new epoch even when the desired state has not changed.
+    forced: bool = False
+
+
+Event = Exited | ChangeRequested
+
+
+class Applied(enum.Enum):
+    """What one reconcile step did."""
+
+    DONE = "done"  # a new epoch is LIVE
+    UNCHANGED = "unchanged"  # nothing to do (same state, known bad, or hot restart off)
+    INVALID = "invalid"  # rejected; the running epoch stays
+    POSTPONED = "postponed"  # the running epoch is not LIVE yet: try again later
+    ABANDONED = "abandoned"  # the running epoch does not answer: given up until the next change
+    RECOVERED = "recovered"  # the child failed; the family was cold-started on the last good state
+
+
+class LiveWait(enum.Enum):
+    LIVE = "live"
+    EXITED = "exited"
+    SHUTDOWN = "shutdown"
+    NOT_LIVE = "not live"  # answered, but not LIVE within the timeout (waiting for its control plane?)
+    UNRESPONSIVE = "unresponsive"  # the admin API never answered within the timeout (stopped or stuck)
+
+
+@dataclass
+class _Pending:
+    """A reconcile step still to do."""
+
+    forced: bool = False
+    retry_at: float | None = None
+    reasons: list[str] = field(default_factory=list)
 
 
 class EnvoyCrashed(Exception):
@@ -89,128 +136,130 @@ class _Stop(Exception):
     """Shutdown requested: leave the retry loop without restarting anything."""
 
 
-def shm_path(base_id: int) -> Path:
-    # Envoy scales the base id by 10 and names its hot-restart shared memory after it (see hot_restart_impl.cc).
-    return Path(f"/dev/shm/envoy_shared_memory_{base_id * 10}")
-
-
 class Epochs:
-    """Owns the Envoy processes. `run()` is the reconcile loop; the supervisor owns the tasks (`spawn`)."""
+    """Owns the Envoy epochs. `run()` is the reconcile loop; the supervisor owns the tasks (`spawn`)."""
 
     def __init__(
         self,
-        launch: LaunchSettings,
+        launcher: Launcher,
         settings: SupervisionSettings,
         desired_state: DesiredStateFn,
         *,
         lifecycle: Lifecycle,
         metrics: AgentMetrics,
-        admin: AdminClient,
         spawn: Spawn,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
-        sink: BinaryIO | None = None,
     ) -> None:
-        self.launch = launch
+        self._launcher = launcher
         self.settings = settings
         self._desired_state = desired_state
-        self.lifecycle = lifecycle
-        self.metrics = metrics
-        self.admin = admin
+        self._lifecycle = lifecycle
+        self._metrics = metrics
         self._spawn = spawn
         self._sleep = sleep
-        self._sink = sink
-        self._events: asyncio.Queue[tuple[str, object]] = asyncio.Queue()
-        self.procs: dict[int, EnvoyProcess] = {}
-        self.current: EnvoyProcess | None = None
-        self._retiring: set[EnvoyProcess] = set()
+        self._events: asyncio.Queue[Event] = asyncio.Queue()
+        self._running: dict[int, Epoch] = {}
+        self.current: Epoch | None = None
         # The state of the newest epoch seen LIVE: what a crash restart or a recovery starts on.
         self.last_good: DesiredState | None = None
-        # The state the current (newest) epoch runs on, LIVE or not yet.
-        self._current_state: DesiredState | None = None
+        self._ever_live = False
+        self._pending: _Pending | None = None
         # Set by every change request: cuts a crash backoff short (a fixed config should not wait 100 s).
         self._changed = asyncio.Event()
         self._last_desired_digest: str | None = None
         self._rejected: str | None = None
-        self._budget_left = settings.restart_budget
         self._crashes = 0
-        self._validators: set[int] = set()
-        self._adopted: tuple[EnvoyProcess, DesiredState] | None = None
-        metrics.restart_budget.set(self._budget_left)
+        self._family_started = 0.0
+        # Why the family on probation earned the restart budget back (None: not yet).
+        self._budget_earned: str | None = None
+        self._adopted: Epoch | None = None
+        # The state the newest epoch 0 was started on: a restart's fallback when nothing went LIVE yet.
+        self._last_started: DesiredState | None = None
+        metrics.restart_budget.set(settings.restart_budget)
 
     # ---- inputs (called from the watcher, the signal dispatcher, tests) ----
 
     def notify_change(self, reason: str = "inputs changed") -> None:
-        self._events.put_nowait(("change", reason))
+        self._events.put_nowait(ChangeRequested(reason))
         self._changed.set()
 
     def request_hot_restart(self) -> None:
         """SIGHUP: restart into a new epoch even when the desired state has not changed."""
-        self._events.put_nowait(("restart", "hot restart requested"))
+        self._events.put_nowait(ChangeRequested("hot restart requested", forced=True))
         self._changed.set()
 
-    def wake(self) -> None:
-        self._events.put_nowait(("wake", None))
-
     def forward_signal(self, sig: int) -> None:
-        for proc in list(self.procs.values()):
-            proc.send_signal(sig)
+        for epoch in list(self._running.values()):
+            epoch.process.send_signal(sig)
 
     def own_pids(self) -> set[int]:
-        pids = {proc.pid for proc in self.procs.values()}
-        return pids | self._validators
+        pids = {epoch.process.pid for epoch in self._running.values()}
+        return pids | self._launcher.own_pids()
+
+    def numbers(self) -> list[int]:
+        """The numbers of the epochs whose exit has not been collected yet."""
+        return sorted(self._running)
 
     # ---- the loop ----
 
     async def run(self) -> int | None:
         """Exit paths: None when shutdown was requested (the supervisor drains and stops the epochs);
         ENVOY_RESTART_BUDGET_EXHAUSTED after the termination message when crashes used up the budget;
-        with exit_on_envoy_exit, OK or ENVOY_EXITED as soon as Envoy exits on its own."""
-        from tenacity import AsyncRetrying, retry_if_exception  # noqa: PLC0415 (lazy: see the TYPE_CHECKING imports)
+        with exit_on_envoy_exit, OK or ENVOY_EXITED as soon as Envoy exits on its own; raises AgentError when
+        Envoy cannot start at all (a known start-up failure: STARTUP_FAILED; a bootstrap Envoy rejects:
+        CONFIG_ERROR; the bootstrap cannot be written at start-up)."""
+        # Lazy: see the TYPE_CHECKING imports.
+        from tenacity import (  # noqa: PLC0415
+            AsyncRetrying,
+            retry_if_exception_type,
+            retry_never,
+            stop_after_attempt,
+            wait_exponential,
+        )
 
         retrying = AsyncRetrying(
-            sleep=self._backoff_sleep,
-            stop=lambda _state: self._budget_left <= 0,
-            wait=self._delay,
-            before_sleep=self._consume_budget,
             # Istio's current behaviour (exit with Envoy) is the same loop with no retry.
-            retry=retry_if_exception(lambda e: isinstance(e, EnvoyCrashed) and not self.settings.exit_on_envoy_exit),
+            retry=retry_never if self.settings.exit_on_envoy_exit else retry_if_exception_type(EnvoyCrashed),
+            stop=stop_after_attempt(self.settings.restart_budget + 1),
+            wait=wait_exponential(multiplier=self.settings.restart_initial_delay, exp_base=2),
+            sleep=self._backoff_sleep,
+            before_sleep=self._before_restart,
             reraise=True,
         )
         try:
-            async for attempt in retrying:
-                with attempt:
-                    await self._run_family()
+            while True:
+                # One iteration is one restart budget: it ends when a family on probation earns the budget back.
+                async for attempt in retrying:
+                    with attempt:
+                        await self._run_family(probation=attempt.retry_state.attempt_number > 1)
+                log.info("restart budget reset: %s", self._budget_earned)
+                self._metrics.restart_budget.set(self.settings.restart_budget)
         except _Stop:
             return None
         except EnvoyCrashed as crash:
-            info = crash.info
-            if self.settings.exit_on_envoy_exit:
-                write_termination_log(self.settings.termination_log, termination_message(info, 1, gave_up=False))
-                log.error("%s; exiting with it (ENVOY_RESTART_POLICY=exit)", info.describe())
-                return ExitCode.OK if info.returncode == 0 else ExitCode.ENVOY_EXITED
-            message = termination_message(info, self._crashes, gave_up=True)
-            write_termination_log(self.settings.termination_log, message)
-            log.error("Envoy restart budget exhausted after %d crashes: %s", self._crashes, info.describe())
-            return ExitCode.ENVOY_RESTART_BUDGET_EXHAUSTED
-        return None
+            return self._give_up(crash.info)
 
-    def _delay(self, _state: RetryCallState) -> float:
-        # tenacity computes the wait before it asks `stop`, so the budget is consumed in before_sleep instead.
-        used = self.settings.restart_budget - self._budget_left
-        return float(self.settings.restart_initial_delay * 2**used)
+    def _give_up(self, info: ExitInfo) -> int:
+        if self.settings.exit_on_envoy_exit:
+            write_termination_log(self.settings.termination_log, termination_message(info, 1, gave_up=False))
+            log.error("%s; exiting with it (ENVOY_RESTART_POLICY=exit)", info.describe())
+            return ExitCode.OK if info.returncode == 0 else ExitCode.ENVOY_EXITED
+        write_termination_log(self.settings.termination_log, termination_message(info, self._crashes, gave_up=True))
+        log.error("Envoy restart budget exhausted after %d crashes: %s", self._crashes, info.describe())
+        return ExitCode.ENVOY_RESTART_BUDGET_EXHAUSTED
 
-    def _consume_budget(self, state: RetryCallState) -> None:
-        self._budget_left -= 1
-        self.metrics.restart_budget.set(self._budget_left)
+    def _before_restart(self, state: RetryCallState) -> None:
+        left = self.settings.restart_budget - state.attempt_number
+        self._metrics.restart_budget.set(left)
         delay = state.next_action.sleep if state.next_action is not None else 0.0
-        log.warning("restarting Envoy in %.1fs (restart budget left: %d)", delay, self._budget_left)
+        log.warning("restarting Envoy in %.1fs (restart budget left: %d)", delay, left)
 
     async def _backoff_sleep(self, delay: float) -> None:
         # The backoff must not delay a shutdown, nor the fix of a config that made Envoy crash: race the
         # (injectable) sleep against both.
         self._changed.clear()
         sleeper = asyncio.ensure_future(self._sleep(delay))
-        stopper = asyncio.ensure_future(self.lifecycle.shutdown_requested.wait())
+        stopper = asyncio.ensure_future(self._lifecycle.wait_shutdown())
         changed = asyncio.ensure_future(self._changed.wait())
         try:
             await asyncio.wait({sleeper, stopper, changed}, return_when=asyncio.FIRST_COMPLETED)
@@ -220,110 +269,139 @@ class Epochs:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
 
-    def _reset_budget(self, why: str) -> None:
-        if self._budget_left != self.settings.restart_budget:
-            log.info("restart budget reset: %s", why)
-        self._budget_left = self.settings.restart_budget
-        self.metrics.restart_budget.set(self._budget_left)
+    def _note_desired(self, desired: DesiredState) -> None:
+        if self._last_desired_digest is not None and desired.digest != self._last_desired_digest:
+            self._budget_earned = "desired state changed"
+        self._last_desired_digest = desired.digest
 
-    async def _cold_start_state(self, fallback: DesiredState) -> DesiredState:
-        """With hot restart off, a change can only be applied when Envoy starts: start on the desired state if it
-        renders and validates, else on `fallback` (the last state that went LIVE)."""
+    def _render(self) -> DesiredState | None:
+        """The desired state, or None (logged, counted) when it cannot be rendered. Nothing outside the agent's
+        control (file contents, env, disk) may end the supervisor: every error here rejects the new configuration
+        and the running epoch keeps serving."""
         try:
             desired = self._desired_state()
-        except AgentError:
-            return fallback
-        if desired.digest == fallback.digest:
-            return fallback
-        if self.settings.validate and not await self._validate(0, desired):
-            return fallback
+        except Exception as exc:
+            self._metrics.config_errors.labels("render").inc()
+            reason = str(exc) if isinstance(exc, AgentError) else f"{type(exc).__name__}: {exc}"
+            log.error("new configuration rejected, Envoy keeps its current one: %s", reason)
+            log.debug("rendering failed", exc_info=True)
+            return None
+        self._note_desired(desired)
         return desired
 
-    def _state_for_start(self) -> DesiredState:
+    async def _state_for_start(self) -> DesiredState:
         """A (re)start runs the last state seen LIVE, then reconciles to the desired one through a validated hot
         restart. With none seen LIVE yet (first start, or crashing since), it renders the desired state afresh,
-        so fixing a config that crashes Envoy at start takes effect. A config error with nothing to fall back on
-        is raised (fatal: the supervisor exits CONFIG_ERROR)."""
-        try:
-            desired = self._desired_state()
-        except AgentError as exc:
-            if self.last_good is None:
-                raise
-            self.metrics.config_errors.labels("render").inc()
-            log.error("configuration does not render (%s): restarting on the last good one", exc)
+        so fixing a config that crashes Envoy at start takes effect; if that does not render, what ran last.
+        With hot restart off a change can only apply at a start: the desired state then, if it validates."""
+        desired = self._render()
+        if desired is None:
+            state = self.last_good or self._last_started
+            assert state is not None, "the first render happens before the supervisor starts"
+            return state
+        if self.last_good is None:
+            return desired
+        if self._launcher.hot_restart or desired.digest == self.last_good.digest:
             return self.last_good
-        if self._last_desired_digest is not None and desired.digest != self._last_desired_digest:
-            self._reset_budget("desired state changed")
-        self._last_desired_digest = desired.digest
-        return self.last_good if self.last_good is not None else desired
+        if self.settings.validate and not await self._validate(0, desired):
+            return self.last_good
+        return desired
 
-    async def _run_family(self) -> None:
-        """One hot-restart family, from epoch 0 until a crash (raises EnvoyCrashed) or shutdown (raises _Stop).
+    async def _run_family(self, *, probation: bool) -> None:
+        """One hot-restart family until a crash (raises EnvoyCrashed after stopping all its epochs) or shutdown
+        (raises _Stop). On probation (the attempt after a crash) it returns once the family earned the restart
+        budget back (healthy_period without a crash, or a new desired state), and the next call continues it.
         A crash ends the whole family: a parent still draining after a hot restart would keep the base id's
         hot-restart sockets, and the next family's epoch 0 could not start ("unable to bind domain socket")."""
         try:
-            await self._family()
+            await self._family(probation)
         except EnvoyCrashed:
             await self.stop_all(self.settings.stop_grace)
             raise
 
-    async def _family(self) -> None:
-        if self.lifecycle.shutdown_requested.is_set():
+    async def _family(self, probation: bool) -> None:
+        self._budget_earned = None
+        if self._lifecycle.shutting_down:
             raise _Stop
-        self._drain_stale_events()
-        state = self._state_for_start()
-        if not self.launch.hot_restart:
-            state = await self._cold_start_state(state)
-        proc = await self._start_epoch(0, state)
-        self.current = proc
-        self.lifecycle.envoy_up()
-        family_started = time.monotonic()
-        # Learn whether this state goes LIVE (then it is the one to fall back on). Exits and shutdown end the
-        # wait at once; without a control plane Envoy may never be LIVE, and the loop goes on after the timeout.
-        if await self._wait_live(proc, self.settings.live_timeout) == "live":
-            self.last_good = state
-            log.info("Envoy epoch 0 is LIVE")
-        # Right after a (re)start the desired state may differ from what we started on (last good): reconcile.
-        pending, forced = True, False
-        retry_at: float | None = None
+        if self.current is None:
+            await self._start_family()
         while True:
-            if self.lifecycle.shutdown_requested.is_set():
+            if self._lifecycle.shutting_down:
                 raise _Stop
             now = time.monotonic()
-            healthy_for = now - family_started
-            if self._budget_left < self.settings.restart_budget and healthy_for >= self.settings.healthy_period:
-                self._reset_budget(f"Envoy healthy for {self.settings.healthy_period:.0f}s")
-            if pending and not self._retiring and (retry_at is None or now >= retry_at):
-                outcome = await self._apply(forced)
-                if outcome == "postponed":
-                    retry_at = time.monotonic() + 1.0
-                else:
-                    pending, forced, retry_at = False, False, None
-                if outcome == "recovered":
-                    family_started = time.monotonic()
+            if probation and self._budget_earned is None and now - self._family_started >= self.settings.healthy_period:
+                self._budget_earned = f"Envoy healthy for {self.settings.healthy_period:g}s"
+            if probation and self._budget_earned is not None:
+                return
+            pending = self._pending
+            if pending is not None and not self._retiring() and (pending.retry_at is None or now >= pending.retry_at):
+                await self._reconcile(pending)
                 continue
             timeout: float | None = None
-            if self._budget_left < self.settings.restart_budget:
-                timeout = max(0.0, self.settings.healthy_period - (now - family_started))
-            if pending and retry_at is not None:
-                timeout = max(0.0, min(retry_at - now, timeout if timeout is not None else retry_at - now))
-            kind, payload = await self._next_event(timeout)
-            if kind == "exit":
-                assert isinstance(payload, EnvoyProcess)
-                self._on_exit(payload)
-            elif kind in ("change", "restart"):
-                if self._retiring:
-                    draining = ", ".join(str(p.epoch) for p in self._retiring)
-                    log.info(
-                        "%s: applied once epoch %s has drained and exited (parentShutdownDuration)", payload, draining
-                    )
-                pending = True
-                forced = forced or kind == "restart"
-                log.info("%s: reconciling", payload)
+            if probation:
+                timeout = max(0.0, self.settings.healthy_period - (now - self._family_started))
+            if pending is not None and pending.retry_at is not None:
+                wait = max(0.0, pending.retry_at - now)
+                timeout = wait if timeout is None else min(timeout, wait)
+            event = await self._next_event(timeout)
+            if isinstance(event, Exited):
+                await self._on_exit(event.epoch)
+            elif isinstance(event, ChangeRequested):
+                self._request(event)
 
-    async def _next_event(self, timeout: float | None) -> tuple[str, object]:
+    def _request(self, event: ChangeRequested) -> None:
+        if self._retiring():
+            draining = ", ".join(str(e.number) for e in self._retiring())
+            log.info(
+                "%s: applied once epoch %s has drained and exited (parentShutdownDuration)",
+                event.reason,
+                draining,
+            )
+        else:
+            log.info("%s: reconciling", event.reason)
+        if self._pending is None:
+            self._pending = _Pending()
+        self._pending.forced = self._pending.forced or event.forced
+        self._pending.retry_at = None
+        self._pending.reasons.append(event.reason)
+
+    async def _reconcile(self, pending: _Pending) -> None:
+        outcome = await self._apply(pending.forced)
+        log.debug("reconcile step (%s): %s", "; ".join(pending.reasons) or "after a start", outcome.value)
+        if outcome is Applied.POSTPONED:
+            pending.retry_at = time.monotonic() + self.settings.retry_interval
+            return
+        if self._pending is pending:
+            self._pending = None
+        if outcome is Applied.RECOVERED:
+            self._family_started = time.monotonic()
+
+    async def _start_family(self) -> None:
+        """Epoch 0 of a new family, then wait to learn whether it goes LIVE (then it is the state to fall back on).
+        Exits and shutdown end the wait at once; without a control plane Envoy may never be LIVE, and the loop
+        goes on after the timeout."""
+        self._drop_stale_exits()
+        epoch = await self._start_epoch(0, await self._state_for_start())
+        self.current = epoch
+        self._lifecycle.envoy_up()
+        self._family_started = time.monotonic()
+        # Right after a (re)start the desired state may differ from what we started on (last good): reconcile.
+        self._pending = _Pending()
+        if await self._wait_live(epoch) is LiveWait.LIVE:
+            self._went_live(epoch)
+            log.info("Envoy epoch 0 is LIVE")
+
+    def _went_live(self, epoch: Epoch) -> None:
+        self.last_good = epoch.state
+        self._ever_live = True
+
+    def _retiring(self) -> list[Epoch]:
+        return [epoch for epoch in self._running.values() if epoch.retiring]
+
+    async def _next_event(self, timeout: float | None) -> Event | None:
+        """The next event, or None after `timeout` or when shutdown is requested."""
         getter = asyncio.ensure_future(self._events.get())
-        stopper = asyncio.ensure_future(self.lifecycle.shutdown_requested.wait())
+        stopper = asyncio.ensure_future(self._lifecycle.wait_shutdown())
         try:
             done, _ = await asyncio.wait({getter, stopper}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -334,271 +412,234 @@ class Epochs:
             return getter.result()
         if getter.done() and not getter.cancelled():  # raced: do not lose the event
             self._events.put_nowait(getter.result())
-        return ("wake", None)
+        return None
 
-    def _drain_stale_events(self) -> None:
-        """Keep change requests, drop exit events of processes that are no longer ours."""
-        kept = []
+    def _drop_stale_exits(self) -> None:
+        """Keep change requests, drop exit events of epochs that are no longer ours."""
+        kept: list[Event] = []
         while not self._events.empty():
-            kind, payload = self._events.get_nowait()
-            if kind != "exit" or payload in self.procs.values():
-                kept.append((kind, payload))
-        for item in kept:
-            self._events.put_nowait(item)
+            event = self._events.get_nowait()
+            if not isinstance(event, Exited) or self._running.get(event.epoch.number) is event.epoch:
+                kept.append(event)
+        for event in kept:
+            self._events.put_nowait(event)
 
-    def _on_exit(self, proc: EnvoyProcess) -> None:
-        info = proc.exit_info
+    async def _on_exit(self, epoch: Epoch) -> None:
+        info = epoch.process.exit_info
         assert info is not None
-        if self.procs.get(proc.epoch) is not proc:
+        if self._running.get(epoch.number) is not epoch:
             return  # already accounted for (stopped by us during recovery)
-        del self.procs[proc.epoch]
-        remove_file(self.launch.bootstrap_path(proc.epoch))
-        if proc in self._retiring:
-            self._retiring.discard(proc)
-            self.metrics.envoy_exits.labels("clean" if info.returncode == 0 else info.cause).inc()
-            log.info("Envoy epoch %d retired (%s)", proc.epoch, info.describe())
+        del self._running[epoch.number]
+        self._launcher.forget(epoch.number)
+        if epoch.retiring:
+            self._metrics.envoy_exits.labels(info.cause).inc()
+            log.info("Envoy epoch %d retired (%s)", epoch.number, info.describe())
             return
-        if proc is not self.current:
-            self.metrics.envoy_exits.labels(info.cause).inc()
+        self._metrics.envoy_exits.labels(info.cause).inc()
+        if epoch is not self.current:
             return
         self.current = None
-        if self.lifecycle.shutdown_requested.is_set():
-            self.metrics.envoy_exits.labels(info.cause).inc()
+        if self._lifecycle.shutting_down:
             raise _Stop
         self._crashes += 1
-        self.metrics.envoy_exits.labels(info.cause).inc()
-        self.lifecycle.envoy_down(f"Envoy exited: {info.describe()}")
-        log.error("%s; last output:\n%s", info.describe(), "\n".join(info.stderr_tail[-5:]))
+        self._lifecycle.envoy_down(f"Envoy exited: {info.describe()}")
+        # Envoy's own lines are on stderr already: the agent's line does not repeat them.
+        log.error("%s", info.describe())
+        await self._judge_early_exit(epoch, info)
         raise EnvoyCrashed(info)
+
+    async def _judge_early_exit(self, epoch: Epoch, info: ExitInfo) -> None:
+        """Before any epoch was ever LIVE, an exit may mean Envoy will never run here: raise AgentError then, with
+        the reason, instead of a crash loop (a cost only on this failure path: the first start is not delayed by a
+        validation). Returns when the exit is a crash like any other."""
+        if self._ever_live:
+            return
+        known = self._launcher.diagnose(info)
+        if known is not None:
+            error = AgentError(known, ExitCode.STARTUP_FAILED)
+        else:
+            verdict = await self._launcher.validate(epoch.number, epoch.state)
+            if verdict.ok:
+                self._launcher.forget(epoch.number)
+                return
+            error = AgentError(f"Envoy rejected its configuration: {verdict.error}", ExitCode.CONFIG_ERROR)
+        message = termination_message(info, self._crashes, gave_up=True)
+        write_termination_log(self.settings.termination_log, f"{error}\n{message}")
+        raise error
 
     # ---- epochs ----
 
-    def adopt(self, proc: EnvoyProcess, state: DesiredState) -> None:
-        """Take over an epoch 0 exec'd (by `exec_epoch`) before the supervisor existed: at start-up Envoy is
-        started before the agent's heavy imports, so the two overlap. Its exit is collected from now on, and the
+    def adopt(self, process: EnvoyHandle, state: DesiredState) -> None:
+        """Take over an epoch 0 started (by `launcher.start_envoy`) before the supervisor existed: at start-up Envoy
+        is started before the agent's heavy imports, so the two overlap. Its exit is collected from now on, and the
         first family runs on it instead of starting another."""
-        self._register(proc, state)
-        self._adopted = (proc, state)
+        epoch = Epoch(process, state)
+        self._register(epoch)
+        self._adopted = epoch
 
-    def _register(self, proc: EnvoyProcess, state: DesiredState) -> None:
-        self.procs[proc.epoch] = proc
-        if proc.epoch == 0:
-            self.lifecycle.envoy_starts += 1
-        self._spawn(proc.run(on_exit=lambda p: self._events.put_nowait(("exit", p))))
-        self.metrics.envoy_epoch.set(proc.epoch)
-        self._current_state = state
+    def _register(self, epoch: Epoch) -> None:
+        self._running[epoch.number] = epoch
+        if epoch.number == 0:
+            self._lifecycle.envoy_started()
+            self._last_started = epoch.state
+        self._spawn(epoch.process.run(on_exit=lambda _process: self._events.put_nowait(Exited(epoch))))
+        self._metrics.envoy_epoch.set(epoch.number)
 
-    async def _start_epoch(self, epoch: int, state: DesiredState) -> EnvoyProcess:
-        """Write envoy-rev<epoch>.json and exec Envoy. A failure to exec counts as a crash (EnvoyCrashed)."""
+    async def _start_epoch(self, number: int, state: DesiredState) -> Epoch:
+        """Write envoy-rev<number>.json and start Envoy. For epoch 0 a failure to start counts as a crash
+        (EnvoyCrashed); for a child the launcher's error is raised (the parent keeps serving)."""
         adopted, self._adopted = self._adopted, None
         if adopted is not None:
-            proc, adopted_state = adopted
-            if epoch == 0 and self.procs.get(0) is proc and adopted_state.digest == state.digest:
-                return proc
+            if number == 0 and self._running.get(0) is adopted and adopted.state.digest == state.digest:
+                return adopted
             await self.stop_all(self.settings.stop_grace)  # not what should run: one family per base id
         try:
-            proc = await exec_epoch(
-                self.launch, epoch, state, tail_lines=self.settings.stderr_tail_lines, sink=self._sink
-            )
-        except OSError as exc:
-            if epoch > 0:
-                raise  # a hot-restart child: _apply keeps the running parent
-            info = ExitInfo(epoch, 0, 127, False, 0.0, (f"cannot execute {self.launch.binary}: {exc}",))
+            process = await self._launcher.start(number, state)
+        except (BootstrapWriteError, EnvoyExecError) as exc:
+            if number > 0:
+                raise
+            if isinstance(exc, BootstrapWriteError) and not self._ever_live:
+                raise exc.as_agent_error() from None  # at start-up: configPath is unusable, no restart cures it
+            info = ExitInfo(0, 0, 127, False, 0.0, (str(exc),))
             self._crashes += 1
-            self.metrics.envoy_exits.labels("error").inc()
-            self.lifecycle.envoy_down(f"cannot start Envoy: {exc}")
+            self._metrics.envoy_exits.labels(ExitCause.ERROR).inc()
+            self._lifecycle.envoy_down(f"cannot start Envoy: {exc}")
+            log.error("cannot start Envoy epoch 0: %s", exc)
             raise EnvoyCrashed(info) from exc
-        self._register(proc, state)
-        return proc
+        epoch = Epoch(process, state)
+        self._register(epoch)
+        return epoch
 
-    async def _apply(self, forced: bool) -> str:
-        """Bring the family to the desired state. Returns done, unchanged, invalid, postponed or recovered."""
-        try:
-            desired = self._desired_state()
-        except AgentError as exc:
-            self.metrics.config_errors.labels("render").inc()
-            log.error("new configuration rejected, Envoy keeps its current one: %s", exc)
-            return "invalid"
-        if desired.digest != self._last_desired_digest:
-            self._last_desired_digest = desired.digest
-            self._reset_budget("desired state changed")
+    async def _apply(self, forced: bool) -> Applied:
+        """Bring the family to the desired state."""
+        desired = self._render()
+        if desired is None:
+            return Applied.INVALID
         current = self.current
         assert current is not None
-        running = self._current_state
-        if not forced and running is not None and desired.digest == running.digest:
-            return "unchanged"
-        if not forced and desired.digest == self._rejected:
-            return "unchanged"
-        if not self.launch.hot_restart:
+        if not forced and desired.digest in (current.state.digest, self._rejected):
+            return Applied.UNCHANGED
+        if not self._launcher.hot_restart:
             log.warning("configuration changed but hot restart is disabled: it applies at Envoy's next start")
-            return "unchanged"
-        live = await self._wait_live(current, self.settings.live_timeout)
-        if live == "live" and running is not None:
-            self.last_good = running
-        if live != "live":
-            if live == "timeout":
-                log.warning("Envoy epoch %d is not LIVE yet: postponing the hot restart", current.epoch)
-            return "postponed"
-        epoch = current.epoch + 1
-        if self.settings.validate and not await self._validate(epoch, desired):
+            return Applied.UNCHANGED
+        live = await self._wait_live(current)
+        if live is LiveWait.LIVE:
+            self._went_live(current)
+        elif live is LiveWait.UNRESPONSIVE:
+            log.error(
+                "Envoy epoch %d has not answered on its admin API for %gs (stopped or stuck?): the hot restart is "
+                "abandoned; the next change or SIGHUP tries again",
+                current.number,
+                self.settings.live_timeout,
+            )
+            return Applied.ABANDONED
+        else:
+            if live is LiveWait.NOT_LIVE and self._pending is not None and self._pending.retry_at is None:
+                log.warning("Envoy epoch %d is not LIVE yet: postponing the hot restart", current.number)
+            return Applied.POSTPONED
+        number = current.number + 1
+        if self.settings.validate and not await self._validate(number, desired):
             self._rejected = desired.digest
-            return "invalid"
-        if self.lifecycle.shutdown_requested.is_set():
-            remove_file(self.launch.bootstrap_path(epoch))
+            return Applied.INVALID
+        if self._lifecycle.shutting_down:
+            self._launcher.forget(number)
             raise _Stop  # asked to stop while validating: do not start an epoch only to stop it
-        log.info("hot restart: starting Envoy epoch %d", epoch)
+        log.info("hot restart: starting Envoy epoch %d", number)
         # Readiness stays as it is: the parent epoch keeps serving until the child is LIVE and then drains, so the
         # pod is as ready as before. If the child fails, _recover() takes readiness down for the cold start.
         try:
-            child = await self._start_epoch(epoch, desired)
-        except OSError as exc:
+            child = await self._start_epoch(number, desired)
+        except (BootstrapWriteError, EnvoyExecError) as exc:
             # Its bootstrap could not be written (disk full) or Envoy not executed: the parent keeps serving.
-            remove_file(self.launch.bootstrap_path(epoch))
+            self._launcher.forget(number)
             self._rejected = desired.digest
-            self.metrics.hot_restarts.labels("failed").inc()
-            self.metrics.config_errors.labels("start").inc()
-            log.error("cannot start Envoy epoch %d (%s): epoch %d keeps serving", epoch, exc, current.epoch)
-            return "invalid"
-        outcome = await self._wait_live(child, self.settings.live_timeout)
-        if outcome == "live":
-            self._retiring.add(current)
+            self._metrics.hot_restarts.labels("failed").inc()
+            self._metrics.config_errors.labels("start").inc()
+            log.error("cannot start Envoy epoch %d (%s): epoch %d keeps serving", number, exc, current.number)
+            return Applied.INVALID
+        outcome = await self._wait_live(child)
+        if outcome is LiveWait.LIVE:
+            current.retiring = True
             self.current = child
-            self.last_good = desired
+            self._went_live(child)
             self._rejected = None
-            self.metrics.hot_restarts.labels("done").inc()
-            log.info("Envoy epoch %d is LIVE; epoch %d drains and exits", epoch, current.epoch)
-            return "done"
-        if outcome == "shutdown":
+            self._metrics.hot_restarts.labels("done").inc()
+            log.info("Envoy epoch %d is LIVE; epoch %d drains and exits", number, current.number)
+            return Applied.DONE
+        if outcome is LiveWait.SHUTDOWN:
             raise _Stop
-        return await self._recover(child, desired)
+        return await self._recover(child)
 
-    async def _recover(self, child: EnvoyProcess, failed: DesiredState) -> str:
+    async def _recover(self, child: Epoch) -> Applied:
         """The child epoch failed: the family is wedged. Stop it all and cold-start epoch 0 on the last good state."""
-        self.metrics.hot_restarts.labels("failed").inc()
-        self.metrics.config_errors.labels("start").inc()
-        self._rejected = failed.digest
-        await child.stop(self.settings.stop_grace)
-        self._current_state = self.last_good
-        info = child.exit_info
-        assert info is not None
-        log.error(
-            "Envoy epoch %d failed to start (%s); last output:\n%s",
-            child.epoch,
-            info.describe(),
-            "\n".join(info.stderr_tail[-5:]),
-        )
+        self._metrics.hot_restarts.labels("failed").inc()
+        self._metrics.config_errors.labels("start").inc()
+        self._rejected = child.state.digest
+        info = await child.process.stop(self.settings.stop_grace)
+        log.error("Envoy epoch %d failed to start (%s)", child.number, info.describe())
         log.warning("the hot-restart family is wedged: stopping it and cold-starting epoch 0 on the last good config")
-        self.lifecycle.envoy_down("recovering from a failed hot restart")
+        self._lifecycle.envoy_down("recovering from a failed hot restart")
         await self.stop_all(self.settings.stop_grace)
         good = self.last_good
         assert good is not None
-        proc = await self._start_epoch(0, good)
-        self.current = proc
-        self.lifecycle.envoy_up()
-        return "recovered"
+        self.current = await self._start_epoch(0, good)
+        self._lifecycle.envoy_up()
+        return Applied.RECOVERED
 
-    async def _validate(self, epoch: int, state: DesiredState) -> bool:
-        path = self.launch.bootstrap_path(epoch)
-        try:
-            _write_atomic(path, state.bootstrap)
-            process = await asyncio.create_subprocess_exec(
-                *validate_argv(self.launch, path),
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.STDOUT,
-            )
-        except OSError as exc:
-            remove_file(path)
-            self.metrics.hot_restarts.labels("invalid").inc()
-            self.metrics.config_errors.labels("validate").inc()
-            log.error("cannot validate the new Envoy configuration (%s): the running epoch stays", exc)
-            return False
-        self._validators.add(process.pid)
-        try:
-            output, _ = await process.communicate()
-        finally:
-            self._validators.discard(process.pid)
-        if process.returncode == 0:
+    async def _validate(self, number: int, state: DesiredState) -> bool:
+        verdict = await self._launcher.validate(number, state)
+        if verdict.ok:
             return True
-        remove_file(path)
-        self.metrics.hot_restarts.labels("invalid").inc()
-        self.metrics.config_errors.labels("validate").inc()
-        lines = output.decode("utf-8", "replace").strip().splitlines()[-5:]
-        log.error("new Envoy configuration is invalid, the running epoch stays: %s", " | ".join(lines))
+        self._metrics.hot_restarts.labels("invalid").inc()
+        self._metrics.config_errors.labels("validate").inc()
+        log.error("new Envoy configuration is invalid, the running epoch stays: %s", verdict.summary)
         return False
 
-    async def _wait_live(self, proc: EnvoyProcess, timeout: float) -> str:
-        """live, exited, shutdown or timeout. Polls the admin API for this epoch's number in state LIVE: every
-        20 ms at first (a hot-restarted epoch is LIVE in about 0.1 s), slowing to 250 ms (an Envoy waiting for its
-        control plane may take long, and each poll costs both processes a little)."""
-        deadline = time.monotonic() + timeout
+    async def _wait_live(self, epoch: Epoch) -> LiveWait:
+        """Until `epoch` is LIVE, exits, shutdown is requested, or live_timeout. Polls the launcher every 20 ms at
+        first (a hot-restarted epoch is LIVE in about 0.1 s), slowing to 250 ms (an Envoy waiting for its control
+        plane may take long, and each poll costs both processes a little)."""
+        deadline = time.monotonic() + self.settings.live_timeout
         interval = 0.02
+        answered = False
+        exited = epoch.process.exited
         while True:
-            if proc.exited.is_set():
-                return "exited"
-            if self.lifecycle.shutdown_requested.is_set():
-                return "shutdown"
-            if await self.admin.live_epoch(timeout=0.5) == proc.epoch or (
-                not self.launch.hot_restart and await self.admin.is_live()
-            ):
-                return "live"
+            if exited.is_set():
+                return LiveWait.EXITED
+            if self._lifecycle.shutting_down:
+                return LiveWait.SHUTDOWN
+            try:
+                live = await self._launcher.live_epoch()
+                answered = True
+            except EnvoyUnresponsive:
+                live = None
+            if live == epoch.number:
+                return LiveWait.LIVE
             if time.monotonic() >= deadline:
-                return "timeout"
+                return LiveWait.NOT_LIVE if answered else LiveWait.UNRESPONSIVE
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(interval):
-                    await proc.exited.wait()
+                    await exited.wait()
             interval = min(0.25, interval * 1.25)
 
     async def stop_all(self, grace: float) -> None:
         """Stop every epoch (SIGTERM, SIGKILL after `grace`), remove their files and the shared memory segment."""
-        procs = list(self.procs.values())
-        await asyncio.gather(*(p.stop(grace) for p in procs))
-        for proc in procs:
-            info = proc.exit_info
+        epochs = list(self._running.values())
+        await asyncio.gather(*(epoch.process.stop(grace) for epoch in epochs))
+        for epoch in epochs:
+            info = epoch.process.exit_info
             assert info is not None
-            if self.procs.get(proc.epoch) is proc:
-                del self.procs[proc.epoch]
-                self.metrics.envoy_exits.labels(info.cause).inc()
-            remove_file(self.launch.bootstrap_path(proc.epoch))
-        self._retiring.clear()
+            if self._running.get(epoch.number) is epoch:
+                del self._running[epoch.number]
+                self._metrics.envoy_exits.labels(info.cause).inc()
+            self._launcher.forget(epoch.number)
         self.current = None
-        if self.launch.hot_restart:
-            # Envoy leaves its segment behind; epoch 0 of the next family would unlink it, but nothing else would.
-            remove_file(shm_path(self.launch.base_id))
+        self._launcher.forget_family()
 
-    async def wait_all_exited(self, timeout: float | None) -> bool:
-        procs = list(self.procs.values())
-        try:
-            async with asyncio.timeout(timeout):
-                for proc in procs:
-                    await proc.exited.wait()
-        except TimeoutError:
-            return False
-        return True
+    async def wait_all_exited(self) -> None:
+        """Return once every epoch's process has exited (collected or not)."""
+        for epoch in list(self._running.values()):
+            await epoch.process.exited.wait()
 
-    def running(self) -> list[EnvoyProcess]:
-        return [p for p in self.procs.values() if p.running]
-
-
-async def exec_epoch(
-    launch: LaunchSettings, epoch: int, state: DesiredState, *, tail_lines: int = 20, sink: BinaryIO | None = None
-) -> EnvoyProcess:
-    """Write envoy-rev<epoch>.json and exec Envoy. Raises OSError when it cannot be executed (the file is removed).
-    The caller must hand the process to `Epochs` (`adopt`) or stop it: nobody collects its exit otherwise."""
-    path = launch.bootstrap_path(epoch)
-    _write_atomic(path, state.bootstrap)
-    proc = EnvoyProcess(envoy_argv(launch, path, epoch), epoch, tail_lines=tail_lines, sink=sink)
-    log.info("Envoy command: %s", " ".join(shlex.quote(arg) for arg in proc.argv))
-    try:
-        await proc.start()
-    except OSError:
-        remove_file(path)
-        raise
-    return proc
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)
+    def running(self) -> list[Epoch]:
+        return [epoch for epoch in self._running.values() if epoch.process.running]

@@ -10,8 +10,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import enum
 import logging
-import os
 import signal
 import sys
 import time
@@ -20,6 +20,17 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 log = logging.getLogger("agent.proxy")
+
+
+class ExitCause(enum.StrEnum):
+    """How an Envoy process ended: the `cause` label of istio_agent_envoy_exits."""
+
+    CLEAN = "clean"
+    ERROR = "error"
+    SIGNAL = "signal"
+    OOM = "oom"
+    # The agent itself stopped it (shutdown, recovery, abort of the family): not a crash.
+    ABORTED = "aborted"
 
 
 @dataclass(frozen=True)
@@ -39,21 +50,20 @@ class ExitInfo:
         return -self.returncode if self.returncode < 0 else None
 
     @property
-    def cause(self) -> str:
-        """clean, error, signal, oom or aborted (the `cause` label of istio_agent_envoy_exits)."""
+    def cause(self) -> ExitCause:
         if self.aborted:
-            return "aborted"
+            return ExitCause.ABORTED
         if self.returncode == 0:
-            return "clean"
+            return ExitCause.CLEAN
         if self.signal == signal.SIGKILL:
             # Nobody in the agent sent it: in a container that is almost always the kernel's OOM killer.
-            return "oom"
-        return "signal" if self.signal is not None else "error"
+            return ExitCause.OOM
+        return ExitCause.SIGNAL if self.signal is not None else ExitCause.ERROR
 
     def describe(self) -> str:
         if self.signal is not None:
             how = f"killed by signal {signal.Signals(self.signal).name}"
-            if self.cause == "oom":
+            if self.cause is ExitCause.OOM:
                 how += " (not sent by the agent: likely the OOM killer)"
         else:
             how = f"exit code {self.returncode}"
@@ -123,19 +133,7 @@ class EnvoyProcess:
 
     async def _pump(self, proc: asyncio.subprocess.Process) -> None:
         assert proc.stderr is not None
-        sink = self._sink if self._sink is not None else sys.stderr.buffer
-        partial = b""
-        while chunk := await proc.stderr.read(65536):
-            try:
-                sink.write(chunk)
-                sink.flush()
-            except (OSError, ValueError):  # our stderr closed: keep draining so Envoy never blocks on a full pipe
-                pass
-            lines = (partial + chunk).split(b"\n")
-            partial = lines.pop()[-4096:]
-            self._tail.extend(line.decode("utf-8", "replace")[:1000] for line in lines if line.strip())
-        if partial.strip():
-            self._tail.append(partial.decode("utf-8", "replace")[:1000])
+        await keep_tail(proc.stderr, self._tail, copy_to=self._sink if self._sink is not None else sys.stderr.buffer)
 
     async def discard(self) -> bool:
         """Kill an Envoy whose exit nobody collects (start-up failed between its exec and its adoption by the
@@ -176,10 +174,21 @@ class EnvoyProcess:
         return self.exit_info
 
 
-def remove_file(path: os.PathLike[str] | str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-    except OSError as exc:
-        log.warning("could not remove %s: %s", path, exc)
+async def keep_tail(
+    stream: asyncio.StreamReader, tail: collections.deque[str], copy_to: BinaryIO | None = None
+) -> None:
+    """Read `stream` to EOF, copying it to `copy_to` as it arrives and keeping its last non-blank lines (each cut to
+    1000 characters) in `tail`. Bounded memory whatever Envoy writes (one line of its usage text is kilobytes)."""
+    partial = b""
+    while chunk := await stream.read(65536):
+        if copy_to is not None:
+            try:
+                copy_to.write(chunk)
+                copy_to.flush()
+            except (OSError, ValueError):  # our stderr closed: keep draining so Envoy never blocks on a full pipe
+                pass
+        lines = (partial + chunk).split(b"\n")
+        partial = lines.pop()[-4096:]
+        tail.extend(line.decode("utf-8", "replace")[:1000] for line in lines if line.strip())
+    if partial.strip():
+        tail.append(partial.decode("utf-8", "replace")[:1000])

@@ -1,4 +1,4 @@
-"""Can Envoy's hot restart work here? It needs to create its shared memory segment in /dev/shm.
+"""Envoy's hot-restart shared memory: its name, and whether Envoy can create it here.
 
 A container whose /dev/shm is missing or read-only (some runtimes and hardened pod specs) makes every
 hot-restart-enabled Envoy abort at start (SIGABRT in its shared-memory set-up), which would look like a crash loop.
@@ -11,6 +11,12 @@ import os
 from pathlib import Path
 
 SHM_DIR = Path("/dev/shm")
+
+
+def shm_path(base_id: int) -> Path:
+    """The segment of the hot-restart family on `base_id`: Envoy scales the base id by 10 and names its shared
+    memory after it (hot_restart_impl.cc). Envoy leaves it behind when the family ends."""
+    return SHM_DIR / f"envoy_shared_memory_{base_id * 10}"
 
 
 def shared_memory_unusable(directory: Path = SHM_DIR) -> str | None:

@@ -185,9 +185,9 @@ class StatusServer:
             )
         except AdminError as exc:
             # Still skip the drain at SIGTERM: an Envoy that cannot be asked to drain will not drain by waiting.
-            self.lifecycle.skip_drain = True
+            self.lifecycle.skip_drain_at_shutdown()
             log.warning("drain requested but Envoy's admin API failed: %s", exc)
             return web.Response(status=500, text=f"drain failed: {exc}\n")
-        self.lifecycle.skip_drain = True
+        self.lifecycle.skip_drain_at_shutdown()
         log.info("drain requested: listeners draining (%.3fs)", time.monotonic() - started)
         return web.Response(text="OK")

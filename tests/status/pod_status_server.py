@@ -22,7 +22,7 @@ async def main() -> None:
     await server.start()
     print("ready", flush=True)
     try:
-        await lifecycle.shutdown_requested.wait()
+        await lifecycle.wait_shutdown()
         print(f"shutdown: {lifecycle.shutdown_cause} skip_drain={lifecycle.skip_drain}", flush=True)
     finally:
         await server.stop()

@@ -52,9 +52,9 @@ async def post(session: aiohttp.ClientSession, url: str, method: str = "POST") -
 async def test_quitquitquit_requests_shutdown_without_drain() -> None:
     async with running_agent(settings_for(None)) as agent:
         assert await post(agent.session, agent.base + "/quitquitquit", "GET") == (405, "Method Not Allowed")
-        assert not agent.lifecycle.shutdown_requested.is_set()
+        assert not agent.lifecycle.shutting_down
         assert await post(agent.session, agent.base + "/quitquitquit") == (200, "OK")
-        assert agent.lifecycle.shutdown_requested.is_set()
+        assert agent.lifecycle.shutting_down
         assert agent.lifecycle.shutdown_cause == "/quitquitquit called"
         assert agent.lifecycle.skip_drain
 
@@ -65,7 +65,7 @@ async def test_drain_drains_inbound_listeners_keeps_envoy_and_skips_the_later_dr
         assert connection_close_on(stack.inbound_port) is None
         assert await post(agent.session, agent.base + "/drain", "PUT") == (405, "Method Not Allowed")
         assert await post(agent.session, agent.base + "/drain") == (200, "OK")
-        assert agent.lifecycle.skip_drain and not agent.lifecycle.shutdown_requested.is_set()
+        assert agent.lifecycle.skip_drain and not agent.lifecycle.shutting_down
         # Inbound listeners close connections now; the others (kubelet's status listener) do not; Envoy stays LIVE.
         assert connection_close_on(stack.inbound_port) == "close"
         assert connection_close_on(stack.status_listener_port) is None
@@ -94,7 +94,7 @@ async def test_lifecycle_endpoints_and_local_metrics_refuse_non_loopback_peers()
             # Readiness stays open to anyone (kubelet probes from the node's address).
             assert (await post(remote, base + "/healthz/ready", "GET"))[0] == 503
         assert (await post(agent.session, agent.base + "/stats/prometheus", "GET"))[0] == 200
-    assert not agent.lifecycle.shutdown_requested.is_set() and not agent.lifecycle.skip_drain
+    assert not agent.lifecycle.shutting_down and not agent.lifecycle.skip_drain
 
 
 async def test_unknown_paths_are_404() -> None:

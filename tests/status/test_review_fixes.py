@@ -38,12 +38,12 @@ class SlowFact:
 async def test_an_answer_of_the_envoy_before_a_restart_does_not_make_the_new_one_ready() -> None:
     lifecycle = Lifecycle()
     lifecycle.envoy_up()
-    lifecycle.envoy_starts = 1
+    lifecycle.envoy_started()
     fact = SlowFact()
     readiness = Readiness(lifecycle, AgentMetrics(process_metrics=False), [fact], started_at=time.monotonic())
     asking_old_envoy = asyncio.create_task(readiness.check())
     await asyncio.sleep(0.01)
-    lifecycle.envoy_starts = 2  # Envoy crashed and was cold-started while the check waited for its answer
+    lifecycle.envoy_started()  # Envoy crashed and was cold-started while the check waited for its answer
     fact.answer.set()
     assert await asking_old_envoy is not None
     assert not fact.passed

@@ -19,7 +19,10 @@ from agent.lifecycle import Lifecycle
 from agent.metrics import AgentMetrics
 from agent.proxy.admin import AdminClient
 from agent.proxy.argv import LaunchSettings
-from agent.proxy.epochs import DesiredState, SupervisionSettings, shm_path
+from agent.proxy.desired import DesiredState
+from agent.proxy.epochs import SupervisionSettings
+from agent.proxy.launcher import EnvoyLauncher
+from agent.proxy.shm import shm_path
 from agent.supervisor import DrainSettings, Supervisor, WatchSettings
 from agent.watch import content_hash
 from tests.support.envoy import envoy_binary, free_port, new_base_id
@@ -242,7 +245,7 @@ class Running:
             await self.admin.live_epoch() == epoch
             and self.lifecycle.envoy_down_reason is None
             and current is not None
-            and current.epoch == epoch
+            and current.number == epoch
         )
 
     async def stop(self, timeout: float = 30.0) -> int:
@@ -283,13 +286,12 @@ async def supervised(
     admin = AdminClient(port=rig.admin_port)
     sup_settings = SupervisionSettings(termination_log=rig.tmp / "termination-log", stop_grace=5.0)
     supervisor = Supervisor(
-        rig.launch(**(launch or {})),
+        EnvoyLauncher(rig.launch(**(launch or {})), admin),
         replace(sup_settings, **(supervision or {})),
         replace(DrainSettings(proxy_type="router", termination_drain=0.5), **(drain or {})),
         rig.desired_state,
         lifecycle=lifecycle,
         metrics=metrics,
-        admin=admin,
         watch=watch,
         signals=False,
         reap=False,

@@ -79,7 +79,7 @@ async def main() -> None:
             {
                 "exits": len(results),
                 "wrong": wrong,
-                "reaped": len(reaper.reaped),
+                "reaped": reaper.reaped_count,
                 "reaped_codes": sorted({code for _, code in reaper.reaped}),
                 "zombies_left": sorted(zombie_children(1)),
             }

@@ -14,7 +14,7 @@ import psutil
 import pytest
 
 from agent.errors import ExitCode
-from agent.proxy.epochs import shm_path
+from agent.proxy.shm import shm_path
 from tests.support.envoy import direct_response_lds, free_port, http_get, new_base_id, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]

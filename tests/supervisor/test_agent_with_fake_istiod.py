@@ -19,7 +19,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from agent.proxy.epochs import shm_path
+from agent.proxy.shm import shm_path
 from tests.bootstrap.test_default_bootstrap_live import quiet_ports
 from tests.supervisor.test_agent_e2e import ROOT, agent_env, kill_agent
 from tests.support.envoy import http_get, new_base_id, wait_until

@@ -1,4 +1,7 @@
-"""Crashes with a real Envoy: SIGKILL -> 503 at once -> restart with backoff; crash loop -> budget -> exit code."""
+"""Crashes with a real Envoy: SIGKILL -> 503 at once -> restart with backoff; a missing binary -> budget -> exit code.
+
+The budget arithmetic, a fix during a crash loop and the termination log on its own are in test_policy.py (fast).
+"""
 
 from __future__ import annotations
 
@@ -45,37 +48,6 @@ async def test_sigkill_turns_readiness_off_and_envoy_comes_back(tmp_path: Path) 
         assert delays == [0.2, 0.4]
 
 
-async def test_crash_loop_spends_budget_writes_termination_message_and_exits(tmp_path: Path) -> None:
-    rig = Rig(tmp_path)
-    # Parses as JSON but Envoy rejects it at start: every epoch 0 exits 1 at once.
-    rig.write_input(b'{"admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": "x"}}}}')
-    delays: list[float] = []
-
-    async def record(seconds: float) -> None:
-        delays.append(seconds)
-
-    async with supervised(rig, sleep=record, supervision={"restart_budget": 4}) as run:
-        code = await asyncio.wait_for(run.task, 30)
-    assert code == ExitCode.ENVOY_RESTART_BUDGET_EXHAUSTED
-    assert delays == [0.2, 0.4, 0.8, 1.6]
-    message = (tmp_path / "termination-log").read_text()
-    assert message.startswith("Envoy epoch 0")
-    assert "exit code 1" in message
-    assert "restart budget exhausted" in message
-    assert "port_value" in message  # Envoy's own last words
-    assert run.value("istio_agent_envoy_exits_total", cause="error") == 5
-
-
-async def test_unwritable_termination_log_still_exits_with_the_code(tmp_path: Path) -> None:
-    rig = Rig(tmp_path)
-    rig.write_input(b"{")
-    bad = tmp_path / "no-such-dir" / "termination-log"
-    async with supervised(rig, supervision={"restart_budget": 1, "termination_log": bad}) as run:
-        code = await asyncio.wait_for(run.task, 30)
-    assert code == ExitCode.ENVOY_RESTART_BUDGET_EXHAUSTED
-    assert not bad.exists()
-
-
 async def test_exit_policy_exits_with_envoy(tmp_path: Path) -> None:
     """ENVOY_RESTART_POLICY=exit (Istio's current behaviour): no restart; non-zero Envoy exit -> ENVOY_EXITED."""
     rig = Rig(tmp_path)
@@ -86,37 +58,6 @@ async def test_exit_policy_exits_with_envoy(tmp_path: Path) -> None:
         code = await asyncio.wait_for(run.task, 10)
     assert code == ExitCode.ENVOY_EXITED
     assert "SIGKILL" in (tmp_path / "termination-log").read_text()
-
-
-async def test_budget_resets_after_healthy_period(tmp_path: Path) -> None:
-    rig = Rig(tmp_path)
-    rig.write_input(bootstrap(rig.admin_port, rig.listener_port))
-    async with supervised(rig, supervision={"healthy_period": 0.5}) as run:
-        await run.wait_epoch_live(0)
-        os.kill(envoy_children()[0].pid, signal.SIGKILL)
-        await until(lambda: run.value("istio_agent_envoy_restart_budget_remaining") == 9)
-        await run.wait_epoch_live(0)
-        await until(lambda: run.value("istio_agent_envoy_restart_budget_remaining") == 10, 5)
-
-
-async def test_config_fixed_during_crash_loop_is_picked_up(tmp_path: Path) -> None:
-    """Envoy crashes at start on a bad config; the fix lands during the backoff; the next start uses it."""
-    rig = Rig(tmp_path)
-    rig.write_input(b'{"admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": "x"}}}}')
-    good = bootstrap(rig.admin_port, rig.listener_port, body="fixed")
-
-    async def fix_on_second_backoff(_seconds: float) -> None:
-        if run.value("istio_agent_envoy_restart_budget_remaining") <= 8:
-            rig.write_input(good)
-            run.supervisor.epochs.notify_change("test")  # type: ignore[union-attr]
-        await asyncio.sleep(0)
-
-    async with supervised(rig, sleep=fix_on_second_backoff) as run:
-        await run.wait_epoch_live(0)
-        assert run.value("istio_agent_envoy_exits_total", cause="error") >= 2
-        # A new desired state earns the whole budget back.
-        await until(lambda: run.value("istio_agent_envoy_restart_budget_remaining") == 10)
-        assert not run.task.done()
 
 
 async def test_envoy_binary_gone_counts_as_crash_and_gives_up(tmp_path: Path) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.proxy.epochs import shm_path
+from agent.proxy.shm import shm_path
 from tests.supervisor.harness import Rig, bootstrap, make_cert, supervised, tls_rig, until
 from tests.support.envoy import free_port, http_get
 

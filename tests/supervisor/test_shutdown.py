@@ -18,7 +18,9 @@ from agent.lifecycle import Lifecycle
 from agent.metrics import AgentMetrics
 from agent.pid1 import SignalDispatcher
 from agent.proxy.admin import AdminClient
-from agent.proxy.epochs import SupervisionSettings, shm_path
+from agent.proxy.epochs import SupervisionSettings
+from agent.proxy.launcher import EnvoyLauncher
+from agent.proxy.shm import shm_path
 from agent.status.server import StatusServer
 from agent.status.settings import StatusSettings
 from agent.supervisor import DrainSettings, Supervisor
@@ -121,14 +123,13 @@ async def test_status_port_in_use_fails_before_envoy_starts(tmp_path: Path) -> N
     admin = AdminClient(port=rig.admin_port)
     settings = StatusSettings(status_port=blocker.getsockname()[1], listen_host="127.0.0.1", admin_port=rig.admin_port)
     supervisor = Supervisor(
-        rig.launch(),
+        EnvoyLauncher(rig.launch(), admin),
         SupervisionSettings(termination_log=None),
         DrainSettings(),
         rig.desired_state,
         lifecycle=lifecycle,
         metrics=metrics,
-        admin=admin,
-        status=StatusServer(settings, lifecycle, metrics, admin),
+        services=[StatusServer(settings, lifecycle, metrics, admin)],
         signals=False,
         reap=False,
     )
@@ -149,7 +150,7 @@ async def test_shutdown_during_hot_restart_stops_every_epoch(tmp_path: Path) -> 
         await run.wait_epoch_live(0)
         rig.write_input(bootstrap(rig.admin_port, rig.listener_port, body="b"))
         run.supervisor.epochs.notify_change("test")  # type: ignore[union-attr]
-        await until(lambda: 1 in run.supervisor.epochs.procs)  # type: ignore[union-attr]
+        await until(lambda: 1 in run.supervisor.epochs.numbers())  # type: ignore[union-attr]
         run.lifecycle.request_shutdown("received signal: SIGTERM")
         assert await asyncio.wait_for(run.task, 15) == 0
         assert not envoy_children()

@@ -8,9 +8,9 @@ import subprocess
 from pathlib import Path
 
 from agent.pid1 import zombie_children
+from agent.proxy.admin import active_connections
 from agent.proxy.process import ExitInfo
 from agent.proxy.termination import MAX_BYTES, termination_message, write_termination_log
-from agent.supervisor import active_connections
 
 
 def test_exit_causes() -> None:

@@ -113,7 +113,7 @@ async def test_half_written_cert_is_rejected_then_completed_file_applies(tmp_pat
         # A burst of partial writes within the debounce window: one hot restart, nothing rejected.
         make_cert(fresh, "three")
         invalid = run.value("istio_agent_hot_restarts_total", outcome="invalid")
-        await until(lambda: len(run.supervisor.epochs.procs) == 1, 10)  # type: ignore[union-attr]
+        await until(lambda: len(run.supervisor.epochs.numbers()) == 1, 10)  # type: ignore[union-attr]
         data = (fresh / "cert-chain.pem").read_bytes()
         (certs / "key.pem").write_bytes((fresh / "key.pem").read_bytes())
         with (certs / "cert-chain.pem").open("wb") as handle:

@@ -1,0 +1,67 @@
+"""The agent's one way to write a file another process reads (Envoy: its bootstrap, a tracer token, certificates).
+
+`write_atomic` writes a temp file in the target's directory, fsyncs it, renames it over the target and fsyncs the
+directory: a reader sees the old file or the new one, never a part, and after a crash (node power loss) the rename
+is not lost while the old contents are already gone. A failed write (disk full, quota, read-only) removes its temp
+file: nothing is left behind but the previous file, untouched. Directories it creates are 0700: they hold the
+bootstrap (node metadata, paths to keys) and secrets.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+log = logging.getLogger("agent.files")
+
+# errno values that say "the disk", not "the configuration": full, over quota, failing.
+DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO})
+
+
+def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """Replace `path` with `data` atomically (see the module docstring). Raises OSError; then `path` is as before."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    _fsync_directory(path.parent)
+
+
+def _fsync_directory(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return  # the rename is done; a directory we cannot open cannot be synced, and the write did not fail
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems refuse fsync on a directory (EINVAL): the rename stands
+    finally:
+        os.close(fd)
+
+
+def remove_file(path: os.PathLike[str] | str) -> None:
+    """Remove a file the agent wrote, if it is there. Another failure is a warning: cleanup never fails a caller."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        log.warning("could not remove %s: %s", path, exc)
+
+
+def is_disk_error(exc: OSError) -> bool:
+    return exc.errno in DISK_ERRNOS
