@@ -274,12 +274,12 @@ class Epochs:
             self._budget_earned = "desired state changed"
         self._last_desired_digest = desired.digest
 
-    def _render(self) -> DesiredState | None:
+    async def _render(self) -> DesiredState | None:
         """The desired state, or None (logged, counted) when it cannot be rendered. Nothing outside the agent's
         control (file contents, env, disk) may end the supervisor: every error here rejects the new configuration
-        and the running epoch keeps serving."""
+        and the running epoch keeps serving. Off the event loop: rendering reads files and runs jinja2 (~0.15 s)."""
         try:
-            desired = self._desired_state()
+            desired = await asyncio.to_thread(self._desired_state)
         except Exception as exc:
             self._metrics.config_errors.labels("render").inc()
             reason = str(exc) if isinstance(exc, AgentError) else f"{type(exc).__name__}: {exc}"
@@ -294,7 +294,7 @@ class Epochs:
         restart. With none seen LIVE yet (first start, or crashing since), it renders the desired state afresh,
         so fixing a config that crashes Envoy at start takes effect; if that does not render, what ran last.
         With hot restart off a change can only apply at a start: the desired state then, if it validates."""
-        desired = self._render()
+        desired = await self._render()
         if desired is None:
             state = self.last_good or self._last_started
             assert state is not None, "the first render happens before the supervisor starts"
@@ -512,7 +512,7 @@ class Epochs:
 
     async def _apply(self, forced: bool) -> Applied:
         """Bring the family to the desired state."""
-        desired = self._render()
+        desired = await self._render()
         if desired is None:
             return Applied.INVALID
         current = self.current
