@@ -23,8 +23,9 @@ DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO})
 
 
 def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Replace `path` with `data` atomically (see the module docstring). Raises OSError; then `path` is as before."""
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    """Replace `path` with `data` atomically (see the module docstring). Raises OSError naming `path` (its
+    `filename`); then `path` is as it was."""
+    make_private_dirs(path.parent)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
@@ -33,11 +34,26 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
             os.fsync(handle.fileno())
         os.chmod(tmp, mode)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(exc, OSError) and exc.filename is None:
+            # write() and fsync() name no file: say which one the caller was writing.
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc
         raise
     _fsync_directory(path.parent)
+
+
+def make_private_dirs(directory: Path) -> None:
+    """Create `directory` and its missing ancestors 0700 (Path.mkdir(parents=True) gives the ancestors the default
+    mode, 0755 with the usual umask: every level must be private). Existing directories keep their mode."""
+    missing: list[Path] = []
+    for level in (directory, *directory.parents):
+        if level.is_dir():
+            break
+        missing.append(level)
+    for level in reversed(missing):
+        level.mkdir(mode=0o700, exist_ok=True)
 
 
 def _fsync_directory(directory: Path) -> None:

@@ -192,6 +192,7 @@ class Watcher:
             if self.metrics is not None:
                 self.metrics.file_changes.labels(self.files[path]).inc()
         if not changed and not deleted:
+            log.debug("watched files hashed: no change")
             return None
         changes = ChangeSet(tuple(changed), tuple(deleted), tuple(sorted({self.files[p] for p in changed + deleted})))
         self.on_change(changes)

@@ -43,7 +43,7 @@ from agent.proxy.desired import DesiredState, DesiredStateFn
 from agent.proxy.epochs import SupervisionSettings
 from agent.proxy.launcher import BootstrapWriteError, EnvoyExecError, EnvoyLauncher, start_envoy
 from agent.proxy.process import EnvoyProcess
-from agent.proxy.shm import shared_memory_unusable, shm_path
+from agent.proxy.shm import SegmentIdentity, remove_segment, segment_identity, shared_memory_unusable
 from agent.status.listen import bind_status_sockets
 from agent.status.settings import StatusSettings
 from agent.supervisor import DrainSettings, Service, Supervisor, WatchSettings
@@ -265,6 +265,7 @@ async def _main(
     for sig in HANDLED:
         loop.add_signal_handler(sig, signal_queue.put_nowait, sig)
     epoch0: EnvoyProcess | None = None
+    foreign_segment = segment_identity(settings.launch.base_id) if settings.launch.hot_restart else None
     try:
         epoch0 = await start_envoy(settings.launch, 0, first, tail_lines=settings.supervision.stderr_tail_lines)
     except BootstrapWriteError as exc:
@@ -281,13 +282,14 @@ async def _main(
             epoch0=epoch0,
             first=first,
             signal_queue=signal_queue,
+            foreign_segment=foreign_segment,
         )
     finally:
         # A no-op once the supervisor adopted it (it stops what it owns); otherwise no Envoy outlives us.
         if epoch0 is not None and await epoch0.discard():
             remove_file(settings.launch.bootstrap_path(0))
             if settings.launch.hot_restart:
-                remove_file(shm_path(settings.launch.base_id))
+                remove_segment(settings.launch.base_id, foreign_segment)
 
 
 async def _supervise(
@@ -300,6 +302,7 @@ async def _supervise(
     epoch0: EnvoyProcess | None,
     first: DesiredState,
     signal_queue: asyncio.Queue[int],
+    foreign_segment: SegmentIdentity | None,
 ) -> int:
     # Imported here, after Envoy's exec, so that their cost (~0.2 s) overlaps Envoy's own start.
     from agent.metrics import AgentMetrics  # noqa: PLC0415 (lazy: loaded after Envoy's exec)
@@ -309,7 +312,9 @@ async def _supervise(
     lifecycle = Lifecycle()
     metrics = AgentMetrics()
     admin = AdminClient(port=cfg.proxy.proxy_admin_port)
-    launcher = EnvoyLauncher(settings.launch, admin, tail_lines=settings.supervision.stderr_tail_lines)
+    launcher = EnvoyLauncher(
+        settings.launch, admin, tail_lines=settings.supervision.stderr_tail_lines, foreign_segment=foreign_segment
+    )
     # In start order; each one Envoy needs listening must bind before the exec above, as the status port does.
     services: list[Service] = []
     if status_settings is not None:

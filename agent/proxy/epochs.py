@@ -282,7 +282,12 @@ class Epochs:
             desired = await asyncio.to_thread(self._desired_state)
         except Exception as exc:
             self._metrics.config_errors.labels("render").inc()
-            reason = str(exc) if isinstance(exc, AgentError) else f"{type(exc).__name__}: {exc}"
+            if isinstance(exc, AgentError):
+                reason = str(exc)
+            elif isinstance(exc, OSError) and exc.filename is not None:
+                reason = f"{exc.filename}: {exc.strerror}"
+            else:
+                reason = f"{type(exc).__name__}: {exc}"
             log.error("new configuration rejected, Envoy keeps its current one: %s", reason)
             log.debug("rendering failed", exc_info=True)
             return None
@@ -457,6 +462,8 @@ class Epochs:
         known = self._launcher.diagnose(info)
         if known is not None:
             error = AgentError(known, ExitCode.STARTUP_FAILED)
+        elif not self.settings.validate:
+            return
         else:
             verdict = await self._launcher.validate(epoch.number, epoch.state)
             if verdict.ok:

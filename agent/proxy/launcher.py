@@ -26,7 +26,7 @@ from agent.proxy.argv import LaunchSettings, envoy_argv, validate_argv
 from agent.proxy.desired import DesiredState
 from agent.proxy.diagnosis import StartContext, diagnose_start_failure, envoy_error
 from agent.proxy.process import EnvoyProcess, ExitInfo, keep_tail
-from agent.proxy.shm import shm_path
+from agent.proxy.shm import SegmentIdentity, remove_segment, segment_identity
 
 if TYPE_CHECKING:
     from agent.proxy.admin import AdminClient
@@ -188,12 +188,16 @@ class EnvoyLauncher:
         tail_lines: int = 20,
         sink: BinaryIO | None = None,
         admin_timeout: float = 0.5,
+        foreign_segment: SegmentIdentity | None = None,
     ) -> None:
         self.launch = launch
         self.admin = admin
         self.tail_lines = tail_lines
         self.sink = sink
         self.admin_timeout = admin_timeout
+        # The hot-restart segment that was there before our epoch 0 started (see shm.remove_segment): given by
+        # whoever started an epoch 0 before this launcher existed, recorded at each epoch 0 start after.
+        self._foreign_segment = foreign_segment
         self._validators: set[int] = set()
 
     @property
@@ -201,6 +205,8 @@ class EnvoyLauncher:
         return self.launch.hot_restart
 
     async def start(self, epoch: int, state: DesiredState) -> EnvoyProcess:
+        if epoch == 0 and self.launch.hot_restart:
+            self._foreign_segment = segment_identity(self.launch.base_id)
         return await start_envoy(self.launch, epoch, state, tail_lines=self.tail_lines, sink=self.sink)
 
     async def validate(self, epoch: int, state: DesiredState) -> Verdict:
@@ -270,7 +276,7 @@ class EnvoyLauncher:
     def forget_family(self) -> None:
         if self.launch.hot_restart:
             # Envoy leaves its segment behind; epoch 0 of the next family would unlink it, but nothing else would.
-            remove_file(shm_path(self.launch.base_id))
+            remove_segment(self.launch.base_id, self._foreign_segment)
 
     def own_pids(self) -> set[int]:
         return set(self._validators)

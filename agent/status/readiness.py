@@ -3,6 +3,10 @@
 1. The agent's own knowledge (`Lifecycle.not_ready_reason()`): shutdown begun, or Envoy down/restarting.
 2. Envoy accepted at least one CDS and one LDS update (remembered once true; rejections reported as such).
 3. Envoy's server.state is LIVE and its workers started (remembered once true).
+4. Envoy still answers on its admin API (never remembered; asked at most once a second). A stopped (SIGSTOP) or
+   stuck Envoy keeps its LIVE stats for ever: without this 15020 would say ready while Envoy serves nothing. One
+   slow answer is not a hang (a big config push can hold Envoy's main thread): not ready only once nothing has
+   answered for `unresponsive_after` seconds.
 
 The remembered facts are forgotten when the agent sees Envoy down: a restarted Envoy (new epoch after a crash)
 must earn them again; Istio never restarts Envoy, so it never needed that. Concurrent probes share one in-flight
@@ -15,13 +19,13 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Protocol
 
 from agent.lifecycle import Lifecycle
 from agent.metrics import AgentMetrics
-from agent.proxy.admin import SERVER_STATES, AdminClient, AdminError
+from agent.proxy.admin import SERVER_STATES, AdminClient, AdminError, AdminTimeout
 
 log = logging.getLogger("agent.status")
 
@@ -118,6 +122,57 @@ class EnvoyLiveProbe(_RememberedAdminFact):
             raise NotReady("workers have not yet started")
 
 
+class EnvoyResponding:
+    """Envoy answers on its admin API (any HTTP status is an answer). Check 4 of the module docstring."""
+
+    def __init__(
+        self,
+        admin: AdminClient,
+        *,
+        interval: float = 1.0,
+        timeout: float = 1.0,
+        unresponsive_after: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.admin = admin
+        self.interval = interval
+        self.timeout = timeout
+        self.unresponsive_after = unresponsive_after
+        self.clock = clock
+        self._answered_at = float("-inf")
+        self._silent_since: float | None = None
+
+    def fresh(self) -> bool:
+        """Envoy answered within the last `interval`: no need to ask again."""
+        return self.clock() - self._answered_at < self.interval
+
+    def forget(self) -> None:
+        self._answered_at = float("-inf")
+        self._silent_since = None
+
+    async def check(self) -> None:
+        if self.fresh():
+            return
+        started = self.clock()
+        try:
+            await self.admin.request("GET", "/ready", timeout=self.timeout)
+        except AdminTimeout:
+            if self._silent_since is None:
+                self._silent_since = started
+            silent = self.clock() - self._silent_since
+            if silent >= self.unresponsive_after:
+                raise NotReady(
+                    f"Envoy is not responding: its admin API has not answered for {silent:.0f}s (stopped or stuck?)"
+                ) from None
+            return
+        except AdminError:
+            # Refused: not a hang (the supervisor reports an exit; a hot restart hands the admin socket over).
+            self._silent_since = None
+            return
+        self._answered_at = self.clock()
+        self._silent_since = None
+
+
 class Readiness:
     def __init__(
         self,
@@ -125,11 +180,13 @@ class Readiness:
         metrics: AgentMetrics,
         probes: list[Probe],
         *,
+        responding: EnvoyResponding | None = None,
         started_at: float | None = None,
     ) -> None:
         self.lifecycle = lifecycle
         self.metrics = metrics
         self.probes = probes
+        self.responding = responding
         # Monotonic time of the agent's start; startup_duration is measured from it (Istio: process start).
         self.started_at = process_start_monotonic() if started_at is None else started_at
         self.ever_ready = False
@@ -142,13 +199,19 @@ class Readiness:
     def for_envoy(
         cls, lifecycle: Lifecycle, metrics: AgentMetrics, admin: AdminClient, extra: Sequence[Probe] = ()
     ) -> Readiness:
-        """Envoy's probes, then the agent's own (`extra`: the DNS proxy's name table), as Istio orders them."""
-        return cls(lifecycle, metrics, [EnvoyConfigProbe(admin), EnvoyLiveProbe(admin), *extra])
+        """Envoy's probes, then the agent's own (`extra`: the DNS proxy's name table), as Istio orders them; and
+        whether Envoy still answers at all."""
+        probes = [EnvoyConfigProbe(admin), EnvoyLiveProbe(admin), *extra]
+        return cls(lifecycle, metrics, probes, responding=EnvoyResponding(admin))
 
     async def check(self) -> str | None:
         """None when ready, else the reason. Concurrent callers share one evaluation."""
         self._forget_facts_of_a_previous_envoy()
-        if self.lifecycle.not_ready_reason() is None and all(probe.passed for probe in self.probes):
+        if (
+            self.lifecycle.not_ready_reason() is None
+            and all(probe.passed for probe in self.probes)
+            and (self.responding is None or self.responding.fresh())
+        ):
             # Hot path of every kubelet probe once ready: nothing to ask Envoy, no task to create.
             self._record(None)
             return None
@@ -163,19 +226,25 @@ class Readiness:
         probes every few seconds; a crash restart takes a fraction of one)."""
         if self.lifecycle.envoy_starts != self._verified_start:
             self._verified_start = self.lifecycle.envoy_starts
-            for probe in self.probes:
-                probe.forget()
+            self._forget_all()
+
+    def _forget_all(self) -> None:
+        for probe in self.probes:
+            probe.forget()
+        if self.responding is not None:
+            self.responding.forget()
 
     async def _evaluate(self) -> str | None:
         start = self.lifecycle.envoy_starts
         reason = self.lifecycle.not_ready_reason()
         if reason is not None and self.lifecycle.envoy_down_reason is not None:
-            for probe in self.probes:
-                probe.forget()
+            self._forget_all()
         if reason is None:
             try:
                 for probe in self.probes:
                     await probe.check()
+                if self.responding is not None:
+                    await self.responding.check()
             except NotReady as exc:
                 reason = str(exc)
         if self.lifecycle.envoy_starts != start:

@@ -12,11 +12,12 @@ crashes) stays in test_epochs.py, test_crash.py, test_shutdown.py and the agent'
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import itertools
 import logging
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -202,3 +203,18 @@ class LogWaiter(logging.Handler):
             while sum(fragment in m for m in self.messages) < count:
                 self._event.clear()
                 await self._event.wait()
+
+
+@contextlib.contextmanager
+def recording_logs(name: str = "agent") -> Iterator[LogWaiter]:
+    """Record logger `name`'s lines, debug included, for the duration."""
+    waiter = LogWaiter()
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.DEBUG)
+    logger.addHandler(waiter)
+    try:
+        yield waiter
+    finally:
+        logger.removeHandler(waiter)
+        logger.setLevel(level)

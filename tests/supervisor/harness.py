@@ -25,6 +25,7 @@ from agent.proxy.launcher import EnvoyLauncher
 from agent.proxy.shm import shm_path
 from agent.supervisor import DrainSettings, Supervisor, WatchSettings
 from agent.watch import content_hash
+from tests.supervisor.fake_launcher import LogWaiter, recording_logs
 from tests.support.envoy import envoy_binary, free_port, new_base_id
 
 _HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
@@ -228,6 +229,8 @@ class Running:
     lifecycle: Lifecycle
     metrics: AgentMetrics
     admin: AdminClient
+    # The agent's log lines (debug included): a test waits for an outcome there instead of sleeping.
+    logs: LogWaiter
 
     def value(self, name: str, **labels: str) -> float:
         found = self.metrics.registry.get_sample_value(name, labels)
@@ -297,23 +300,28 @@ async def supervised(
         reap=False,
         sleep=sleep,
     )
-    task = asyncio.create_task(supervisor.run())
-    running = Running(supervisor, task, lifecycle, metrics, admin)
-    try:
-        yield running
-    finally:
-        if not task.done():
-            lifecycle.request_shutdown("test cleanup", skip_drain=True)
-            try:
-                await asyncio.wait_for(task, 30)
-            except Exception:
-                task.cancel()
-        leftovers = envoy_children()
-        for proc in leftovers:
-            proc.kill()
-        shm = shm_path(rig.base_id)
-        stale = shm.exists()
-        shm.unlink(missing_ok=True)
-        assert not leftovers, f"Envoy left running: {leftovers}"
-        assert not stale, f"stale shared memory segment {shm}"
-        assert not list((rig.tmp / "proxy").glob("envoy-rev*.json")), "per-epoch bootstrap files left behind"
+    with recording_logs() as logs:
+        task = asyncio.create_task(supervisor.run())
+        try:
+            yield Running(supervisor, task, lifecycle, metrics, admin, logs)
+        finally:
+            await _cleaned_up(rig, task, lifecycle)
+
+
+async def _cleaned_up(rig: Rig, task: asyncio.Task[int], lifecycle: Lifecycle) -> None:
+    """Make sure the supervisor stopped and left no Envoy, zombie, file or shm segment."""
+    if not task.done():
+        lifecycle.request_shutdown("test cleanup", skip_drain=True)
+        try:
+            await asyncio.wait_for(task, 30)
+        except Exception:
+            task.cancel()
+    leftovers = envoy_children()
+    for proc in leftovers:
+        proc.kill()
+    shm = shm_path(rig.base_id)
+    stale = shm.exists()
+    shm.unlink(missing_ok=True)
+    assert not leftovers, f"Envoy left running: {leftovers}"
+    assert not stale, f"stale shared memory segment {shm}"
+    assert not list((rig.tmp / "proxy").glob("envoy-rev*.json")), "per-epoch bootstrap files left behind"

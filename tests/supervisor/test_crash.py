@@ -14,7 +14,6 @@ import pytest
 
 from agent.errors import ExitCode
 from tests.supervisor.harness import Rig, bootstrap, envoy_children, supervised, until
-from tests.support.envoy import http_get
 
 pytestmark = [pytest.mark.envoy]
 
@@ -92,19 +91,3 @@ async def test_crash_while_the_parent_drains_restarts_the_whole_family(tmp_path:
         assert [p.pid for p in envoy_children()] not in ([parent.pid], [child.pid])
         assert len(envoy_children()) == 1
         assert run.value("istio_agent_envoy_exits_total", cause="oom") == 1
-
-
-async def test_with_hot_restart_off_a_change_applies_at_the_next_start(tmp_path: Path) -> None:
-    rig = Rig(tmp_path)
-    rig.write_input(bootstrap(rig.admin_port, rig.listener_port, body="old"))
-    async with supervised(rig, launch={"hot_restart": False}) as run:
-        await run.wait_epoch_live(0)
-        rig.write_input(bootstrap(rig.admin_port, rig.listener_port, body="new"))
-        run.supervisor.epochs.notify_change("test")  # type: ignore[union-attr]
-        await asyncio.sleep(0.3)
-        (victim,) = envoy_children()
-        os.kill(victim.pid, signal.SIGKILL)
-        await until(lambda: run.lifecycle.envoy_starts == 2, 20)
-        await run.wait_epoch_live(0)
-        status, body = await asyncio.to_thread(http_get, f"http://127.0.0.1:{rig.listener_port}/")
-        assert (status, body) == (200, b"new")

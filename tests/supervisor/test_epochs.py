@@ -61,7 +61,7 @@ async def test_cert_change_hot_restarts_and_same_content_does_not(tmp_path: Path
         # Rewriting identical bytes is not a change: no epoch 2.
         (certs / "key.pem").write_bytes((certs / "key.pem").read_bytes())
         run.supervisor.epochs.notify_change("test")  # type: ignore[union-attr]
-        await asyncio.sleep(0.5)
+        await run.logs.wait_for("reconcile step (test): unchanged")
         assert run.value("istio_agent_hot_restarts_total", outcome="done") == 1
         assert await run.admin.live_epoch() == 1
 
@@ -83,7 +83,7 @@ async def test_garbage_cert_keeps_running_epoch_then_recovers_on_next_change(tmp
         assert run.lifecycle.not_ready_reason() is None
         # The same bad input again is not re-validated; a real fix is applied.
         run.supervisor.epochs.notify_change("test")  # type: ignore[union-attr]
-        await asyncio.sleep(0.3)
+        await run.logs.wait_for("reconcile step (test): unchanged")
         assert run.value("istio_agent_hot_restarts_total", outcome="invalid") == 1
         make_cert(certs, "fixed")
         run.supervisor.epochs.notify_change("test")  # type: ignore[union-attr]
@@ -139,6 +139,6 @@ async def test_hot_restart_disabled_ignores_changes_and_uses_no_shared_memory(tm
         assert not shm_path(rig.base_id).exists()
         rig.write_input(bootstrap(rig.admin_port, rig.listener_port, body="second"))
         run.supervisor.epochs.notify_change("test")  # type: ignore[union-attr]
-        await asyncio.sleep(0.5)
+        await run.logs.wait_for("hot restart is disabled: it applies at Envoy's next start")
         assert await asyncio.to_thread(served, rig.listener_port) == b"first"
         assert run.value("istio_agent_hot_restarts_total", outcome="done") == 0

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import logging
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -26,7 +25,7 @@ from agent.proxy.desired import DesiredState
 from agent.proxy.epochs import Epochs, SupervisionSettings
 from agent.proxy.launcher import EnvoyExecError
 from agent.supervisor import DrainSettings, Service, Supervisor
-from tests.supervisor.fake_launcher import Behaviour, FakeLauncher, LogWaiter, disk_full
+from tests.supervisor.fake_launcher import Behaviour, FakeLauncher, LogWaiter, disk_full, recording_logs
 
 CRITICAL = "[2026-12-02 04:26:34.088][7][critical][main] [source/server/server.cc:449] "
 
@@ -133,24 +132,23 @@ async def supervised(
         reap=False,
         sleep=record_sleep,
     )
-    logs = LogWaiter()
-    agent_log = logging.getLogger("agent")
-    level = agent_log.level
-    agent_log.setLevel(logging.DEBUG)
-    agent_log.addHandler(logs)
-    task = asyncio.create_task(supervisor.run())
-    run = Run(supervisor, task, launcher, inputs, lifecycle, metrics, logs)
-    try:
-        await launcher.wait_for("start 0")
-        yield run
-    finally:
-        agent_log.removeHandler(logs)
-        agent_log.setLevel(level)
-        if not task.done():
-            lifecycle.request_shutdown("test done", skip_drain=True)
-            async with asyncio.timeout(5):
-                await asyncio.gather(task, return_exceptions=True)
-        assert not [envoy for envoy in launcher.started if envoy.running], "an epoch was left running"
+    with recording_logs() as logs:
+        task = asyncio.create_task(supervisor.run())
+        run = Run(supervisor, task, launcher, inputs, lifecycle, metrics, logs)
+        try:
+            await launcher.wait_for("start 0")
+            yield run
+        finally:
+            await _stopped(run)
+
+
+async def _stopped(run: Run) -> None:
+    """Stop what the test left running; no fake epoch may outlive the supervisor."""
+    if not run.task.done():
+        run.lifecycle.request_shutdown("test done", skip_drain=True)
+        async with asyncio.timeout(5):
+            await asyncio.gather(run.task, return_exceptions=True)
+    assert not [envoy for envoy in run.launcher.started if envoy.running], "an epoch was left running"
 
 
 # ---- crashes: budget and backoff ----

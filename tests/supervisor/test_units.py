@@ -1,15 +1,24 @@
-"""Pure parts of supervision: exit classification, termination message, active connections, /proc parsing."""
+"""Small parts of supervision: exit classification, termination message, active connections, /proc parsing, the
+atomic writer, the diagnosis of Envoy's start failures, the shared-memory cleanup, the reaper's bookkeeping."""
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
+import stat
 import subprocess
+import tempfile
 from pathlib import Path
 
-from agent.pid1 import zombie_children
+import pytest
+
+from agent.files import remove_file, write_atomic
+from agent.pid1 import OrphanReaper, zombie_children
 from agent.proxy.admin import active_connections
+from agent.proxy.diagnosis import StartContext, diagnose_start_failure, envoy_error
 from agent.proxy.process import ExitInfo
+from agent.proxy.shm import remove_segment, segment_identity, shm_path
 from agent.proxy.termination import MAX_BYTES, termination_message, write_termination_log
 
 
@@ -61,3 +70,120 @@ def test_zombie_children_reads_proc() -> None:
     finally:
         child.wait()
     assert child.pid not in zombie_children(os.getpid())
+
+
+# ---- the atomic writer (agent/files.py) ----
+
+
+def test_write_atomic_makes_private_directories_and_replaces_the_file(tmp_path: Path) -> None:
+    target = tmp_path / "a" / "b" / "envoy-rev0.json"
+    write_atomic(target, b"one")
+    write_atomic(target, b"two", mode=0o600)
+    assert target.read_bytes() == b"two"
+    assert stat.S_IMODE(target.stat().st_mode) == 0o600
+    assert stat.S_IMODE((tmp_path / "a").stat().st_mode) == 0o700
+    assert stat.S_IMODE((tmp_path / "a" / "b").stat().st_mode) == 0o700
+    assert sorted(p.name for p in target.parent.iterdir()) == ["envoy-rev0.json"]
+
+
+def test_write_atomic_that_fails_leaves_the_old_file_and_no_temp_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The disk fills while the new bytes are flushed (simulated: a real full disk is in test_full_disk.py)."""
+    target = tmp_path / "envoy-rev1.json"
+    write_atomic(target, b"old")
+
+    def no_space(_fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", no_space)
+    with pytest.raises(OSError) as info:
+        write_atomic(target, b"new")
+    assert info.value.errno == errno.ENOSPC and info.value.filename == str(target)
+    assert target.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["envoy-rev1.json"]
+
+
+def test_remove_file_is_quiet_about_a_missing_file(tmp_path: Path) -> None:
+    remove_file(tmp_path / "never-written")
+    (tmp_path / "x").write_text("x")
+    remove_file(tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
+# ---- known Envoy start failures (agent/proxy/diagnosis.py), on Envoy 1.40's own lines ----
+
+CONTEXT = StartContext(admin_port=15000, base_id=7, hot_restart=True)
+ADMIN_IN_USE = (
+    "[2026-12-02 04:25:44.084][19307][critical][main] [source/server/server.cc:449] error `cannot bind "
+    "'127.0.0.1:15000': Address already in use` initializing config 'goo.gle/debugstr   ",
+    "  ok.json'",
+    "cannot bind '127.0.0.1:15000': Address already in use",
+)
+BASE_ID_TAKEN = (
+    "[2026-12-02 04:25:48.046][19570][debug][init] [source/common/init/watcher_impl.cc:31] init manager Server "
+    "destroyed",
+    "unable to bind domain socket with base_id=70, id=0, errno=98 (see --base-id option)",
+)
+SHM_CLASH = (
+    "[2026-12-02 04:26:28.666][22070][critical][assert] [source/server/hot_restart_impl.cc:44] panic: cannot open "
+    "shared memory region /envoy_shared_memory_70 check user permissions. Error: Permission denied",
+)
+
+
+def test_known_start_failures_name_the_fix() -> None:
+    admin = diagnose_start_failure(ADMIN_IN_USE, CONTEXT)
+    assert admin is not None and "admin port 127.0.0.1:15000 is already in use" in admin and "proxyAdminPort" in admin
+    listener = diagnose_start_failure(ADMIN_IN_USE, StartContext(admin_port=15001, base_id=7, hot_restart=True))
+    assert listener is not None and "where its bootstrap listens" in listener and "proxyAdminPort" not in listener
+    base_id = diagnose_start_failure(BASE_ID_TAKEN, CONTEXT)
+    assert base_id is not None and "already runs with base id 7" in base_id and "ENVOY_BASE_ID" in base_id
+    shm = diagnose_start_failure(SHM_CLASH, CONTEXT)
+    assert shm is not None and "/dev/shm/envoy_shared_memory_70 (Permission denied)" in shm
+    assert "ENVOY_BASE_ID" in shm
+    assert diagnose_start_failure(("error: invalid component specified 'nosuch'",), CONTEXT) is None
+
+
+def test_envoy_error_is_envoys_own_message() -> None:
+    critical = "[2026-12-02 04:26:34.088][22393][critical][main] [source/server/config_validation/server.cc:76] "
+    assert envoy_error((critical + "error initializing configuration 'x': bad", "")) == (
+        "error initializing configuration 'x': bad"
+    )
+    assert envoy_error(("USAGE: ...", "error: invalid component specified 'nosuch'")) == (
+        "error: invalid component specified 'nosuch'"
+    )
+    assert envoy_error(("(--drain-time-s) -- Couldn't read argument value",)) == (
+        "(--drain-time-s) -- Couldn't read argument value"
+    )
+    assert envoy_error(()) == "no output"
+
+
+# ---- the family's shared memory is removed only when it is ours ----
+
+
+def test_a_segment_that_was_there_before_our_epoch_0_is_not_removed(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("agent.proxy.shm.SHM_DIR", Path(tempfile.mkdtemp()))
+    segment = shm_path(7)
+    segment.write_bytes(b"another Envoy's")
+    foreign = segment_identity(7)
+    remove_segment(7, foreign)
+    assert segment.exists()
+    segment.unlink()
+    segment.write_bytes(b"ours: our epoch 0 replaced it")
+    remove_segment(7, foreign)
+    assert not segment.exists()
+    remove_segment(7, None)  # none left: nothing to do
+
+
+# ---- PID 1 bookkeeping ----
+
+
+def test_the_reaper_remembers_a_bounded_number_of_reaped_orphans() -> None:
+    reaper = OrphanReaper(set, grace=0.0, remember=3)
+    pids = [os.posix_spawnp("true", ["true"], dict(os.environ)) for _ in range(5)]
+    for pid in pids:
+        os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)  # a zombie now, not reaped yet
+    reaper.reap_once()
+    assert reaper.reaped_count == 5
+    assert len(reaper.reaped) == 3 and {pid for pid, _ in reaper.reaped} <= set(pids)
+    assert not set(pids) & zombie_children(os.getpid())

@@ -13,13 +13,17 @@ import pytest
 from agent.metrics import AgentMetrics
 from agent.supervisor import WatchSettings
 from agent.watch import ChangeSet, Watcher
+from tests.supervisor.fake_launcher import recording_logs
 from tests.supervisor.harness import make_cert, supervised, tls_rig, until
 
 
 @asynccontextmanager
-async def watching(files: dict[Path, str], debounce: float = 0.1) -> AsyncIterator[tuple[Watcher, list[ChangeSet]]]:
+async def watching(
+    files: dict[Path, str], debounce: float = 0.1, max_delay: float | None = None
+) -> AsyncIterator[tuple[Watcher, list[ChangeSet]]]:
     seen: list[ChangeSet] = []
-    watcher = Watcher(files, seen.append, metrics=AgentMetrics(process_metrics=False), debounce=debounce)
+    metrics = AgentMetrics(process_metrics=False)
+    watcher = Watcher(files, seen.append, metrics=metrics, debounce=debounce, max_delay=max_delay)
     task = asyncio.create_task(watcher.run())
     await asyncio.wait_for(watcher.ready.wait(), 5)
     try:
@@ -48,7 +52,7 @@ async def test_kubernetes_data_symlink_swap_is_seen(tmp_path: Path) -> None:
     files = {tmp_path / "cert-chain.pem": "cert", tmp_path / "key.pem": "cert"}
     async with watching(files) as (_watcher, seen):
         k8s_volume(tmp_path, "gen2", {"cert-chain.pem": "two", "key.pem": "k1"})
-        await asyncio.sleep(0.6)
+        await until(lambda: len(seen) >= 1, 5)
     assert [c.changed for c in seen] == [(tmp_path / "cert-chain.pem",)]
     assert seen[0].kinds == ("cert",)
 
@@ -56,17 +60,31 @@ async def test_kubernetes_data_symlink_swap_is_seen(tmp_path: Path) -> None:
 async def test_burst_is_debounced_and_same_content_ignored(tmp_path: Path) -> None:
     target = tmp_path / "mesh"
     target.write_text("a")
-    async with watching({target: "mesh"}, debounce=0.2) as (watcher, seen):
-        for i in range(10):  # a writer producing the file in pieces
-            target.write_text("b" * i)
-            await asyncio.sleep(0.02)
-        await asyncio.sleep(0.6)
-        assert len(seen) == 1
-        target.write_text("b" * 9)  # identical content: not a change
-        await asyncio.sleep(0.5)
-        assert len(seen) == 1
+    with recording_logs("agent.watch") as logs:
+        async with watching({target: "mesh"}, debounce=0.5) as (watcher, seen):
+            for i in range(10):  # a writer producing the file in pieces
+                target.write_text("b" * i)
+                await asyncio.sleep(0.02)
+            await until(lambda: len(seen) >= 1, 5)
+            target.write_text("b" * 9)  # identical content: not a change
+            await logs.wait_for("watched files hashed: no change")
+            assert len(seen) == 1
         assert watcher.metrics is not None
         assert watcher.metrics.registry.get_sample_value("istio_agent_file_changes_total", {"kind": "mesh"}) == 1
+
+
+async def test_a_directory_that_never_goes_quiet_does_not_postpone_a_change_for_ever(tmp_path: Path) -> None:
+    """A log written every 50 ms beside a certificate postponed its rotation for as long as it ran (issue 12)."""
+    cert, noisy = tmp_path / "cert.pem", tmp_path / "noisy.log"
+    cert.write_text("one")
+    async with watching({cert: "cert"}, debounce=0.2, max_delay=0.4) as (_watcher, seen):
+        cert.write_text("two")
+        for i in range(100):  # 5 s of writes, every 50 ms, into the watched directory
+            noisy.write_text(str(i))
+            if seen:
+                break
+            await asyncio.sleep(0.05)
+        assert [c.changed for c in seen] == [(cert,)], f"no change reported after {i} writes"
 
 
 async def test_deleted_file_is_reported_as_deleted_not_changed(tmp_path: Path) -> None:
@@ -74,7 +92,7 @@ async def test_deleted_file_is_reported_as_deleted_not_changed(tmp_path: Path) -
     target.write_text("x")
     async with watching({target: "cert"}) as (_watcher, seen):
         target.unlink()
-        await asyncio.sleep(0.5)
+        await until(lambda: len(seen) >= 1, 5)
     assert seen == [ChangeSet((), (target,), ("cert",))]
 
 
@@ -88,7 +106,7 @@ async def test_cert_swap_in_watched_volume_hot_restarts_envoy(tmp_path: Path) ->
         make_cert(certs, "two")
         await run.wait_epoch_live(1)
         (certs / "key.pem").unlink()
-        await asyncio.sleep(0.5)
+        await run.logs.wait_for("was deleted: Envoy keeps its current configuration")
         # Deleted: a warning, and the current epoch stays.
         assert await run.admin.live_epoch() == 1
         assert run.value("istio_agent_file_changes_total", kind="cert") >= 3
@@ -122,7 +140,6 @@ async def test_half_written_cert_is_rejected_then_completed_file_applies(tmp_pat
                 handle.flush()
                 await asyncio.sleep(0.01)
         await run.wait_epoch_live(2)
-        await asyncio.sleep(0.5)
         assert await run.admin.live_epoch() == 2
         assert run.value("istio_agent_hot_restarts_total", outcome="invalid") == invalid
 

@@ -1,0 +1,16 @@
+"""Fixtures shared by the supervisor tests."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.supervisor.agent_process import StartAgent, agents
+
+
+@pytest.fixture
+def start_agent(tmp_path: Path) -> Iterator[StartAgent]:
+    """Start the real agent as a subprocess (tests/supervisor/agent_process.py); kill what is left at the end."""
+    yield from agents(tmp_path)
