@@ -30,7 +30,7 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from agent.errors import AgentError, ExitCode
 from agent.proxy.desired import DesiredState, DesiredStateFn
@@ -83,13 +83,15 @@ class Epoch:
         return self.process.epoch
 
 
-@dataclass(frozen=True)
-class Exited:
+class Exited(NamedTuple):
+    """An epoch's process has exited; `epoch.process.exit_info` says how."""
+
     epoch: Epoch
 
 
-@dataclass(frozen=True)
-class ChangeRequested:
+class ChangeRequested(NamedTuple):
+    """The inputs changed (the watcher), or a new epoch was asked for (SIGHUP)."""
+
     reason: str
     # SIGHUP: a new epoch even when the desired state has not changed.
     forced: bool = False

@@ -16,7 +16,7 @@ import contextlib
 import logging
 import shlex
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 
@@ -177,28 +177,19 @@ async def start_envoy(
     return proc
 
 
+@dataclass
 class EnvoyLauncher:
     """The real Envoy: bootstrap files under configPath, one process per epoch, the admin API."""
 
-    def __init__(
-        self,
-        launch: LaunchSettings,
-        admin: AdminClient,
-        *,
-        tail_lines: int = 20,
-        sink: BinaryIO | None = None,
-        admin_timeout: float = 0.5,
-        foreign_segment: SegmentIdentity | None = None,
-    ) -> None:
-        self.launch = launch
-        self.admin = admin
-        self.tail_lines = tail_lines
-        self.sink = sink
-        self.admin_timeout = admin_timeout
-        # The hot-restart segment that was there before our epoch 0 started (see shm.remove_segment): given by
-        # whoever started an epoch 0 before this launcher existed, recorded at each epoch 0 start after.
-        self._foreign_segment = foreign_segment
-        self._validators: set[int] = set()
+    launch: LaunchSettings
+    admin: AdminClient
+    tail_lines: int = 20
+    sink: BinaryIO | None = None
+    admin_timeout: float = 0.5
+    # The hot-restart segment that was there before our epoch 0 started (see shm.remove_segment): given by whoever
+    # started an epoch 0 before this launcher existed, recorded at each epoch 0 start after.
+    foreign_segment: SegmentIdentity | None = None
+    _validators: set[int] = field(default_factory=set)
 
     @property
     def hot_restart(self) -> bool:
@@ -206,7 +197,7 @@ class EnvoyLauncher:
 
     async def start(self, epoch: int, state: DesiredState) -> EnvoyProcess:
         if epoch == 0 and self.launch.hot_restart:
-            self._foreign_segment = segment_identity(self.launch.base_id)
+            self.foreign_segment = segment_identity(self.launch.base_id)
         return await start_envoy(self.launch, epoch, state, tail_lines=self.tail_lines, sink=self.sink)
 
     async def validate(self, epoch: int, state: DesiredState) -> Verdict:
@@ -276,7 +267,7 @@ class EnvoyLauncher:
     def forget_family(self) -> None:
         if self.launch.hot_restart:
             # Envoy leaves its segment behind; epoch 0 of the next family would unlink it, but nothing else would.
-            remove_segment(self.launch.base_id, self._foreign_segment)
+            remove_segment(self.launch.base_id, self.foreign_segment)
 
     def own_pids(self) -> set[int]:
         return set(self._validators)

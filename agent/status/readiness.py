@@ -20,6 +20,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -122,25 +123,17 @@ class EnvoyLiveProbe(_RememberedAdminFact):
             raise NotReady("workers have not yet started")
 
 
+@dataclass
 class EnvoyResponding:
     """Envoy answers on its admin API (any HTTP status is an answer). Check 4 of the module docstring."""
 
-    def __init__(
-        self,
-        admin: AdminClient,
-        *,
-        interval: float = 1.0,
-        timeout: float = 1.0,
-        unresponsive_after: float = 5.0,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self.admin = admin
-        self.interval = interval
-        self.timeout = timeout
-        self.unresponsive_after = unresponsive_after
-        self.clock = clock
-        self._answered_at = float("-inf")
-        self._silent_since: float | None = None
+    admin: AdminClient
+    interval: float = 1.0
+    timeout: float = 1.0
+    unresponsive_after: float = 5.0
+    clock: Callable[[], float] = time.monotonic
+    _answered_at: float = float("-inf")
+    _silent_since: float | None = None
 
     def fresh(self) -> bool:
         """Envoy answered within the last `interval`: no need to ask again."""

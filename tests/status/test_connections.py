@@ -19,7 +19,8 @@ import pytest
 from agent.status.connections import MIN_CONNECTIONS, ConnectionLimits
 from agent.status.settings import AppProbe, HTTPGetAction
 from tests.status.conftest import raw_http_server, root_dir, running_agent, settings_for
-from tests.supervisor.test_agent_e2e import agent_env, kill_agent, local_xds
+from tests.supervisor.agent_process import agent_env, local_xds
+from tests.supervisor.test_agent_e2e import kill_agent
 from tests.support.envoy import free_port, http_get, new_base_id, wait_until
 
 Stream = tuple[asyncio.StreamReader, asyncio.StreamWriter]

@@ -83,6 +83,46 @@ def leftovers(agent: Agent) -> list[str]:
     return found
 
 
+def test_proxy_config(work: Path, ports: dict[str, int], **overrides: object) -> dict[str, object]:
+    """PROXY_CONFIG of an agent under test: configPath under `work`, its ports, short drain and parent shutdown."""
+    return {
+        "configPath": str(work / "proxy"),
+        "proxyAdminPort": ports["admin"],
+        "statusPort": ports["status"],
+        "terminationDrainDuration": "1s",
+        "drainDuration": "1s",
+        "parentShutdownDuration": "2s",
+        **overrides,
+    }
+
+
+def agent_env(work: Path, base_id: int, ports: dict[str, int], **extra: str) -> dict[str, str]:
+    """The environment of an agent under test: the caller's, less Istio's own settings, plus its PROXY_CONFIG,
+    ports and base id; `extra` on top."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ISTIO_", "PROXY_CONFIG"))}
+    env.update(
+        PROXY_CONFIG=json.dumps(test_proxy_config(work, ports)),
+        ENVOY_STATUS_PORT=str(ports["envoy_status"]),
+        ENVOY_PROMETHEUS_PORT=str(ports["prom"]),
+        ENVOY_BASE_ID=str(base_id),
+        TERMINATION_LOG_PATH=str(work / "termination-log"),
+        POD_NAME="e2e",
+        POD_NAMESPACE="test",
+        INSTANCE_IP="127.0.0.1",
+    )
+    env.update(extra)
+    return env
+
+
+def local_xds(work: Path, app_port: int) -> Path:
+    """A directory for --local-xds-dir: one listener on 127.0.0.1:`app_port` answering 200, no clusters."""
+    xds = work / "xds"
+    xds.mkdir()
+    (xds / "lds.yaml").write_text(direct_response_lds(app_port))
+    (xds / "cds.yaml").write_text("resources: []\n")
+    return xds
+
+
 class StartAgent(Protocol):
     def __call__(
         self,
@@ -107,33 +147,11 @@ def agents(tmp_path: Path) -> Iterator[StartAgent]:
         base_id = new_base_id()
         work = tmp_path / f"agent{len(started)}"
         work.mkdir()
-        xds = work / "xds"
-        xds.mkdir()
-        (xds / "lds.yaml").write_text(direct_response_lds(ports["app"]))
-        (xds / "cds.yaml").write_text("resources: []\n")
-        config: dict[str, object] = {
-            "configPath": str(work / "proxy"),
-            "proxyAdminPort": ports["admin"],
-            "statusPort": ports["status"],
-            # Short, so that a SIGTERM's drain does not dominate the file's runtime.
-            "terminationDrainDuration": "0.5s",
-            "drainDuration": "1s",
-            "parentShutdownDuration": "2s",
-            **(proxy_config or {}),
-        }
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("ISTIO_", "PROXY_CONFIG"))}
-        env.update(
-            PYTHONPATH=str(ROOT),
-            PROXY_CONFIG=json.dumps(config),
-            ENVOY_STATUS_PORT=str(ports["envoy_status"]),
-            ENVOY_PROMETHEUS_PORT=str(ports["prom"]),
-            ENVOY_BASE_ID=str(base_id),
-            TERMINATION_LOG_PATH=str(work / "termination-log"),
-            POD_NAME="startup",
-            POD_NAMESPACE="test",
-            INSTANCE_IP="127.0.0.1",
-        )
-        env.update(env_extra)
+        xds = local_xds(work, ports["app"])
+        # A short drain, so that a SIGTERM's drain does not dominate the file's runtime.
+        config = test_proxy_config(work, ports, **{"terminationDrainDuration": "0.5s", **(proxy_config or {})})
+        env = agent_env(work, base_id, ports, PROXY_CONFIG=json.dumps(config), POD_NAME="startup", **env_extra)
+        env["PYTHONPATH"] = str(ROOT)
         if prepare is not None:
             prepare(work)  # files the agent reads at start, in its working directory
         base_id = int(env["ENVOY_BASE_ID"])

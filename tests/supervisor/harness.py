@@ -19,9 +19,9 @@ from agent.lifecycle import Lifecycle
 from agent.metrics import AgentMetrics
 from agent.proxy.admin import AdminClient
 from agent.proxy.argv import LaunchSettings
-from agent.proxy.desired import DesiredState
+from agent.proxy.desired import DesiredState, DesiredStateFn
 from agent.proxy.epochs import SupervisionSettings
-from agent.proxy.launcher import EnvoyLauncher
+from agent.proxy.launcher import EnvoyLauncher, Launcher
 from agent.proxy.shm import shm_path
 from agent.supervisor import DrainSettings, Supervisor, WatchSettings
 from agent.watch import content_hash
@@ -273,6 +273,18 @@ def envoy_children() -> list[psutil.Process]:
     return [p for p in me.children(recursive=True) if "envoy" in p.name()]
 
 
+def supervisor_for_tests(
+    launcher: Launcher,
+    desired_state: DesiredStateFn,
+    supervision: SupervisionSettings,
+    drain: DrainSettings,
+    **collaborators: Any,
+) -> Supervisor:
+    """A Supervisor as the tests run it: no signal handlers (they would be the test process's), no reaping;
+    `collaborators` are its other keyword arguments (lifecycle, metrics, services, watch, sleep)."""
+    return Supervisor(launcher, supervision, drain, desired_state, signals=False, reap=False, **collaborators)
+
+
 @asynccontextmanager
 async def supervised(
     rig: Rig,
@@ -288,16 +300,14 @@ async def supervised(
     metrics = AgentMetrics(process_metrics=False)
     admin = AdminClient(port=rig.admin_port)
     sup_settings = SupervisionSettings(termination_log=rig.tmp / "termination-log", stop_grace=5.0)
-    supervisor = Supervisor(
+    supervisor = supervisor_for_tests(
         EnvoyLauncher(rig.launch(**(launch or {})), admin),
+        rig.desired_state,
         replace(sup_settings, **(supervision or {})),
         replace(DrainSettings(proxy_type="router", termination_drain=0.5), **(drain or {})),
-        rig.desired_state,
         lifecycle=lifecycle,
         metrics=metrics,
         watch=watch,
-        signals=False,
-        reap=False,
         sleep=sleep,
     )
     with recording_logs() as logs:

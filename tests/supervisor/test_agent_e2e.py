@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -15,43 +14,10 @@ import pytest
 
 from agent.errors import ExitCode
 from agent.proxy.shm import shm_path
-from tests.support.envoy import direct_response_lds, free_port, http_get, new_base_id, wait_until
+from tests.supervisor.agent_process import ROOT, agent_env, local_xds
+from tests.support.envoy import free_port, http_get, new_base_id, wait_until
 
-ROOT = Path(__file__).resolve().parents[2]
 WAIT = [sys.executable, "-m", "agent", "wait"]
-
-
-def agent_env(tmp: Path, base_id: int, ports: dict[str, int], **extra: str) -> dict[str, str]:
-    proxy_config = {
-        "configPath": str(tmp / "proxy"),
-        "proxyAdminPort": ports["admin"],
-        "statusPort": ports["status"],
-        "terminationDrainDuration": "1s",
-        "drainDuration": "1s",
-        "parentShutdownDuration": "2s",
-    }
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("ISTIO_", "PROXY_CONFIG"))}
-    env.update(
-        PROXY_CONFIG=json.dumps(proxy_config),
-        ENVOY_STATUS_PORT=str(ports["envoy_status"]),
-        ENVOY_PROMETHEUS_PORT=str(ports["prom"]),
-        ENVOY_BASE_ID=str(base_id),
-        TERMINATION_LOG_PATH=str(tmp / "termination-log"),
-        POD_NAME="e2e",
-        POD_NAMESPACE="test",
-        INSTANCE_IP="127.0.0.1",
-        **extra,
-    )
-    return env
-
-
-def local_xds(tmp: Path, app_port: int) -> Path:
-    """A directory for --local-xds-dir: one listener on 127.0.0.1:`app_port` answering 200, no clusters."""
-    xds = tmp / "xds"
-    xds.mkdir()
-    (xds / "lds.yaml").write_text(direct_response_lds(app_port))
-    (xds / "cds.yaml").write_text("resources: []\n")
-    return xds
 
 
 def kill_agent(proc: subprocess.Popen[bytes], base_id: int) -> None:

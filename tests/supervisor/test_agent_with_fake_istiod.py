@@ -21,7 +21,8 @@ import pytest
 
 from agent.proxy.shm import shm_path
 from tests.bootstrap.test_default_bootstrap_live import quiet_ports
-from tests.supervisor.test_agent_e2e import ROOT, agent_env, kill_agent
+from tests.supervisor.agent_process import ROOT, agent_env
+from tests.supervisor.test_agent_e2e import kill_agent
 from tests.support.envoy import http_get, new_base_id, wait_until
 from tests.support.fake_istiod import CLUSTER, LISTENER, FakeIstiod, broken_listener, demo_listener
 

@@ -13,7 +13,8 @@ import pytest
 
 from agent.proxy.shm import shared_memory_unusable
 from tests.conftest import require_root
-from tests.supervisor.test_agent_e2e import ROOT, agent_env, kill_agent, local_xds
+from tests.supervisor.agent_process import ROOT, agent_env, local_xds
+from tests.supervisor.test_agent_e2e import kill_agent
 from tests.support.envoy import free_port, http_get, new_base_id, wait_until
 
 

@@ -14,7 +14,7 @@ import pytest
 
 from agent.proxy.shm import shm_path
 from tests.conftest import require_root
-from tests.supervisor.test_agent_e2e import agent_env, local_xds
+from tests.supervisor.agent_process import agent_env, local_xds
 from tests.support.envoy import envoy_binary, free_port, http_get, new_base_id, wait_until
 
 pytestmark = [pytest.mark.envoy, pytest.mark.root, pytest.mark.slow]

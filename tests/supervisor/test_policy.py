@@ -26,6 +26,7 @@ from agent.proxy.epochs import Epochs, SupervisionSettings
 from agent.proxy.launcher import EnvoyExecError
 from agent.supervisor import DrainSettings, Service, Supervisor
 from tests.supervisor.fake_launcher import Behaviour, FakeLauncher, LogWaiter, disk_full, recording_logs
+from tests.supervisor.harness import supervisor_for_tests
 
 CRITICAL = "[2026-12-02 04:26:34.088][7][critical][main] [source/server/server.cc:449] "
 
@@ -120,16 +121,14 @@ async def supervised(
         await asyncio.sleep(0)
 
     inputs = Inputs()
-    supervisor = Supervisor(
+    supervisor = supervisor_for_tests(
         launcher,
+        inputs,
         replace(settings, **(supervision or {})),
         replace(DrainSettings(proxy_type="router", termination_drain=0.05), **(drain or {})),
-        inputs,
         lifecycle=lifecycle,
         metrics=metrics,
         services=services,
-        signals=False,
-        reap=False,
         sleep=record_sleep,
     )
     with recording_logs() as logs:
@@ -471,17 +470,15 @@ async def test_a_service_that_cannot_listen_stops_the_agent_before_envoy(tmp_pat
     launcher = FakeLauncher()
     failing = AgentError("status server: cannot listen on port 15020: address already in use", ExitCode.STARTUP_FAILED)
     services = (RecordingService("first", launcher.calls), RecordingService("status", launcher.calls, fail=failing))
-    lifecycle = Lifecycle()
-    supervisor = Supervisor(
+    supervisor = supervisor_for_tests(
         launcher,
+        Inputs(),
         SupervisionSettings(termination_log=None),
         DrainSettings(),
-        Inputs(),
-        lifecycle=lifecycle,
+        lifecycle=Lifecycle(),
         metrics=AgentMetrics(process_metrics=False),
         services=services,
-        signals=False,
-        reap=False,
+        sleep=asyncio.sleep,
     )
     with pytest.raises(AgentError) as info:
         await supervisor.run()
