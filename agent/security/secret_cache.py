@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from agent.bootstrap.write import write_atomic
+from agent.files import write_atomic
 from agent.security import pki
 from agent.security.caclient import CaError
 from agent.security.metrics import SecurityMetrics
