@@ -29,7 +29,8 @@ from agent.errors import AgentError, ExitCode
 from agent.lifecycle import Lifecycle
 from agent.pid1 import OrphanReaper, SignalDispatcher, is_pid1
 from agent.proxy.desired import DesiredState, DesiredStateFn
-from agent.proxy.epochs import Epochs, SupervisionSettings
+from agent.proxy.epochs import Epochs
+from agent.proxy.events import SupervisionSettings
 from agent.proxy.launcher import EnvoyHandle, EnvoyUnreachable, Launcher
 from agent.watch import ChangeSet, Watcher
 

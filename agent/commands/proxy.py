@@ -40,7 +40,7 @@ from agent.pid1 import HANDLED
 from agent.proxy.argv import LaunchSettings
 from agent.proxy.binary import find_envoy
 from agent.proxy.desired import DesiredState, DesiredStateFn
-from agent.proxy.epochs import SupervisionSettings
+from agent.proxy.events import SupervisionSettings
 from agent.proxy.launcher import BootstrapWriteError, EnvoyExecError, EnvoyLauncher, start_envoy
 from agent.proxy.process import EnvoyProcess
 from agent.proxy.shm import SegmentIdentity, remove_segment, segment_identity, shared_memory_unusable

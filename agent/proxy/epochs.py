@@ -14,26 +14,35 @@ Policy (Envoy's restarter/hot-restarter.py and Istio's 2019 pkg/envoy/agent.go, 
   the family is restarted at epoch 0 after an exponential backoff (tenacity; 200 ms doubling, budget 10). A crash
   before any epoch was ever LIVE is judged first: a known start-up failure (diagnosis.py) or a bootstrap Envoy
   rejects (`--mode validate`) will never run, so the agent exits with the reason instead of crash-looping.
-- The budget is one tenacity retry sequence. After a crash the next family is on probation: once it has run
-  healthy_period without a crash, or the desired state changes, the sequence ends and a fresh one (the whole
+- The budget is one tenacity retry sequence (budget.py). After a crash the next family is on probation: once it has
+  run healthy_period without a crash, or the desired state changes, the sequence ends and a fresh one (the whole
   budget) begins. When the budget is spent the termination message is written and run() returns
   ENVOY_RESTART_BUDGET_EXHAUSTED.
+Its settings, records, events and outcomes are in events.py.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 from agent.errors import AgentError, ExitCode
+from agent.proxy.budget import EnvoyCrashed, RestartBudget
 from agent.proxy.desired import DesiredState, DesiredStateFn
+from agent.proxy.events import (
+    Applied,
+    ChangeRequested,
+    Epoch,
+    Event,
+    Exited,
+    LiveWait,
+    Pending,
+    SupervisionSettings,
+)
 from agent.proxy.launcher import BootstrapWriteError, EnvoyExecError, EnvoyHandle, EnvoyUnresponsive, Launcher
 from agent.proxy.process import ExitCause, ExitInfo
 from agent.proxy.termination import termination_message, write_termination_log
@@ -41,97 +50,12 @@ from agent.proxy.termination import termination_message, write_termination_log
 if TYPE_CHECKING:
     # Only types here: `pilot-agent proxy` imports this module (its settings) before it execs Envoy, and tenacity,
     # prometheus_client and aiohttp load after the exec, overlapping Envoy's own start.
-    from tenacity import RetryCallState
-
     from agent.lifecycle import Lifecycle
     from agent.metrics import AgentMetrics
 
 log = logging.getLogger("agent.proxy")
 
 Spawn = Callable[[Coroutine[Any, Any, Any]], "asyncio.Task[Any]"]
-
-
-@dataclass(frozen=True)
-class SupervisionSettings:
-    restart_initial_delay: float = 0.2
-    restart_budget: int = 10
-    # An epoch running this long without a crash earns the full restart budget back.
-    healthy_period: float = 60.0
-    # Istio's 2019 agent waited 20 s for the parent to be LIVE ("Envoy internally uses a 15s timer").
-    live_timeout: float = 20.0
-    # Istio's current behaviour: the agent exits when Envoy exits, no restarts (ENVOY_RESTART_POLICY=exit).
-    exit_on_envoy_exit: bool = False
-    termination_log: Path | None = Path("/dev/termination-log")
-    stop_grace: float = 5.0
-    validate: bool = True
-    stderr_tail_lines: int = 20
-    # A postponed hot restart (the running epoch is not LIVE yet) is tried again after this long.
-    retry_interval: float = 1.0
-
-
-@dataclass(eq=False)
-class Epoch:
-    """One running Envoy epoch and the state it was started on."""
-
-    process: EnvoyHandle
-    state: DesiredState
-    # LIVE once its child took over: it drains and exits on its own (--parent-shutdown-time-s).
-    retiring: bool = False
-
-    @property
-    def number(self) -> int:
-        return self.process.epoch
-
-
-class Exited(NamedTuple):
-    """An epoch's process has exited; `epoch.process.exit_info` says how."""
-
-    epoch: Epoch
-
-
-class ChangeRequested(NamedTuple):
-    """The inputs changed (the watcher), or a new epoch was asked for (SIGHUP)."""
-
-    reason: str
-    # SIGHUP: a new epoch even when the desired state has not changed.
-    forced: bool = False
-
-
-Event = Exited | ChangeRequested
-
-
-class Applied(enum.Enum):
-    """What one reconcile step did."""
-
-    DONE = "done"  # a new epoch is LIVE
-    UNCHANGED = "unchanged"  # nothing to do (same state, known bad, or hot restart off)
-    INVALID = "invalid"  # rejected; the running epoch stays
-    POSTPONED = "postponed"  # the running epoch is not LIVE yet: try again later
-    ABANDONED = "abandoned"  # the running epoch does not answer: given up until the next change
-    RECOVERED = "recovered"  # the child failed; the family was cold-started on the last good state
-
-
-class LiveWait(enum.Enum):
-    LIVE = "live"
-    EXITED = "exited"
-    SHUTDOWN = "shutdown"
-    NOT_LIVE = "not live"  # answered, but not LIVE within the timeout (waiting for its control plane?)
-    UNRESPONSIVE = "unresponsive"  # the admin API never answered within the timeout (stopped or stuck)
-
-
-@dataclass
-class _Pending:
-    """A reconcile step still to do."""
-
-    forced: bool = False
-    retry_at: float | None = None
-    reasons: list[str] = field(default_factory=list)
-
-
-class EnvoyCrashed(Exception):
-    def __init__(self, info: ExitInfo) -> None:
-        super().__init__(info.describe())
-        self.info = info
 
 
 class _Stop(Exception):
@@ -158,16 +82,14 @@ class Epochs:
         self._lifecycle = lifecycle
         self._metrics = metrics
         self._spawn = spawn
-        self._sleep = sleep
+        self._budget = RestartBudget(settings, metrics, lifecycle, sleep=sleep)
         self._events: asyncio.Queue[Event] = asyncio.Queue()
         self._running: dict[int, Epoch] = {}
         self.current: Epoch | None = None
         # The state of the newest epoch seen LIVE: what a crash restart or a recovery starts on.
         self.last_good: DesiredState | None = None
         self._ever_live = False
-        self._pending: _Pending | None = None
-        # Set by every change request: cuts a crash backoff short (a fixed config should not wait 100 s).
-        self._changed = asyncio.Event()
+        self._pending: Pending | None = None
         self._last_desired_digest: str | None = None
         self._rejected: str | None = None
         self._crashes = 0
@@ -177,18 +99,17 @@ class Epochs:
         self._adopted: Epoch | None = None
         # The state the newest epoch 0 was started on: a restart's fallback when nothing went LIVE yet.
         self._last_started: DesiredState | None = None
-        metrics.restart_budget.set(settings.restart_budget)
 
     # ---- inputs (called from the watcher, the signal dispatcher, tests) ----
 
     def notify_change(self, reason: str = "inputs changed") -> None:
         self._events.put_nowait(ChangeRequested(reason))
-        self._changed.set()
+        self._budget.changed.set()
 
     def request_hot_restart(self) -> None:
         """SIGHUP: restart into a new epoch even when the desired state has not changed."""
         self._events.put_nowait(ChangeRequested("hot restart requested", forced=True))
-        self._changed.set()
+        self._budget.changed.set()
 
     def forward_signal(self, sig: int) -> None:
         for epoch in list(self._running.values()):
@@ -210,32 +131,14 @@ class Epochs:
         with exit_on_envoy_exit, OK or ENVOY_EXITED as soon as Envoy exits on its own; raises AgentError when
         Envoy cannot start at all (a known start-up failure: STARTUP_FAILED; a bootstrap Envoy rejects:
         CONFIG_ERROR; the bootstrap cannot be written at start-up)."""
-        # Lazy: see the TYPE_CHECKING imports.
-        from tenacity import (  # noqa: PLC0415
-            AsyncRetrying,
-            retry_if_exception_type,
-            retry_never,
-            stop_after_attempt,
-            wait_exponential,
-        )
-
-        retrying = AsyncRetrying(
-            # Istio's current behaviour (exit with Envoy) is the same loop with no retry.
-            retry=retry_never if self.settings.exit_on_envoy_exit else retry_if_exception_type(EnvoyCrashed),
-            stop=stop_after_attempt(self.settings.restart_budget + 1),
-            wait=wait_exponential(multiplier=self.settings.restart_initial_delay, exp_base=2),
-            sleep=self._backoff_sleep,
-            before_sleep=self._before_restart,
-            reraise=True,
-        )
+        retrying = self._budget.retrying()
         try:
             while True:
                 # One iteration is one restart budget: it ends when a family on probation earns the budget back.
                 async for attempt in retrying:
                     with attempt:
                         await self._run_family(probation=attempt.retry_state.attempt_number > 1)
-                log.info("restart budget reset: %s", self._budget_earned)
-                self._metrics.restart_budget.set(self.settings.restart_budget)
+                self._budget.restored(self._budget_earned or "")
         except _Stop:
             return None
         except EnvoyCrashed as crash:
@@ -249,27 +152,6 @@ class Epochs:
         write_termination_log(self.settings.termination_log, termination_message(info, self._crashes, gave_up=True))
         log.error("Envoy restart budget exhausted after %d crashes: %s", self._crashes, info.describe())
         return ExitCode.ENVOY_RESTART_BUDGET_EXHAUSTED
-
-    def _before_restart(self, state: RetryCallState) -> None:
-        left = self.settings.restart_budget - state.attempt_number
-        self._metrics.restart_budget.set(left)
-        delay = state.next_action.sleep if state.next_action is not None else 0.0
-        log.warning("restarting Envoy in %.1fs (restart budget left: %d)", delay, left)
-
-    async def _backoff_sleep(self, delay: float) -> None:
-        # The backoff must not delay a shutdown, nor the fix of a config that made Envoy crash: race the
-        # (injectable) sleep against both.
-        self._changed.clear()
-        sleeper = asyncio.ensure_future(self._sleep(delay))
-        stopper = asyncio.ensure_future(self._lifecycle.wait_shutdown())
-        changed = asyncio.ensure_future(self._changed.wait())
-        try:
-            await asyncio.wait({sleeper, stopper, changed}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for task in (sleeper, stopper, changed):
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
 
     def _note_desired(self, desired: DesiredState) -> None:
         if self._last_desired_digest is not None and desired.digest != self._last_desired_digest:
@@ -367,12 +249,12 @@ class Epochs:
         else:
             log.info("%s: reconciling", event.reason)
         if self._pending is None:
-            self._pending = _Pending()
+            self._pending = Pending()
         self._pending.forced = self._pending.forced or event.forced
         self._pending.retry_at = None
         self._pending.reasons.append(event.reason)
 
-    async def _reconcile(self, pending: _Pending) -> None:
+    async def _reconcile(self, pending: Pending) -> None:
         outcome = await self._apply(pending.forced)
         log.debug("reconcile step (%s): %s", "; ".join(pending.reasons) or "after a start", outcome.value)
         if outcome is Applied.POSTPONED:
@@ -393,7 +275,7 @@ class Epochs:
         self._lifecycle.envoy_up()
         self._family_started = time.monotonic()
         # Right after a (re)start the desired state may differ from what we started on (last good): reconcile.
-        self._pending = _Pending()
+        self._pending = Pending()
         if await self._wait_live(epoch) is LiveWait.LIVE:
             self._went_live(epoch)
             log.info("Envoy epoch 0 is LIVE")

@@ -20,7 +20,7 @@ from agent.metrics import AgentMetrics
 from agent.proxy.admin import AdminClient
 from agent.proxy.argv import LaunchSettings
 from agent.proxy.desired import DesiredState, DesiredStateFn
-from agent.proxy.epochs import SupervisionSettings
+from agent.proxy.events import SupervisionSettings
 from agent.proxy.launcher import EnvoyLauncher, Launcher
 from agent.proxy.shm import shm_path
 from agent.supervisor import DrainSettings, Supervisor, WatchSettings

@@ -22,7 +22,8 @@ from agent.errors import AgentError, ConfigError, ExitCode
 from agent.lifecycle import Lifecycle
 from agent.metrics import AgentMetrics
 from agent.proxy.desired import DesiredState
-from agent.proxy.epochs import Epochs, SupervisionSettings
+from agent.proxy.epochs import Epochs
+from agent.proxy.events import SupervisionSettings
 from agent.proxy.launcher import EnvoyExecError
 from agent.supervisor import DrainSettings, Service, Supervisor
 from tests.supervisor.fake_launcher import Behaviour, FakeLauncher, LogWaiter, disk_full, recording_logs

@@ -18,7 +18,7 @@ from agent.lifecycle import Lifecycle
 from agent.metrics import AgentMetrics
 from agent.pid1 import SignalDispatcher
 from agent.proxy.admin import AdminClient
-from agent.proxy.epochs import SupervisionSettings
+from agent.proxy.events import SupervisionSettings
 from agent.proxy.launcher import EnvoyLauncher
 from agent.proxy.shm import shm_path
 from agent.status.server import StatusServer
