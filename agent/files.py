@@ -51,6 +51,8 @@ def make_private_dirs(directory: Path) -> None:
     for level in (directory, *directory.parents):
         if level.is_dir():
             break
+        if level.exists():  # a file where a directory must be: say so, not mkdir's "File exists"
+            raise NotADirectoryError(errno.ENOTDIR, "Not a directory", str(level))
         missing.append(level)
     for level in reversed(missing):
         level.mkdir(mode=0o700, exist_ok=True)

@@ -187,3 +187,10 @@ def test_the_reaper_remembers_a_bounded_number_of_reaped_orphans() -> None:
     assert reaper.reaped_count == 5
     assert len(reaper.reaped) == 3 and {pid for pid, _ in reaper.reaped} <= set(pids)
     assert not set(pids) & zombie_children(os.getpid())
+
+
+def test_write_atomic_under_a_file_says_not_a_directory(tmp_path: Path) -> None:
+    (tmp_path / "config").write_text("a file where configPath should be")
+    with pytest.raises(NotADirectoryError) as info:
+        write_atomic(tmp_path / "config" / "proxy" / "envoy-rev0.json", b"{}")
+    assert info.value.filename == str(tmp_path / "config")
