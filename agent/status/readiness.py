@@ -5,8 +5,8 @@
 3. Envoy's server.state is LIVE and its workers started (remembered once true).
 4. Envoy still answers on its admin API (never remembered; asked at most once a second). A stopped (SIGSTOP) or
    stuck Envoy keeps its LIVE stats for ever: without this 15020 would say ready while Envoy serves nothing. One
-   slow answer is not a hang (a big config push can hold Envoy's main thread): not ready only once nothing has
-   answered for `unresponsive_after` seconds.
+   slow answer is not a hang (a big config push can hold Envoy's main thread): not ready when a request gets no
+   answer and the last answer is `unresponsive_after` seconds old.
 
 The remembered facts are forgotten when the agent sees Envoy down: a restarted Envoy (new epoch after a crash)
 must earn them again; Istio never restarts Envoy, so it never needed that. Concurrent probes share one in-flight
@@ -152,7 +152,10 @@ class EnvoyResponding:
         except AdminTimeout:
             if self._silent_since is None:
                 self._silent_since = started
-            silent = self.clock() - self._silent_since
+            # Silent since its last answer (kubelet may probe only every 15 s), or since the first unanswered
+            # request when it never answered since it was started.
+            since = self._answered_at if self._answered_at != float("-inf") else self._silent_since
+            silent = self.clock() - since
             if silent >= self.unresponsive_after:
                 raise NotReady(
                     f"Envoy is not responding: its admin API has not answered for {silent:.0f}s (stopped or stuck?)"
