@@ -16,9 +16,12 @@ import os
 import tempfile
 from pathlib import Path
 
+from agent.errors import AgentError, ConfigError, ExitCode
+
 log = logging.getLogger("agent.files")
 
-# errno values that say "the disk", not "the configuration": full, over quota, failing.
+# A write that fails for lack of room is the machine's problem (exit 73); any other (read-only, permissions, not a
+# directory) is configPath pointing where the agent cannot write (exit 78).
 DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO})
 
 
@@ -83,3 +86,11 @@ def remove_file(path: os.PathLike[str] | str) -> None:
 
 def is_disk_error(exc: OSError) -> bool:
     return exc.errno in DISK_ERRNOS
+
+
+def write_error(path: Path, exc: OSError) -> AgentError:
+    """What a failed write under configPath means to the operator: the disk (73) or the configuration (78)."""
+    why = exc.strerror or str(exc)
+    if is_disk_error(exc):
+        return AgentError(f"cannot write {path}: {why}", ExitCode.STARTUP_FAILED)
+    return ConfigError("effective ProxyConfig", "configPath", f"cannot write {path}: {why}")

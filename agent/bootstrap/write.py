@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import os
 import tempfile
 from pathlib import Path
@@ -13,8 +12,7 @@ from agent.bootstrap.tls import tls_files
 from agent.config.agent_config import AgentConfig
 from agent.config.documents import go_string
 from agent.config.proxy_sources import TLS_FILE_METADATA
-from agent.errors import AgentError, ConfigError, ExitCode
-from agent.files import write_atomic
+from agent.files import make_private_dirs, write_atomic, write_error
 
 CERT_DIR = "/etc/certs"
 CERT_FILES = ("cert-chain.pem", "key.pem", "root-cert.pem")
@@ -51,24 +49,12 @@ def check_config_dir(cfg: AgentConfig) -> None:
     or full directory is one line at start instead of an Envoy that can never be given its bootstrap."""
     directory = Path(cfg.proxy.config_path)
     try:
-        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        make_private_dirs(directory)
         fd, probe = tempfile.mkstemp(prefix=".write-check.", dir=directory)
         os.close(fd)
         os.unlink(probe)
     except OSError as exc:
         raise write_error(directory, exc) from None
-
-
-# A write that fails for lack of room is the machine's problem (exit 73); any other (read-only, permissions, not a
-# directory) is configPath pointing where the agent cannot write (exit 78).
-_NO_ROOM = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO})
-
-
-def write_error(path: Path, exc: OSError) -> AgentError:
-    why = exc.strerror or str(exc)
-    if exc.errno in _NO_ROOM:
-        return AgentError(f"cannot write {path}: {why}", ExitCode.STARTUP_FAILED)
-    return ConfigError("effective ProxyConfig", "configPath", f"cannot write {path}: {why}")
 
 
 def write_bootstrap(cfg: AgentConfig, data: bytes) -> Path:

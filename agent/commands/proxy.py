@@ -33,8 +33,8 @@ from agent.config import env_settings as E
 from agent.config.agent_config import reload_files
 from agent.config.documents import parse_yaml, read_file, to_json, utf8_text
 from agent.config.envvars import Environment
-from agent.errors import AgentError, ConfigError, ExitCode
-from agent.files import is_disk_error, remove_file
+from agent.errors import AgentError, ConfigError
+from agent.files import is_disk_error, remove_file, write_error
 from agent.lifecycle import Lifecycle
 from agent.pid1 import HANDLED
 from agent.proxy.argv import LaunchSettings
@@ -205,10 +205,9 @@ def startup_errors() -> Iterator[None]:
     except AgentError:
         raise
     except OSError as exc:
-        where = str(exc.filename or "configPath")
         if is_disk_error(exc):
-            raise AgentError(f"cannot write {where}: {exc.strerror}", ExitCode.STARTUP_FAILED) from None
-        raise ConfigError(where, "", exc.strerror or str(exc)) from None
+            raise write_error(Path(exc.filename or "configPath"), exc) from None
+        raise ConfigError(str(exc.filename or "configuration"), "", exc.strerror or str(exc)) from None
     except Exception as exc:
         log.debug("start-up configuration failed", exc_info=True)
         raise ConfigError("configuration", "", f"{type(exc).__name__}: {exc}") from None

@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 
-from agent.errors import AgentError, ConfigError, ExitCode
-from agent.files import is_disk_error, remove_file, write_atomic
+from agent.errors import AgentError
+from agent.files import remove_file, write_atomic, write_error
 from agent.proxy.argv import LaunchSettings, envoy_argv, validate_argv
 from agent.proxy.desired import DesiredState
 from agent.proxy.diagnosis import StartContext, diagnose_start_failure, envoy_error
@@ -99,9 +99,7 @@ class BootstrapWriteError(Exception):
 
     def as_agent_error(self) -> AgentError:
         """At start-up: the disk (full, quota, I/O error) is 73, anything else about configPath is bad input, 78."""
-        if is_disk_error(self.error):
-            return AgentError(f"{self}: the disk under configPath is full or failing", ExitCode.STARTUP_FAILED)
-        return ConfigError("ProxyConfig configPath", str(self.path.parent), f"{self}")
+        return write_error(self.path, self.error)
 
 
 class Launcher(Protocol):

@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agent.bootstrap import render_bootstrap
-from agent.bootstrap.write import check_config_dir, write_error
+from agent.bootstrap.write import check_config_dir
 from agent.cli import main
 from agent.commands import proxy as proxy_command
 from agent.commands.proxy import config_yaml, desired_state_fn, render_desired_state
@@ -27,6 +27,7 @@ from agent.config import NodeOverrides, ProxyFlags, flags_from_args, load_agent_
 from agent.config.agent_config import AgentConfig, reload_files
 from agent.config.envvars import Environment
 from agent.errors import ConfigError, ExitCode
+from agent.files import write_error
 from agent.status.settings import StatusSettings
 
 ANNOTATIONS = "annotations"

@@ -57,12 +57,18 @@ def test_a_bootstrap_envoy_rejects_exits_78_at_once_with_envoys_words(start_agen
 
 
 def test_a_command_line_envoy_rejects_exits_78(start_agent: StartAgent) -> None:
-    """Validation runs Envoy's real command line: a log component Envoy does not know is Envoy's error."""
-    agent = start_agent("--proxyComponentLogLevel", "nosuch:info")
+    """Validation runs Envoy's real command line: the ISTIO_BOOTSTRAP_OVERRIDE Envoy gets as --config-yaml is Envoy's
+    to judge (the agent only turns the file into JSON)."""
+
+    def bad_override(work: Path) -> None:
+        (work / "override.yaml").write_text("node:\n  id: [not, a, string]\n")
+
+    agent = start_agent(prepare=bad_override, ISTIO_BOOTSTRAP_OVERRIDE="override.yaml")
     code, took, err = exit_of(agent)
     assert code == ExitCode.CONFIG_ERROR, err[-3000:]
     assert took < FAST, took
-    assert "invalid component specified 'nosuch'" in only_lines(err)[-1]
+    last = only_lines(err)[-1]
+    assert "Envoy rejected its configuration: " in last and "node.id" in last, last
     assert "Traceback" not in err and leftovers(agent) == []
 
 
