@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from agent.proxy.events import SupervisionSettings
@@ -36,22 +37,17 @@ class EnvoyCrashed(Exception):
         self.info = info
 
 
+@dataclass
 class RestartBudget:
-    def __init__(
-        self,
-        settings: SupervisionSettings,
-        metrics: AgentMetrics,
-        lifecycle: Lifecycle,
-        *,
-        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
-    ) -> None:
-        self.settings = settings
-        self._metrics = metrics
-        self._lifecycle = lifecycle
-        self._sleep = sleep
-        # Set by every change request: cuts a backoff short.
-        self.changed = asyncio.Event()
-        metrics.restart_budget.set(settings.restart_budget)
+    settings: SupervisionSettings
+    metrics: AgentMetrics
+    lifecycle: Lifecycle
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
+    # Set by every change request: cuts a backoff short.
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def __post_init__(self) -> None:
+        self.metrics.restart_budget.set(self.settings.restart_budget)
 
     def retrying(self) -> AsyncRetrying:
         """The sequence; iterate it again (`async for`) for a fresh budget."""
@@ -76,17 +72,17 @@ class RestartBudget:
 
     def restored(self, why: str) -> None:
         log.info("restart budget reset: %s", why)
-        self._metrics.restart_budget.set(self.settings.restart_budget)
+        self.metrics.restart_budget.set(self.settings.restart_budget)
 
     def _before_restart(self, state: RetryCallState) -> None:
         left = self.settings.restart_budget - state.attempt_number
-        self._metrics.restart_budget.set(left)
+        self.metrics.restart_budget.set(left)
         delay = state.next_action.sleep if state.next_action is not None else 0.0
         log.warning("restarting Envoy in %.1fs (restart budget left: %d)", delay, left)
 
     async def _backoff(self, delay: float) -> None:
         self.changed.clear()
-        waits = [self._sleep(delay), self._lifecycle.wait_shutdown(), self.changed.wait()]
+        waits = [self.sleep(delay), self.lifecycle.wait_shutdown(), self.changed.wait()]
         tasks = [asyncio.ensure_future(wait) for wait in waits]
         try:
             await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)

@@ -186,7 +186,8 @@ class Epochs:
         desired = await self._render()
         if desired is None:
             state = self.last_good or self._last_started
-            assert state is not None, "the first render happens before the supervisor starts"
+            if state is None:  # `pilot-agent proxy` renders once before the supervisor starts; a library user may not
+                raise AgentError("no configuration to start Envoy on (see the error above)", ExitCode.CONFIG_ERROR)
             return state
         if self.last_good is None:
             return desired

@@ -122,16 +122,10 @@ async def supervised(
         await asyncio.sleep(0)
 
     inputs = Inputs()
-    supervisor = supervisor_for_tests(
-        launcher,
-        inputs,
-        replace(settings, **(supervision or {})),
-        replace(DrainSettings(proxy_type="router", termination_drain=0.05), **(drain or {})),
-        lifecycle=lifecycle,
-        metrics=metrics,
-        services=services,
-        sleep=record_sleep,
-    )
+    supervision_settings = replace(settings, **(supervision or {}))
+    drain_settings = replace(DrainSettings(proxy_type="router", termination_drain=0.05), **(drain or {}))
+    collaborators = {"lifecycle": lifecycle, "metrics": metrics, "services": services, "sleep": record_sleep}
+    supervisor = supervisor_for_tests(launcher, inputs, supervision_settings, drain_settings, **collaborators)
     with recording_logs() as logs:
         task = asyncio.create_task(supervisor.run())
         run = Run(supervisor, task, launcher, inputs, lifecycle, metrics, logs)
@@ -272,6 +266,21 @@ async def test_once_envoy_was_live_an_early_exit_is_a_crash_not_a_verdict(tmp_pa
         assert not run.task.done()
     assert "validate 0" not in launcher.calls
     assert run.delays[:2] == [0.2, 0.4]
+
+
+async def test_nothing_to_start_on_is_a_config_error_not_a_crash(tmp_path: Path) -> None:
+    supervisor = supervisor_for_tests(
+        FakeLauncher(),
+        Inputs(error=ValueError("bad")),
+        SupervisionSettings(termination_log=None),
+        DrainSettings(),
+        lifecycle=Lifecycle(),
+        metrics=AgentMetrics(process_metrics=False),
+        sleep=asyncio.sleep,
+    )
+    with pytest.raises(AgentError) as info:
+        await supervisor.run()
+    assert info.value.exit_code == ExitCode.CONFIG_ERROR
 
 
 async def test_a_bootstrap_that_cannot_be_written_at_start_up_is_one_line(tmp_path: Path) -> None:
