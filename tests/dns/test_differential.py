@@ -25,6 +25,7 @@ import dns.rdatatype
 import pytest
 
 from tests.conftest import require_root
+from tests.dns.compare import normalized, query_wire
 from tests.dns.istio_cases import CASES, DOMAIN, NAMESPACE, SEARCH, TABLE
 from tests.dns.istio_dns import istio_dns_binary
 from tests.dns.processes import wait_ready
@@ -39,35 +40,29 @@ FORWARD_TIMEOUT = "500ms"
 UPSTREAM_RECORDS = ["www.bing.com=1.1.1.1", "real.example.test=10.30.0.1", "real.example.test=fd00::30"]
 
 
-def _query(name: str, rdtype: str = "A", **kwargs: Any) -> bytes:
-    message = dns.message.make_query(name, rdtype, **kwargs)
-    message.id = random.Random(name + rdtype + repr(sorted(kwargs.items()))).randrange(65536)
-    return message.to_wire()
-
-
 def queries() -> list[tuple[str, str, bytes]]:
     """(label, protocol, wire) of every query both proxies are asked."""
     asked: list[tuple[str, str, bytes]] = []
     for protocol in ("udp", "tcp"):
         for name, rdtype, _ in CASES:
-            asked.append((f"{name} {rdtype}", protocol, _query(name, rdtype)))
+            asked.append((f"{name} {rdtype}", protocol, query_wire(name, rdtype)))
         extra = [
-            ("case", _query("WWW.Google.COM.", "A")),
-            ("edns", _query("productpage.ns1.svc.cluster.local.", "A", use_edns=0, payload=1232)),
-            ("forwarded aaaa", _query("real.example.test.", "AAAA")),
-            ("nxdomain", _query("nowhere.example.test.", "A")),
-            ("giant", _query("giant.test.", "A")),
-            ("giant edns", _query("giant.test.", "A", use_edns=0, payload=4096)),
-            ("silent", _query("silent.test.", "A")),
-            ("ptr", _query("9.9.9.9.in-addr.arpa.", "PTR")),
-            ("any", _query("www.google.com.", "ANY")),
-            ("chaos", _query("version.bind.", "TXT", rdclass=dns.rdataclass.CH)),
-            ("no rd", _query("productpage.", "A", flags=0)),
+            ("case", query_wire("WWW.Google.COM.", "A")),
+            ("edns", query_wire("productpage.ns1.svc.cluster.local.", "A", use_edns=0, payload=1232)),
+            ("forwarded aaaa", query_wire("real.example.test.", "AAAA")),
+            ("nxdomain", query_wire("nowhere.example.test.", "A")),
+            ("giant", query_wire("giant.test.", "A")),
+            ("giant edns", query_wire("giant.test.", "A", use_edns=0, payload=4096)),
+            ("silent", query_wire("silent.test.", "A")),
+            ("ptr", query_wire("9.9.9.9.in-addr.arpa.", "PTR")),
+            ("any", query_wire("www.google.com.", "ANY")),
+            ("chaos", query_wire("version.bind.", "TXT", rdclass=dns.rdataclass.CH)),
+            ("no rd", query_wire("productpage.", "A", flags=0)),
         ]
         asked += [(label, protocol, wire) for label, wire in extra]
     notify = dns.message.make_query("productpage.", "A")
     notify.set_opcode(dns.opcode.NOTIFY)
-    valid = _query("www.google.com.", "A")
+    valid = query_wire("www.google.com.", "A")
     rng = random.Random(7)
     malformed = [
         ("notify", notify.to_wire()),
@@ -82,35 +77,6 @@ def queries() -> list[tuple[str, str, bytes]]:
     ]
     asked += [(label, "udp", wire) for label, wire in malformed]
     return asked
-
-
-def normalized(wire: bytes | None) -> Any:
-    if wire is None:
-        return None
-    try:
-        message = dns.message.from_wire(wire)
-    except Exception as exc:
-        return f"unparsable: {type(exc).__name__}"
-
-    def rows(section: list[Any]) -> list[str]:
-        out = []
-        for rrset in section:
-            for rdata in rrset:
-                out.append(f"{rrset.name.to_text().lower()} {rrset.ttl} {dns.rdataclass.to_text(rrset.rdclass)} "
-                           f"{dns.rdatatype.to_text(rrset.rdtype)} {rdata.to_text().lower()}")  # fmt: skip
-        # Order matters only for a CNAME before the addresses it names.
-        return sorted(out, key=lambda row: (" CNAME " not in row, row))
-
-    return {
-        "id": message.id,
-        "flags": int(message.flags),
-        "rcode": int(message.rcode()),
-        "question": [q.to_text().lower() for q in message.question],
-        "answer": rows(message.answer),
-        "authority": rows(message.authority),
-        "additional": rows(message.additional),
-        "edns": message.edns,
-    }
 
 
 @dataclass

@@ -200,6 +200,7 @@ class ContainerProcess(RunningContainer):
         log_path: Path,
         read_only_root: bool = False,
         writable: Sequence[Path] = (),
+        resolv_conf: Path | None = None,
     ) -> None:
         self.argv = list(argv)
         self.env = dict(env)
@@ -209,6 +210,9 @@ class ContainerProcess(RunningContainer):
         self.log_path = log_path
         prefix = ["nsenter", f"--net={self.netns}"] if self.netns else []
         setup = ["mount -t tmpfs -o mode=1777,size=64m shm /dev/shm"]
+        if resolv_conf is not None:
+            # kubelet bind-mounts the pod's resolv.conf over each container's (this mount namespace is the container's).
+            setup.append(f"mount --bind {shlex.quote(str(resolv_conf))} /etc/resolv.conf")
         if read_only_root:
             # Bind each writable volume onto itself first: a separate mount keeps its own rw flag when / goes ro.
             setup += [f"mount --bind {shlex.quote(str(w))} {shlex.quote(str(w))}" for w in writable]

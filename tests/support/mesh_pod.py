@@ -23,7 +23,7 @@ import contextlib
 import json
 import shutil
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,8 +77,12 @@ def istiod_sidecar_pod(
     prefix: str = "msh",
     proxy_env: Mapping[str, str] | None = None,
     ready_timeout: float = 90.0,
+    init_args: Sequence[str] = (),
+    resolv_conf: str | None = None,
 ) -> Iterator[MeshPod]:
-    """Start istiod, then the pod (istio-init to completion, the app, istio-proxy); yield once 15021 answers 200."""
+    """Start istiod, then the pod (istio-init to completion, the app, istio-proxy); yield once 15021 answers 200.
+    `init_args` go after istio-init's own (e.g. `--redirect-dns`, as the injector adds with DNS capture);
+    `resolv_conf` is the pod's /etc/resolv.conf (the host's otherwise) and also what `net.run` processes see."""
     docs = load_documents(SIDECAR_MANIFEST)
     meta, spec = pod_template(next(d for d in docs if d["kind"] == "Deployment"))
     with (
@@ -104,11 +108,14 @@ def istiod_sidecar_pod(
             configmaps={"istio-ca-root-cert": {"root-cert.pem": istiod.ca.root_pem.decode()}},
             images=images,
             service_account_tokens={"istio-ca": istiod.token(NAMESPACE, SERVICE_ACCOUNT)},
+            resolv_conf=resolv_conf,
         ) as pod:
             template = pod.path(ISTIO_BOOTSTRAP_TEMPLATE)
             template.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(istio_source("tools/packaging/common/envoy_bootstrap.json"), template)
-            code, output = pod.run_to_completion("istio-init")
+            if resolv_conf is not None:
+                net.set_resolv_conf(resolv_conf)
+            code, output = pod.run_to_completion("istio-init", argv=[*pod.argv("istio-init"), *init_args])
             assert code == 0, output
             overrides = {
                 "PROXY_CONFIG": json.dumps(

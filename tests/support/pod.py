@@ -133,7 +133,10 @@ class Pod:
         root: Path | None = None,
         runtime: ContainerRuntime | None = None,
         service_account_tokens: Mapping[str, str] | None = None,
+        resolv_conf: str | None = None,
     ) -> None:
+        """`resolv_conf`: the pod's /etc/resolv.conf (kubelet writes one per pod from the cluster DNS and
+        dnsConfig and bind-mounts it into every container); None leaves the host's."""
         labels = dict(metadata.get("labels") or {})
         annotations = dict(metadata.get("annotations") or {})
         self.identity = identity or PodIdentity(labels=labels, annotations=annotations)
@@ -149,6 +152,11 @@ class Pod:
         self.root = root or Path(tempfile.mkdtemp(prefix="pod-"))
         os.chmod(self.root, 0o755)
         self.containers: dict[str, RunningContainer] = {}
+        self.resolv_conf: Path | None = None
+        if resolv_conf is not None:
+            self.resolv_conf = self.root / ".kubelet" / "resolv.conf"
+            self.resolv_conf.parent.mkdir(mode=0o755)
+            self.resolv_conf.write_text(resolv_conf)
         self._writers: dict[str, list[AtomicWriter]] = {}
         self._mount_volumes()
         for image in [Image(), *self.images.values()]:
@@ -327,7 +335,7 @@ class Pod:
         else:
             process = ContainerProcess(
                 argv=argv, env=env, cwd=self.root, identity=identity, netns=self.netns, log_path=log_path,
-                read_only_root=read_only_root, writable=self._writable_paths(container),
+                read_only_root=read_only_root, writable=self._writable_paths(container), resolv_conf=self.resolv_conf,
             )  # fmt: skip
         self.containers[name] = process
         return process
@@ -338,9 +346,9 @@ class Pod:
         paths = [self.path(m["mountPath"]) for m in container.get("volumeMounts") or [] if m["name"] in empty_dirs]
         return [p.resolve() for p in paths]
 
-    def run_to_completion(self, name: str, timeout: float = 60.0) -> tuple[int, str]:
-        """An init container: start, wait for exit; (exit code, its output)."""
-        process = self.start(name)
+    def run_to_completion(self, name: str, timeout: float = 60.0, argv: Sequence[str] | None = None) -> tuple[int, str]:
+        """An init container (with `argv` instead of the manifest's): start, wait for exit; (exit code, output)."""
+        process = self.start(name, argv=argv)
         try:
             code = process.wait(timeout)
         finally:

@@ -220,6 +220,8 @@ class RuncRuntime:
             Mount(pod.path(m["mountPath"]).resolve(), str(m["mountPath"]), bool(m.get("readOnly")))
             for m in container.get("volumeMounts") or []
         ]
+        if pod.resolv_conf is not None:
+            mounts.append(Mount(pod.resolv_conf, "/etc/resolv.conf", True))
         context = container.get("securityContext") or {}
         spec = oci_spec(
             rootfs=Path("/"),  # replaced by the container's own layer
