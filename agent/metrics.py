@@ -19,6 +19,11 @@ class AgentMetrics:
             "istio_agent_startup_duration_seconds", "Seconds from agent start to the first ready Envoy.", registry=r
         )
         self.scrapes = Counter("istio_agent_scrapes", "Merged metrics scrapes served.", registry=r)
+        self.scrapes_rejected = Counter(
+            "istio_agent_scrapes_rejected",
+            "Merged scrapes answered 503 because the maximum number of merges was already running.",
+            registry=r,
+        )
         self.scrape_failures = Counter(
             "istio_agent_scrape_failures",
             "Sources left out of a merged scrape, by source type (agent, envoy, application).",
