@@ -9,6 +9,10 @@ Beyond Istio: bodies are STREAMED (a chunk in, its complete lines filtered, writ
 whatever a source sends, and `exposition.FamilyFilter` keeps the output valid when sources repeat a family.
 Streaming has one consequence: a source that fails half way (cap reached, deadline passed, connection lost) cannot
 be taken back; its output ends at its last complete line, and the failure is counted like any other.
+
+Under concurrency (scrape_slots): at most MAX_MERGES merges at once, the excess answered 503; a merge stalled on a
+scraper that does not read gives way to a new one; writing ends shortly after the sources' deadline; Envoy and the
+applications have separate connection pools.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from agent.status.exposition import (
     output_content_type,
     response_is_openmetrics,
 )
+from agent.status.scrape_slots import MergeSlot, MergeSlots
 from agent.status.settings import StatusSettings
 
 log = logging.getLogger("agent.status")
@@ -41,6 +46,8 @@ TIMEOUT_HEADER = "X-Prometheus-Scrape-Timeout-Seconds"
 # A single line longer than this is not metrics; stop reading the source instead of buffering it.
 MAX_LINE = 1024 * 1024
 READ_SIZE = 64 * 1024
+# How long past the sources' deadline the scraper may take to read the rest of the answer.
+WRITE_MARGIN = 1.0
 
 
 @dataclass
@@ -51,23 +58,67 @@ class Upstream:
 
 
 class _ClientGone(Exception):
-    """Writing to the scraper failed: it hung up. Not a source failure; nothing left to do."""
+    """Writing to the scraper failed: it hung up, or stalled past the deadline. Not a source failure."""
 
 
-async def _write(response: web.StreamResponse, data: bytes) -> None:
-    try:
-        await response.write(data)
-    except (ConnectionError, RuntimeError) as exc:  # aiohttp: reset, or "Cannot write to closing transport"
-        raise _ClientGone(str(exc)) from exc
+class _Output:
+    """The scraper's side of one merge: every write marks the slot blocked until the scraper takes it, and ends
+    at the merge's deadline (a scraper that stops reading would otherwise hold the merge, and its upstream
+    connections, forever)."""
+
+    __slots__ = ("deadline", "response", "slot")
+
+    def __init__(self, response: web.StreamResponse, slot: MergeSlot, deadline: float) -> None:
+        self.response = response
+        self.slot = slot
+        self.deadline = deadline
+
+    async def write(self, data: bytes) -> None:
+        loop = asyncio.get_running_loop()
+        self.slot.blocked_since = loop.time()
+        try:
+            async with asyncio.timeout_at(self.deadline):
+                await self.response.write(data)
+        except TimeoutError:
+            # Cut the connection: finishing the response would hand the scraper a shorter exposition as if whole.
+            if self.slot.transport is not None:
+                self.slot.transport.abort()
+            raise _ClientGone("the scraper did not read the answer before the deadline") from None
+        except (ConnectionError, RuntimeError) as exc:  # aiohttp: reset, or "Cannot write to closing transport"
+            raise _ClientGone(str(exc)) from exc
+        finally:
+            self.slot.blocked_since = None
 
 
 class MetricsMerger:
-    """Serves the merged scrape. Owns nothing but a reference to the server's client session."""
+    """Serves the merged scrape. Owns its client sessions (start() and close()) and its merge slots."""
 
-    def __init__(self, settings: StatusSettings, metrics: AgentMetrics, session: aiohttp.ClientSession) -> None:
+    def __init__(self, settings: StatusSettings, metrics: AgentMetrics, slots: MergeSlots | None = None) -> None:
         self.settings = settings
         self.metrics = metrics
-        self.session = session
+        self.slots = slots or MergeSlots()
+        self._envoy: aiohttp.ClientSession | None = None
+        self._apps: aiohttp.ClientSession | None = None
+
+    def start(self) -> None:
+        """Open the client sessions: one for Envoy, one for the applications, so that a slow application cannot
+        take the connections Envoy's metrics need. Kept alive: a scrape every few seconds reuses them. Each pool
+        has room for every merge twice over (a merge that gave way still closes its connections)."""
+        room = 2 * self.slots.limit
+        self._envoy = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=room, ttl_dns_cache=None), timeout=aiohttp.ClientTimeout(total=None)
+        )
+        targets = max(1, len(self.settings.scrape_targets))
+        self._apps = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=room * targets, ttl_dns_cache=None),
+            timeout=aiohttp.ClientTimeout(total=None),
+        )
+
+    async def close(self) -> None:
+        for session in (self._envoy, self._apps):
+            if session is not None:
+                await session.close()
+        self._envoy = self._apps = None
 
     def _timeout(self, request: web.Request) -> float:
         raw = request.headers.get(TIMEOUT_HEADER)
@@ -82,6 +133,17 @@ class MetricsMerger:
         return self.settings.default_scrape_timeout
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
+        slot = self.slots.take(request.transport)
+        if slot is None:
+            self.metrics.scrapes_rejected.inc()
+            limit = self.slots.limit
+            return web.Response(status=503, text=f"Limit of concurrent requests reached ({limit}), try again later.\n")
+        try:
+            return await self._merge(request, slot)
+        finally:
+            self.slots.release(slot)
+
+    async def _merge(self, request: web.Request, slot: MergeSlot) -> web.StreamResponse:
         self.metrics.scrapes.inc()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._timeout(request)
@@ -132,21 +194,21 @@ class MetricsMerger:
                 await response.prepare(request)
             except (ConnectionError, RuntimeError) as exc:  # the scraper gave up while the sources were awaited
                 raise _ClientGone(str(exc)) from exc
+            # Writing may take a little past the sources' deadline (their margin), not more.
+            output = _Output(response, slot, deadline + WRITE_MARGIN)
             if openmetrics != guess:
                 agent_section = self._agent_section(openmetrics)
             claimed: set[bytes] = set()
             if agent_section is not None:
                 body, agent_claims = agent_section
                 claimed |= agent_claims
-                await _write(response, body)
+                await output.write(body)
             for index, upstream in enumerate(upstreams):
                 if upstream.response is not None:
                     last = index == len(upstreams) - 1
-                    await self._stream(
-                        upstream, response, claimed, openmetrics=openmetrics, deadline=deadline, last=last
-                    )
+                    await self._stream(upstream, output, claimed, openmetrics=openmetrics, deadline=deadline, last=last)
             if openmetrics:
-                await _write(response, b"# EOF\n")
+                await output.write(b"# EOF\n")
             # No write_eof() here: aiohttp finishes the response itself, and a second write_eof() after one that
             # failed on a closed connection flushed gzip's compressor twice (zlib "inconsistent stream state").
             return response
@@ -165,9 +227,11 @@ class MetricsMerger:
         log.warning("failed scraping %s metrics: %s", kind, what)
 
     async def _open(self, upstream: Upstream, headers: dict[str, str], deadline: float) -> None:
+        session = self._envoy if upstream.kind == "envoy" else self._apps
+        assert session is not None, "MetricsMerger.start() not called"
         try:
             async with asyncio.timeout_at(deadline):
-                response = await self.session.get(upstream.url, headers=headers)
+                response = await session.get(upstream.url, headers=headers)
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             self._fail(upstream.kind, f"{upstream.url}: {type(exc).__name__}: {exc}")
             return
@@ -197,7 +261,7 @@ class MetricsMerger:
     async def _stream(
         self,
         upstream: Upstream,
-        response: web.StreamResponse,
+        output: _Output,
         claimed: set[bytes],
         *,
         openmetrics: bool,
@@ -215,6 +279,9 @@ class MetricsMerger:
         failure: str | None = None
         try:
             while True:
+                # Let other requests (kubelet's probes) in between chunks: when the source's bytes are already
+                # buffered, read() and write() return without yielding and a merge would run start to end.
+                await asyncio.sleep(0)
                 async with asyncio.timeout_at(deadline):
                     # At most 64 KiB at a time: the split lines of a chunk cost ~2x its size in objects.
                     chunk = await source.content.read(READ_SIZE)
@@ -229,7 +296,7 @@ class MetricsMerger:
                 cut = data.rfind(b"\n") + 1
                 if failure is None and cut and filt.feed_block(data[:cut], out):
                     carry = data[cut:]
-                    await _write(response, b"".join(out))
+                    await output.write(b"".join(out))
                     out.clear()
                     continue
                 lines = data.split(b"\n")
@@ -243,7 +310,7 @@ class MetricsMerger:
                 filt.feed(lines, out)
                 if out:
                     out.append(b"")
-                    await _write(response, b"\n".join(out))
+                    await output.write(b"\n".join(out))
                     out.clear()
             if failure is None and carry:
                 filt.feed([carry], out)
@@ -256,7 +323,7 @@ class MetricsMerger:
         filt.finish(out)
         if out:
             out.append(b"")
-            await _write(response, b"\n".join(out))
+            await output.write(b"\n".join(out))
         if failure is not None:
             self._fail(upstream.kind, failure)
         if filt.dropped_families or filt.invalid_lines:

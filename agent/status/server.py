@@ -1,8 +1,8 @@
 """The status server on ProxyConfig.statusPort (15020): readiness, merged metrics, app probes, quit and drain.
 
-`StatusServer` owns the server's lifetime, in a fixed order: start = client session, routes, runner, listening
-socket; stop = listening socket and open requests (runner cleanup), then the client session. It is started before
-Envoy (kubelet may probe at once) and stopped after it.
+`StatusServer` owns the server's lifetime, in a fixed order: start = the merger's client sessions, routes, runner,
+listening sockets; stop = listening sockets and open requests (runner cleanup), then the client sessions. It is
+started before Envoy (kubelet may probe at once) and stopped after it.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import socket
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 
-import aiohttp
 from aiohttp import web
 
 from agent.errors import AgentError
@@ -90,16 +89,16 @@ class StatusServer:
         self._sockets = tuple(sockets)
         self.guard = ConnectionGuard((limits or ConnectionLimits()).fitted(open_files_limit()), metrics)
         self._runner: web.AppRunner | None = None
-        self._session: aiohttp.ClientSession | None = None
+        self.merger = MetricsMerger(settings, metrics)
         self.port: int | None = None
 
-    def _app(self, merger: MetricsMerger) -> web.Application:
+    def _app(self) -> web.Application:
         app = web.Application(middlewares=[self.guard.middleware])
 
         async def stats(request: web.Request) -> web.StreamResponse:
             if self.settings.metrics_localhost_only and not is_loopback(request.remote):
                 return _forbidden()
-            return await merger.handle(request)
+            return await self.merger.handle(request)
 
         app.router.add_route("*", "/healthz/ready", self._ready)
         app.router.add_route("*", "/stats/prometheus", stats)
@@ -126,12 +125,9 @@ class StatusServer:
 
     async def start(self) -> None:
         """Listen on the status port. Raises AgentError(STARTUP_FAILED) when the port cannot be bound."""
-        # Keep-alive to Envoy's prometheus listener and the app: a scrape every few seconds reuses connections.
-        self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=64, ttl_dns_cache=None), timeout=aiohttp.ClientTimeout(total=None)
-        )
+        self.merger.start()
         runner = web.AppRunner(
-            self._app(MetricsMerger(self.settings, self.metrics, self._session)),
+            self._app(),
             access_log=None,
             shutdown_timeout=SHUTDOWN_GRACE,
         )
@@ -141,8 +137,7 @@ class StatusServer:
             sockets = list(self._sockets) or bind_status_sockets(self.settings.listen_host, self.settings.status_port)
         except AgentError:
             await runner.cleanup()
-            await self._session.close()
-            self._session = None
+            await self.merger.close()
             raise
         for sock in sockets:
             await GuardedSite(runner, sock, self.guard).start()
@@ -157,9 +152,7 @@ class StatusServer:
         if self._runner is not None:
             runner, self._runner = self._runner, None
             await runner.cleanup()
-        if self._session is not None:
-            session, self._session = self._session, None
-            await session.close()
+        await self.merger.close()
 
     async def _ready(self, request: web.Request) -> web.Response:
         reason = await self.readiness.check()

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import socket
+import subprocess
+import sys
 import threading
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -128,3 +131,40 @@ def raw_http_server(handler: object) -> Iterator[int]:
 
 def root_dir() -> Path:
     return Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class ServerProcess:
+    """tests/status/server_process.py running: its process, its port, and (once it has ended) its stderr."""
+
+    process: subprocess.Popen[str]
+    port: int
+    stderr: str = ""
+
+
+@contextmanager
+def server_process(*args: str, prlimit: str | None = None) -> Iterator[ServerProcess]:
+    """A StatusServer in its own process (for memory and descriptor limits); stopped when the block ends."""
+    argv = [sys.executable, "-m", "tests.status.server_process", *args]
+    if prlimit is not None:
+        argv = ["prlimit", prlimit, *argv]
+    process = subprocess.Popen(
+        argv,
+        cwd=root_dir(),
+        env={**os.environ, "PYTHONPATH": str(root_dir())},
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stdin is not None and process.stdout is not None and process.stderr is not None
+    running = ServerProcess(process, 0)
+    try:
+        running.port = int(process.stdout.readline())
+        yield running
+    finally:
+        process.stdin.close()
+        running.stderr = process.stderr.read()
+        process.wait(20)
+        process.stdout.close()
+        process.stderr.close()

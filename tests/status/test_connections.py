@@ -5,7 +5,6 @@ sheds idle ones first, a lack of descriptors costs one log line a minute, and th
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 import socket
 import subprocess
@@ -18,7 +17,7 @@ import pytest
 
 from agent.status.connections import MIN_CONNECTIONS, ConnectionLimits
 from agent.status.settings import AppProbe, HTTPGetAction
-from tests.status.conftest import raw_http_server, root_dir, running_agent, settings_for
+from tests.status.conftest import raw_http_server, root_dir, running_agent, server_process, settings_for
 from tests.supervisor.agent_process import agent_env, local_xds
 from tests.supervisor.test_agent_e2e import kill_agent
 from tests.support.envoy import free_port, http_get, new_base_id, wait_until
@@ -120,35 +119,16 @@ async def test_over_the_cap_the_oldest_idle_connections_go_and_a_request_in_prog
 def test_out_of_descriptors_the_agent_sheds_idle_connections_and_logs_one_line() -> None:
     """The descriptors are taken by something else than the status port (here: the server's own process holds
     all but 20), so the cap alone cannot help; asyncio used to log every failed accept (~40,000 lines a second)."""
-    script = [sys.executable, "-m", "tests.status.fd_starved_server"]
-    env = {**os.environ, "PYTHONPATH": str(root_dir())}
-    server = subprocess.Popen(
-        ["prlimit", "--nofile=256:256", *script],
-        cwd=root_dir(),
-        env=env,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert server.stdout is not None
-        port = int(server.stdout.readline())
-        idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(60)]
+    with server_process("--spare-descriptors", "20", prlimit="--nofile=256:256") as server:
+        idle = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(60)]
         started = time.monotonic()
-        status, body = http_get(f"http://127.0.0.1:{port}/stats/prometheus", timeout=5)
+        status, body = http_get(f"http://127.0.0.1:{server.port}/stats/prometheus", timeout=5)
         assert status == 200 and time.monotonic() - started < 2, time.monotonic() - started
         failures = re.search(rb"^istio_agent_status_accept_failures_total (\S+)$", body, re.MULTILINE)
         assert failures is not None and float(failures.group(1)) > 0
         for conn in idle:
             conn.close()
-    finally:
-        assert server.stdin is not None and server.stderr is not None and server.stdout is not None
-        server.stdin.close()
-        err = server.stderr.read()
-        server.wait(20)
-        server.stdout.close()
-        server.stderr.close()
+    err = server.stderr
     assert "out of system resource" not in err
     shed_lines = [line for line in err.splitlines() if "connections shed" in line]
     assert 1 <= len(shed_lines) <= 2, err[-2000:]
