@@ -15,6 +15,7 @@ Effects go through a `Runner`, so tests can record what would run (`RecordingRun
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -187,12 +188,8 @@ def split_tables(text: str) -> dict[str, str]:
     return {table: "\n".join(lines) + "\n" for table, lines in blocks.items()}
 
 
-def _is_ours(chain: str) -> bool:
-    return chain.startswith("ISTIO_")
-
-
-def _jumps_to_ours(rule: Rule) -> bool:
-    return len(rule.tokens) >= 2 and rule.tokens[-2] == "-j" and _is_ours(rule.tokens[-1])
+def _jump_target(words: Sequence[str]) -> str:
+    return words[words.index("-j") + 1] if "-j" in words[:-1] else ""
 
 
 @dataclass
@@ -202,13 +199,23 @@ class _Family:
     before: str
     state: dict[str, TableState]
     rules: tuple[Rule, ...]
+    # Per table, the chains the rule set names: the only chains (and jumps into them) a run ever touches. Other
+    # components' ISTIO_* chains (ambient, CNI, an operator's own) are not ours, whatever their name.
+    ours: dict[str, frozenset[str]] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.ours = {table: frozenset(chains) for table, chains in chains_by_table(self.rules).items()}
 
     @property
     def name(self) -> str:
         return "IPv4" if self.version == V4 else "IPv6"
 
+    def chains_of(self, table: str) -> frozenset[str]:
+        return self.ours.get(table, frozenset())
+
     def residue(self) -> bool:
-        return any(_is_ours(c) for t in self.state.values() for c in t.chains)
+        """Any of our chains present (a chain cannot be jumped to without existing)."""
+        return any(c in self.chains_of(t) for t, state in self.state.items() for c in state.chains)
 
 
 class Applier:
@@ -222,7 +229,7 @@ class Applier:
 
     # -- reading -------------------------------------------------------------------------------------------------
 
-    def _family(self, version: int, required: bool) -> _Family | None:
+    def _family(self, version: int, required: bool, rules: tuple[Rule, ...] | None = None) -> _Family | None:
         try:
             bins = detect_binaries(self.runner, version)
         except IptablesError:
@@ -232,33 +239,37 @@ class Applier:
         saved = self.runner.run([bins.save])
         if saved.returncode != 0:
             raise IptablesError(f"{bins.save} failed ({saved.returncode}): {_first_line(saved.stderr)}")
-        return _Family(version, bins, saved.stdout, parse_save(saved.stdout), self.ruleset.family(version))
+        rules = self.ruleset.family(version) if rules is None else rules
+        return _Family(version, bins, saved.stdout, parse_save(saved.stdout), rules)
 
     def _families(self, include_unused_v6: bool) -> list[_Family]:
         families = [self._family(V4, required=True)]
-        if self.cfg.enable_ipv6 or include_unused_v6:
-            families.append(self._family(V6, required=self.cfg.enable_ipv6))
+        if self.cfg.enable_ipv6:
+            families.append(self._family(V6, required=True))
+        elif include_unused_v6:
+            # Cleanup on a pod that is IPv4-only now: the IPv6 chains an IPv6 run of the same flags would name.
+            dual = build_rules(dataclasses.replace(self.cfg, enable_ipv6=True))
+            families.append(self._family(V6, required=False, rules=dual.v6))
         return [f for f in families if f is not None]
 
     def _matches(self, fam: _Family) -> bool:
-        """Our chains hold exactly the wanted rules: the same ISTIO_* chains; in each chain the same targets in the
-        same order; as many jumps into them from built-in chains; and every rule present as written (-C, checked
-        by iptables itself in one restore that commits nothing, so matches like `--dport` vs `-m tcp --dport`
-        compare the way the kernel sees them)."""
-        wanted = chains_by_table(fam.rules)
+        """Our chains hold exactly the wanted rules: every chain the rule set names exists; in each the same targets
+        in the same order; as many jumps into them from built-in chains; and every rule present as written (-C,
+        checked by iptables itself in one restore that commits nothing, so matches like `--dport` vs
+        `-m tcp --dport` compare the way the kernel sees them). Other chains, whatever their name, do not count."""
         for table in TABLE_ORDER:
             state = fam.state.get(table, TableState())
-            have = [c for c in state.chains if _is_ours(c)]
-            if sorted(have) != sorted(wanted.get(table, [])):
+            ours = fam.chains_of(table)
+            if not ours <= set(state.chains):
                 return False
             saved_targets: dict[str, list[str]] = {}
             for line in state.rules:
                 words = line.split()
-                target = words[words.index("-j") + 1] if "-j" in words else ""
-                if _is_ours(words[1]) or _is_ours(target):
-                    key = words[1] if _is_ours(words[1]) else f"{words[1]}->ISTIO"
+                target = _jump_target(words)
+                if words[1] in ours or target in ours:
+                    key = words[1] if words[1] in ours else f"{words[1]}->ISTIO"
                     saved_targets.setdefault(key, []).append(target)
-            if saved_targets != _expected_targets([r for r in fam.rules if r.table == table]):
+            if saved_targets != _expected_targets([r for r in fam.rules if r.table == table], ours):
                 return False
         check = _check_text(fam.rules)
         return self.runner.run([fam.bins.restore, "--noflush"], check).returncode == 0
@@ -274,21 +285,23 @@ class Applier:
         return present
 
     def _removal_lines(self, fam: _Family) -> dict[str, list[str]]:
-        """Per table: delete our rules from built-in chains, flush and delete every ISTIO_* chain."""
+        """Per table: delete the built-in chains' jumps into our chains and our other rules there, then flush and
+        delete our chains. Only the chains the rule set names: another component's ISTIO_* chain, and the jumps
+        into it, stay (Istio's cleanup also touches only its rule set's chains)."""
         out: dict[str, list[str]] = {}
         for table, state in fam.state.items():
             for line in state.rules:
                 words = line.split()
-                if words[1] in BUILTIN_CHAINS and "-j" in words and _is_ours(words[words.index("-j") + 1]):
+                if words[1] in BUILTIN_CHAINS and _jump_target(words) in fam.chains_of(table):
                     out.setdefault(table, []).append("-D" + line[2:])
-        # Rules of ours that do not jump to an ISTIO_* chain (RETURN for excluded NICs, TPROXY marks).
-        plain = [r for r in fam.rules if r.chain in BUILTIN_CHAINS and not _jumps_to_ours(r)]
+        # Rules of ours that do not jump to one of our chains (RETURN for excluded NICs, TPROXY marks).
+        plain = [r for r in fam.rules if r.chain in BUILTIN_CHAINS and r.spec[-1] not in fam.chains_of(r.table)]
         for rule in self._existing_builtin_rules(fam, plain):
             out.setdefault(rule.table, []).append(" ".join(("-D", rule.chain, *rule.spec)))
         for table, state in fam.state.items():
-            ours = [c for c in state.chains if _is_ours(c)]
-            out.setdefault(table, []).extend(f"-F {c}" for c in ours)
-            out[table].extend(f"-X {c}" for c in ours)
+            present = [c for c in state.chains if c in fam.chains_of(table)]
+            out.setdefault(table, []).extend(f"-F {c}" for c in present)
+            out[table].extend(f"-X {c}" for c in present)
         return {t: lines for t, lines in out.items() if lines}
 
     # -- writing -------------------------------------------------------------------------------------------------
@@ -304,9 +317,10 @@ class Applier:
                     unchanged.append(fam.name)
                     continue
                 if not (self.cfg.reconcile or self.cfg.force_apply):
+                    present = sorted({c for t, st in fam.state.items() for c in st.chains if c in fam.chains_of(t)})
                     raise IptablesError(
-                        f"{fam.name}: ISTIO_* chains already exist and differ from the requested rules; left as they "
-                        "are (rerun with --reconcile to replace them)"
+                        f"{fam.name}: {', '.join(present)} already exist and differ from the requested rules; left as "
+                        "they are (rerun with --reconcile to replace them)"
                     )
                 scripts.append((fam, restore_text(fam.rules, self._removal_lines(fam))))
             else:
@@ -376,7 +390,8 @@ class Applier:
             # Envoy's IPv6 inbound passthrough binds ::6, which (unlike 127.0.0.6 in 127/8) is not local until
             # added to lo. Istio adds it and never removes it; so do we (cleanup leaves it, it is harmless).
             steps.append(self._ipv6_passthrough_address)
-        if not self.cfg.tproxy:
+        if not (self.cfg.tproxy and self.cfg.inbound_ports_include):
+            # Istio adds the policy routing only when inbound traffic is captured (tproxy.configureTProxyRoutes).
             return steps
         families = ["-4"] + (["-6"] if self.cfg.enable_ipv6 else [])
         mark, table = self.cfg.tproxy_mark, self.cfg.tproxy_route_table
@@ -422,15 +437,15 @@ def _route_present(listing: str, args: list[str]) -> bool:
     return any(line.startswith("local default dev lo") for line in listing.splitlines())
 
 
-def _expected_targets(rules: Sequence[Rule]) -> dict[str, list[str]]:
-    """Per ISTIO_* chain, the `-j` targets in the order the kernel will hold them (inserts at their position);
-    per built-in chain, its jumps into ISTIO_* chains (`PREROUTING->ISTIO`)."""
+def _expected_targets(rules: Sequence[Rule], ours: frozenset[str]) -> dict[str, list[str]]:
+    """Per chain of ours, the `-j` targets in the order the kernel will hold them (inserts at their position); per
+    built-in chain, its jumps into our chains (`PREROUTING->ISTIO`)."""
     chains: dict[str, list[str]] = {}
     for rule in rules:
-        target = rule.tokens[-1] if "-j" not in rule.spec else rule.spec[rule.spec.index("-j") + 1]
-        if _is_ours(rule.chain):
+        target = _jump_target(rule.spec)
+        if rule.chain in ours:
             key = rule.chain
-        elif _is_ours(target):
+        elif target in ours:
             key = f"{rule.chain}->ISTIO"
         else:
             continue

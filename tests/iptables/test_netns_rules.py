@@ -16,6 +16,12 @@ pytestmark = [pytest.mark.root, pytest.mark.netns]
 TPROXY_ARGS = tuple("TPROXY" if a == "REDIRECT" else a for a in INJECTOR_ARGS)
 
 
+def with_inbound_ports(args: tuple[str, ...], ports: str) -> tuple[str, ...]:
+    """The injector's arguments with `-b` (inbound ports to capture) set to `ports`."""
+    at = args.index("-b") + 1
+    return (*args[:at], ports, *args[at + 1 :])
+
+
 def one_line_error(stderr: str) -> str:
     lines = [line for line in stderr.splitlines() if line.strip()]
     assert len(lines) == 1, stderr
@@ -82,9 +88,7 @@ def test_different_existing_rules_are_left_alone_unless_reconcile(pod: PodNetwor
     add_foreign_rules(pod)
     assert pod.pilot_agent(*INJECTOR_ARGS).returncode == 0
     old = normalize_save(pod.iptables_save())
-    changed = [
-        ("8080" if a == "*" and i > 0 and INJECTOR_ARGS[i - 1] == "-b" else a) for i, a in enumerate(INJECTOR_ARGS)
-    ]
+    changed = with_inbound_ports(INJECTOR_ARGS, "8080")
 
     refused = pod.pilot_agent(*changed)
     assert refused.returncode == ExitCode.IPTABLES_FAILED
@@ -126,13 +130,61 @@ def test_a_rule_the_kernel_refuses_leaves_the_namespace_as_it_was(pod: PodNetwor
 
 
 def test_a_failing_table_through_the_cli_applies_nothing(pod: PodNetwork) -> None:
-    """An owner group iptables cannot resolve fails the nat block after the mangle block was committed."""
-    add_foreign_rules(pod)
+    """Another component's chain jumps into our nat ISTIO_OUTPUT: --reconcile may not delete that jump (not ours),
+    so deleting the chain fails the nat block after the mangle block was committed."""
+    assert pod.pilot_agent(*TPROXY_ARGS).returncode == 0
+    for argv in (["-N", "FOREIGN"], ["-A", "FOREIGN", "-j", "ISTIO_OUTPUT"]):
+        assert pod.run(["iptables", "-t", "nat", *argv]).returncode == 0
     before = normalize_save(pod.iptables_save())
-    done = pod.pilot_agent(*TPROXY_ARGS, env={"ISTIO_OUTBOUND_OWNER_GROUPS": "no-such-group-here"})
+    changed = with_inbound_ports(TPROXY_ARGS, "8080")
+    done = pod.pilot_agent(*changed, "--reconcile")
     assert done.returncode == ExitCode.IPTABLES_FAILED
     assert "restored to their previous state" in one_line_error(done.stderr)
     assert normalize_save(pod.iptables_save()) == before
+
+
+def add_other_components_chains(pod: PodNetwork) -> None:
+    """ISTIO_* chains that are not ours (another component's: ambient, a CNI plugin, an operator), with jumps from
+    built-in chains, in the filter and nat tables; one has the name of a chain we use, in a table where we don't."""
+    for table, chain, jump_from in (
+        ("filter", "ISTIO_FIREWALL", "INPUT"),
+        ("nat", "ISTIO_AMBIENT_PRERT", "PREROUTING"),
+        ("filter", "ISTIO_OUTPUT", "OUTPUT"),
+    ):
+        for argv in (["-N", chain], ["-A", chain, "-p", "udp", "--dport", "9998", "-j", "RETURN"],
+                     ["-A", jump_from, "-p", "udp", "-j", chain]):  # fmt: skip
+            done = pod.run(["iptables", "-t", table, *argv])
+            assert done.returncode == 0, done.stderr
+
+
+def test_other_components_istio_chains_are_never_touched(pod: PodNetwork) -> None:
+    add_foreign_rules(pod)
+    add_other_components_chains(pod)
+    before = normalize_save(pod.iptables_save())
+    installed = pod.pilot_agent(*INJECTOR_ARGS)
+    assert installed.returncode == 0, installed.stderr
+    state = normalize_save(pod.iptables_save())
+    assert "-A ISTIO_FIREWALL -p udp -m udp --dport 9998 -j RETURN" in state
+    assert "nothing changed" in pod.pilot_agent(*INJECTOR_ARGS).stderr
+    changed = with_inbound_ports(INJECTOR_ARGS, "8080")
+    assert pod.pilot_agent(*changed, "--reconcile").returncode == 0
+    reconciled = normalize_save(pod.iptables_save())
+    for line in before.splitlines():
+        assert line in reconciled, line
+    assert pod.pilot_agent(*changed, "--cleanup-only").returncode == 0
+    assert normalize_save(pod.iptables_save()) == before
+
+
+def test_tproxy_without_inbound_capture_adds_no_policy_routing(pod: PodNetwork) -> None:
+    """Istio sets up `ip rule`/`ip route` for TPROXY only when inbound ports are captured; cleanup then has none
+    to remove either."""
+    rules_before = pod.run(["ip", "rule"]).stdout
+    no_inbound = with_inbound_ports(TPROXY_ARGS, "")
+    assert pod.pilot_agent(*no_inbound).returncode == 0
+    assert pod.run(["ip", "rule"]).stdout == rules_before
+    assert pod.run(["ip", "route", "show", "table", "133"]).stdout == ""
+    assert pod.pilot_agent(*no_inbound, "--cleanup-only").returncode == 0
+    assert pod.run(["ip", "rule"]).stdout == rules_before
 
 
 def test_not_root_is_not_permitted(pod: PodNetwork) -> None:
