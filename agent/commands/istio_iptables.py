@@ -19,7 +19,15 @@ from typing import Any, TextIO
 
 from agent.errors import AgentError, ExitCode
 from agent.iptables import apply as applying
-from agent.iptables.config import FLAGS, CaptureConfig, HostFacts, build_config, detect_host_facts, parse_bool
+from agent.iptables.config import (
+    FLAGS,
+    CaptureConfig,
+    HostFacts,
+    build_config,
+    check_group_names,
+    detect_host_facts,
+    parse_bool,
+)
 from agent.iptables.rules import build_rules, dry_run_transcript
 
 log = logging.getLogger("agent.iptables")
@@ -93,6 +101,8 @@ def execute(
     if cfg.skip_rule_apply:
         log.info("--skip-rule-apply: not touching iptables")
         return ExitCode.OK
+    if not cfg.cleanup_only:
+        check_group_names(cfg)
     applying.require_privileges()
     plan = applying.Applier(cfg, runner or applying.SubprocessRunner())
     outcome = plan.cleanup() if cfg.cleanup_only else plan.apply()

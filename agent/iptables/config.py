@@ -15,6 +15,7 @@ pure rule generation never looks at the machine; `detect_host_facts()` is the on
 
 from __future__ import annotations
 
+import grp
 import ipaddress
 import re
 import socket
@@ -95,9 +96,14 @@ ENV_OWNER_GROUPS_EXCLUDE = "ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE"
 _TRUE = {"1", "t", "true", "y", "yes", "on"}
 _FALSE = {"0", "f", "false", "n", "no", "off", ""}
 _IFNAME = re.compile(r"^[^\s/:,]{1,15}$")
-_OWNER = re.compile(r"^[A-Za-z0-9_.][A-Za-z0-9_.-]*$")
 # ASCII only, as Go's strconv: str.isdigit() is true for "²", which int() then refuses (a traceback, not exit 78).
 _DIGITS = re.compile(r"[0-9]+")
+_GROUP_NAME = re.compile(r"^[A-Za-z0-9_.][A-Za-z0-9_.-]*$")
+_GID_OR_RANGE = re.compile(r"^([0-9]+)(?:-([0-9]+))?$")
+# Istio's ValidateOwnerGroups: the include list becomes one rule with a match per group.
+MAX_OWNER_GROUPS_INCLUDE = 64
+# Routing tables the kernel reserves: 0 unspec (the kernel picks main), 253 default, 254 main, 255 local.
+RESERVED_ROUTE_TABLES = frozenset({0, 253, 254, 255})
 
 
 @dataclass(frozen=True)
@@ -223,11 +229,53 @@ def _check_ifnames(value: str, source: str) -> None:
 
 
 def _check_owner_groups(value: str, source: str, wildcard: bool) -> None:
+    """A gid, a gid range (N-M, as iptables' owner match takes) or a group name; names are resolved only before
+    rules are applied (`check_group_names`), where iptables resolves them."""
     if wildcard and value.strip() == "*":
         return
     for item in split(value):
-        if not _OWNER.match(item):
+        numeric = _GID_OR_RANGE.fullmatch(item)
+        if numeric is not None:
+            ids = [int(g) for g in numeric.groups() if g is not None]
+            if max(ids) >= 2**32 - 1 or ids != sorted(ids):
+                raise ConfigError(source, "", f"not a gid or an ordered gid range: {item!r}")
+        elif not _GROUP_NAME.fullmatch(item):
             raise ConfigError(source, "", f"not a group name or gid: {item!r}")
+
+
+def group_names(cfg: CaptureConfig) -> list[tuple[str, str]]:
+    """(env var, name) for every owner group given by name rather than by gid."""
+    lists = ((ENV_OWNER_GROUPS, cfg.owner_groups_include), (ENV_OWNER_GROUPS_EXCLUDE, cfg.owner_groups_exclude))
+    return [
+        (env_name, item)
+        for env_name, value in lists
+        if value != "*"
+        for item in split(value)
+        if not _GID_OR_RANGE.fullmatch(item)
+    ]
+
+
+def check_group_names(cfg: CaptureConfig) -> None:
+    """Before rules are applied: every group name must exist here, where iptables-restore will look it up (a name
+    it cannot resolve fails the restore half way: Istio exits 1 after the nat table is refused)."""
+    for env_name, name in group_names(cfg):
+        try:
+            grp.getgrnam(name)
+        except KeyError:
+            raise ConfigError(f"env {env_name}", "", f"no group named {name!r} in this container") from None
+
+
+def _check_tproxy_numbers(mark: str, table: str, where: Mapping[str, str]) -> None:
+    """TPROXY only. Mark 0 matches every unmarked packet (and `ip rule add fwmark 0` is a rule for all traffic);
+    the reserved tables would put a local default route into main or local. Istio accepts both."""
+    if int(mark) == 0:
+        raise ConfigError(where["istio_inbound_tproxy_mark"], "", "mark 0 would match every unmarked packet")
+    if int(table) in RESERVED_ROUTE_TABLES:
+        raise ConfigError(
+            where["istio_inbound_tproxy_route_table"],
+            "",
+            f"table {table} is reserved by the kernel (0 unspec, 253 default, 254 main, 255 local)",
+        )
 
 
 class _Sources:
@@ -284,6 +332,8 @@ def build_config(given: Mapping[str, object], env: Mapping[str, str], host: Host
     _check_ifnames(text("kube_virt_interfaces"), where["kube_virt_interfaces"])
     _check_uint(text("istio_inbound_tproxy_mark"), where["istio_inbound_tproxy_mark"])
     _check_uint(text("istio_inbound_tproxy_route_table"), where["istio_inbound_tproxy_route_table"])
+    if mode == TPROXY:
+        _check_tproxy_numbers(text("istio_inbound_tproxy_mark"), text("istio_inbound_tproxy_route_table"), where)
 
     loopback = env.get(ENV_LOOPBACK_CIDR, "127.0.0.1/32").strip() or "127.0.0.1/32"
     if parse_prefix(loopback, f"env {ENV_LOOPBACK_CIDR}").version != 4:
@@ -292,6 +342,12 @@ def build_config(given: Mapping[str, object], env: Mapping[str, str], host: Host
     groups_exclude = env.get(ENV_OWNER_GROUPS_EXCLUDE, "").strip()
     _check_owner_groups(groups_include, f"env {ENV_OWNER_GROUPS}", wildcard=True)
     _check_owner_groups(groups_exclude, f"env {ENV_OWNER_GROUPS_EXCLUDE}", wildcard=False)
+    if groups_include != "*" and len(split(groups_include)) > MAX_OWNER_GROUPS_INCLUDE:
+        raise ConfigError(
+            f"env {ENV_OWNER_GROUPS}",
+            "",
+            f"at most {MAX_OWNER_GROUPS_INCLUDE} groups (Istio's limit), got {len(split(groups_include))}",
+        )
     if groups_include != "*" and groups_exclude:
         raise ConfigError(
             f"env {ENV_OWNER_GROUPS_EXCLUDE}", "", f"cannot be combined with {ENV_OWNER_GROUPS}={groups_include!r}"

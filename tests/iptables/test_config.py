@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import grp
 import io
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import pytest
 from agent.cli import build_parser
 from agent.commands import istio_iptables
 from agent.errors import ConfigError, ExitCode
+from agent.iptables.apply import RecordingRunner
 from agent.iptables.config import CaptureConfig, HostFacts, build_config, parse_resolv_conf
 from tests.support.netns import REPO_ROOT
 
@@ -69,6 +71,19 @@ def test_gid_defaults_to_uid_and_booleans_read_env_forms() -> None:
         ([], {"ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR": "::1/128"}, "env ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR"),
         ([], {"REDIRECT_DNS": "sometimes"}, "env REDIRECT_DNS"),
         ([], {"ISTIO_OUTBOUND_OWNER_GROUPS": "java,has space"}, "env ISTIO_OUTBOUND_OWNER_GROUPS"),
+        ([], {"ISTIO_OUTBOUND_OWNER_GROUPS": "2000-1000"}, "env ISTIO_OUTBOUND_OWNER_GROUPS"),
+        ([], {"ISTIO_OUTBOUND_OWNER_GROUPS": ",".join(map(str, range(65)))}, "env ISTIO_OUTBOUND_OWNER_GROUPS"),
+        # TPROXY: mark 0 matches every unmarked packet; 0/253/254/255 are the kernel's own routing tables.
+        (["-m", "TPROXY", "-t", "0"], {}, "flag -t/--istio-inbound-tproxy-mark"),
+        *(
+            (["-m", "TPROXY", "-r", table], {}, "flag -r/--istio-inbound-tproxy-route-table")
+            for table in ("0", "253", "254", "255")
+        ),
+        (
+            [],
+            {"ISTIO_INBOUND_INTERCEPTION_MODE": "TPROXY", "ISTIO_INBOUND_TPROXY_MARK": "0"},
+            "env ISTIO_INBOUND_TPROXY_MARK",
+        ),
     ],
 )
 def test_bad_input_names_its_source(argv: list[str], env: dict[str, str], source: str) -> None:
@@ -76,6 +91,35 @@ def test_bad_input_names_its_source(argv: list[str], env: dict[str, str], source
         config_from(argv, env)
     assert str(caught.value).startswith(source)
     assert "\n" not in str(caught.value)
+
+
+def test_tproxy_numbers_are_free_in_redirect_mode_where_they_mean_nothing() -> None:
+    """Istio ignores -t and -r unless the mode is TPROXY; so do we (its dry-run output stays ours)."""
+    cfg = config_from(["-m", "REDIRECT", "-t", "0", "-r", "254"])
+    assert (cfg.tproxy_mark, cfg.tproxy_route_table) == ("0", "254")
+
+
+def test_owner_groups_take_gids_ranges_and_names() -> None:
+    env = {"ISTIO_OUTBOUND_OWNER_GROUPS": "1337,1000-2000,root"}
+    assert config_from([], env).owner_groups_include == "1337,1000-2000,root"
+
+
+def test_an_owner_group_that_does_not_exist_is_exit_78_before_any_iptables_call() -> None:
+    """Istio passes the name to iptables-restore, which fails on the nat table after mangle was committed (exit 1
+    after a rollback here). The name is checked where iptables would resolve it, before anything runs."""
+    with pytest.raises(KeyError):
+        grp.getgrnam("abc")
+    env = {"ISTIO_OUTBOUND_OWNER_GROUPS": "1337,abc"}
+    runner = RecordingRunner(available=frozenset({"iptables-nft-save", "iptables-nft-restore"}))
+    with pytest.raises(ConfigError) as caught:
+        istio_iptables.execute({}, env, HostFacts(), io.StringIO(), runner)
+    assert caught.value.exit_code == ExitCode.CONFIG_ERROR
+    assert str(caught.value) == "env ISTIO_OUTBOUND_OWNER_GROUPS: no group named 'abc' in this container"
+    assert runner.calls == []
+    # A dry run prints Istio's rules for it, as Istio does: whether the name exists is the target pod's matter.
+    out = io.StringIO()
+    assert istio_iptables.execute({"dry_run": True}, env, HostFacts(), out) == ExitCode.OK
+    assert "-A ISTIO_OUTPUT -m owner ! --gid-owner 1337 -m owner ! --gid-owner abc -j RETURN" in out.getvalue()
 
 
 def test_port_ranges_and_wildcards_are_accepted() -> None:
