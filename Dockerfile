@@ -8,7 +8,7 @@
 #   docker build -t pilot-agent-py:dev .
 #
 # Without the Python package index (air-gapped, or where TLS to it does not verify): a directory of wheels made
-# beforehand (`pip download -d wheelhouse ...`, see README "The image"), given as the build context `wheelhouse`:
+# beforehand (`pip download -d wheelhouse ...`, see docs/kubernetes.md), given as the build context `wheelhouse`:
 #
 #   docker build --build-context wheelhouse=./wheelhouse \
 #       --build-arg PIP_INSTALL_OPTIONS="--no-index --find-links=/wheelhouse" -t pilot-agent-py:dev .

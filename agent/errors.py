@@ -1,6 +1,6 @@
 """Exception types and the process exit codes.
 
-Exit codes are API: operators alert on them and kubelet reports them. Every code here is listed in README.md
+Exit codes are API: operators alert on them and kubelet reports them. Every code here is listed in docs/reference.md
 ("Exit codes"). Add a member here and a row there in the same commit.
 """
 
@@ -19,7 +19,7 @@ class ExitCode(enum.IntEnum):
     WAIT_TIMEOUT = 4
     # `pilot-agent request`: the admin API answered an error status or could not be reached.
     REQUEST_FAILED = 5
-    # Envoy kept crashing: the restart budget is spent (see README, "Crashes").
+    # Envoy kept crashing: the restart budget is spent (docs/supervision.md, "Crashes").
     ENVOY_RESTART_BUDGET_EXHAUSTED = 70
     # Envoy exited and the agent is configured to exit with it (ENVOY_RESTART_POLICY=exit, Istio's behaviour).
     ENVOY_EXITED = 71

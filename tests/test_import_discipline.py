@@ -1,5 +1,5 @@
-"""The start-up import contract of `pilot-agent proxy` (README, "How it is built"): everything up to Envoy's exec
-loads without the libraries only needed afterwards, so their import cost overlaps Envoy's own start."""
+"""The start-up import contract of `pilot-agent proxy` (docs/internals.md, "Start-up order"): everything up to
+Envoy's exec loads without the libraries only needed afterwards, so their import cost overlaps Envoy's own start."""
 
 from __future__ import annotations
 

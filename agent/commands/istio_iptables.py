@@ -1,6 +1,6 @@
 """`pilot-agent istio-iptables`: install (or print, or remove) the sidecar's traffic-capture rules.
 
-Flags and env vars are Istio's (`tools/istio-iptables/pkg/cmd/root.go`); see README.md, "Traffic capture". Exit codes:
+Flags and env vars are Istio's (`tools/istio-iptables/pkg/cmd/root.go`); see docs/reference.md. Exit codes:
 0 done (or nothing to do), 1 (IPTABLES_FAILED) iptables missing or a rule set that could not be applied (the
 namespace is left as it was), 77 (NOT_PERMITTED) not root / no CAP_NET_ADMIN, 78 (CONFIG_ERROR) a bad flag or env
 var, named in the one-line message.

@@ -1,12 +1,12 @@
 """Every environment variable the agent reads, declared once (the style of `agent/iptables/config.FlagSpec`).
 
 Each declaration names the variable, its kind (agent.config.envvars), its default as it would be written in the
-environment, and the README section (a `## ` heading) whose `| Variable | Default | Meaning |` table documents
-it; tests/config/test_env_settings.py checks that table against this module. Code reads a setting with
+environment, and its area: the docs page describing it, as named in the Area column of the one
+`| Variable | Default | Area | Meaning |` table in docs/reference.md ("Environment variables");
+tests/config/test_env_settings.py checks that table against this module. Code reads a setting with
 `Environment(...)[SETTING]` (or `SETTING.read(mapping)`); nothing else reads the environment.
 
-To add a setting: declare it below in its section's block, add a row to that README table, read it through the
-declaration. Structured values (JSON, YAML) are declared as TEXT and parsed by their owner with `SETTING.source`
+To add a setting: declare it below in its area's block, add a row to that table, read it through the declaration. Structured values (JSON, YAML) are declared as TEXT and parsed by their owner with `SETTING.source`
 ("env NAME") as the error source.
 """
 
@@ -28,11 +28,11 @@ from agent.config.envvars import (
     integer,
 )
 
-# README sections (`## ` headings) holding the tables.
-BOOTSTRAP = "Configuration and the Envoy bootstrap"
-SUPERVISION = "Envoy launch and supervision"
-STATUS = "Status server (port 15020)"
-DNS = "DNS proxy (port 15053)"
+# Areas: the Area cell of a setting's row in docs/reference.md (the link text of the page describing it).
+BOOTSTRAP = "configuration"
+SUPERVISION = "supervision"
+STATUS = "status server"
+DNS = "DNS proxy"
 
 # One line per setting, kept a table on purpose (so the formatter leaves the long rows alone).
 # fmt: off

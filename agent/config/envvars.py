@@ -1,7 +1,7 @@
 """Environment variables as declared settings: one declaration, one parser, one error form.
 
 A setting is an `EnvVar`: its name, its `Kind` (how the text is parsed), its default written as it would be in the
-environment, and the README section that documents it. Every setting the agent reads is declared once, in
+environment, and its area in docs/reference.md. Every setting the agent reads is declared once, in
 `agent.config.env_settings`; code reads the environment only through an `Environment` and those declarations:
 
     from agent.config.env_settings import ENVOY_BASE_ID
@@ -53,7 +53,7 @@ class Kind(Generic[T]):
 
 @dataclass(frozen=True)
 class EnvVar(Generic[T]):
-    """One environment variable: name, kind, default (as written in the environment), README section."""
+    """One environment variable: name, kind, default (as written in the environment), area in docs/reference.md."""
 
     name: str
     kind: Kind[T]

@@ -3,7 +3,7 @@
 Envoy says why it did not start only in its output, so this is the one place that reads Envoy's words. Each entry
 is a failure no restart can cure while the host stays as it is: another process on the admin port, another Envoy
 on the same base id, a shared-memory segment that is not ours. The agent answers with the fix and a fast exit
-instead of a crash loop (README, "Crashes"). Pure: lines in, one sentence out.
+instead of a crash loop (docs/supervision.md, "Crashes"). Pure: lines in, one sentence out.
 """
 
 from __future__ import annotations

@@ -227,7 +227,7 @@ def test_render_command_bad_input_is_one_line_exit_78(
 ) -> None:
     result = run_cli(*argv, env={"PATH": os.environ.get("PATH", ""), **env}, cwd=tmp_path)
     assert result.returncode == ExitCode.CONFIG_ERROR
-    assert int(ExitCode.CONFIG_ERROR) == 78  # documented in README
+    assert int(ExitCode.CONFIG_ERROR) == 78  # documented in docs/reference.md
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and expected in lines[0], result.stderr
     assert "Traceback" not in result.stderr and result.stdout == ""

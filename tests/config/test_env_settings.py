@@ -1,5 +1,5 @@
 """Every environment variable is declared once (agent/config/env_settings.py), read through that declaration, and
-documented in the README table its declaration names."""
+documented in the one table of docs/reference.md ("Environment variables"), under the area its declaration names."""
 
 from __future__ import annotations
 
@@ -15,29 +15,31 @@ from agent.config.envvars import BOOLEAN, DURATION, TEXT, Environment, EnvPrefix
 from agent.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
-README = REPO / "README.md"
+REFERENCE = REPO / "docs" / "reference.md"
 AGENT = REPO / "agent"
 _NO_DEFAULT = {"", '""', "unset", "empty", "—", "(none)"}
 
 
-def _tables_by_section() -> dict[str, list[tuple[list[str], str]]]:
-    """{`## ` heading: [(names in the row's first cell, its default cell)]} for every `| Variable |` table."""
-    sections: dict[str, list[tuple[list[str], str]]] = {}
+def _rows_by_area() -> dict[str, list[tuple[list[str], str]]]:
+    """{area: [(names in the row's first cell, its default cell)]} from the `| Variable |` table of the reference's
+    "Environment variables" section; the area is the Area cell's text (its link text when it is a link)."""
+    areas: dict[str, list[tuple[list[str], str]]] = {}
     section = ""
     in_table = False
-    for line in README.read_text().splitlines():
+    for line in REFERENCE.read_text().splitlines():
         if line.startswith("## "):
             section = line[3:].strip()
         cells = [c.strip() for c in line.strip().strip("|").split("|")] if line.startswith("|") else []
-        if cells and cells[0] == "Variable":
+        if cells and cells[0] == "Variable" and section == "Environment variables":
             in_table = True
             continue
         if not cells:
             in_table = False
         elif in_table and not set(cells[0]) <= {"-"}:
             names = re.findall(r"`([^`]+)`", cells[0])
-            sections.setdefault(section, []).append((names, cells[1]))
-    return sections
+            area = re.sub(r"\[([^\]]*)\]\([^)]*\)", r"\1", cells[2])
+            areas.setdefault(area, []).append((names, cells[1]))
+    return areas
 
 
 def _default_cell(cell: str) -> str:
@@ -59,27 +61,27 @@ def test_declarations_are_unique_and_their_defaults_parse() -> None:
             setting.read({})  # a default that does not parse would fail every start
 
 
-def test_every_declaration_has_its_row_in_the_readme_section_it_names() -> None:
-    tables = _tables_by_section()
+def test_every_declaration_has_its_row_in_the_reference_under_the_area_it_names() -> None:
+    tables = _rows_by_area()
     missing = []
     for setting in env_settings.declared():
         documented = {name for names, _ in tables.get(setting.documented_in, []) for name in names}
         if _documented_name(setting) not in documented:
-            missing.append(f"{_documented_name(setting)} (README section {setting.documented_in!r})")
+            missing.append(f"{_documented_name(setting)} (docs/reference.md, area {setting.documented_in!r})")
     assert missing == []
 
 
-def test_every_readme_row_is_declared_with_the_default_it_shows() -> None:
+def test_every_reference_row_is_declared_with_the_default_it_shows() -> None:
     declared = {_documented_name(s): s for s in env_settings.declared()}
     problems = []
-    for section, rows in _tables_by_section().items():
+    for area, rows in _rows_by_area().items():
         for names, default in rows:
             for name in names:
                 setting = declared.get(name)
                 if setting is None:
-                    problems.append(f"{section}: {name} is not declared in agent/config/env_settings.py")
+                    problems.append(f"{area}: {name} is not declared in agent/config/env_settings.py")
                 elif isinstance(setting, EnvVar) and _default_cell(default) != setting.default:
-                    problems.append(f"{section}: {name} default {default!r}, declared {setting.default!r}")
+                    problems.append(f"{area}: {name} default {default!r}, declared {setting.default!r}")
     assert problems == []
 
 

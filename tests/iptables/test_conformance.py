@@ -3,7 +3,7 @@
 The goldens are read from Istio's module at the pinned version (tools/istio-iptables/pkg/capture/testdata); the
 inputs behind each are in istio_golden_cases.yaml beside this file, written from Istio's TestIptables. Each case
 goes through the command's own path: its Config fields become our command line (Istio's flags and env vars, the
-table in the README's "Traffic capture"), parsed by the real `pilot-agent` parser, then `istio_iptables.execute()`.
+table in docs/reference.md), parsed by the real `pilot-agent` parser, then `istio_iptables.execute()`.
 Only what Istio reads from the machine rather than from flags (is the pod IPv6, the DNS servers) is injected as
 `HostFacts`, the way the Go test sets those fields directly.
 """

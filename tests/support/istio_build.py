@@ -38,7 +38,7 @@ PACKAGES = {
 }
 STAMP = "BUILT"
 PATCHES = Path(__file__).with_name("istio_patches")
-# A cold build on the project's 2-core machines takes tens of minutes (see README); anything past this is stuck.
+# A cold build on the project's 2-core machines takes tens of minutes (docs/testing.md); past this it is stuck.
 BUILD_TIMEOUT_S = 3600.0
 DOWNLOAD_TIMEOUT_S = 900.0
 

@@ -195,7 +195,8 @@ def running_istiod(
             argv = ["nsenter", f"--net={netns_path}", *argv]
         log_path = root / "istiod.log"
         with log_path.open("wb") as log:
-            # cwd has no ./var/run/secrets/tokens/istio-token: istiod would add an authenticator from it (see README).
+            # cwd has no ./var/run/secrets/tokens/istio-token: istiod would add an authenticator
+            # from it (see docs/testing.md).
             process = subprocess.Popen(argv, env=process_env, cwd=root, stdout=log, stderr=subprocess.STDOUT)
         istiod = Istiod(host, ports, ca, issuer, jwks, config_dir, log_path, process, netns_path)
         try:
