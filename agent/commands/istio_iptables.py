@@ -49,7 +49,8 @@ def register(subparsers: Any) -> None:
                 *names, dest=spec.dest, nargs="?", const="true", default=_NOT_SUPPLIED, metavar="BOOL", help=spec.help
             )
         else:
-            parser.add_argument(*names, dest=spec.dest, default=_NOT_SUPPLIED, help=f"{spec.help} (env {spec.env})")
+            env_help = f" (env {spec.env})" if spec.env_bound else ""
+            parser.add_argument(*names, dest=spec.dest, default=_NOT_SUPPLIED, help=f"{spec.help}{env_help}")
     # Istio's injector appends the root's logging flags after the subcommand (`--log_output_level=default:info`);
     # accepted here so they apply, and only set when given so the root's values stay otherwise.
     parser.add_argument("--log_output_level", default=argparse.SUPPRESS, help="scope:level,... (Istio's form)")

@@ -1,13 +1,14 @@
 """`istio-iptables` configuration: flags and env vars -> one frozen, validated `CaptureConfig`.
 
 Precedence is Istio's (viper): a flag given on the command line wins, even when its value is empty (`-x ""`);
-otherwise the env var named after the flag's long name (UPPER_SNAKE, `--envoy-port` -> `ENVOY_PORT`); otherwise the
-default. A few flags take their default from an older env var (`--redirect-dns` from `ISTIO_META_DNS_CAPTURE`).
+otherwise the env var named after the flag's long name (UPPER_SNAKE, `--inbound-capture-port` ->
+`INBOUND_CAPTURE_PORT`; not for `-p`, which Istio binds to no env var); otherwise the default. A few flags also
+read an older env var (`--redirect-dns` from `ISTIO_META_DNS_CAPTURE`), which wins when both are set.
 
 Values that end up in rules keep the spelling the user gave (port lists keep their order, as Istio does), but every
 one is checked here first: a bad CIDR, port, port range, mode, uid or gid is a `ConfigError` naming the flag or the
-env var it came from. Istio itself ignores unparsable CIDRs "for bug compatibility"; we refuse them instead, because
-a silently dropped exclusion is a traffic leak.
+env var it came from. Istio (at the pinned version) refuses bad CIDRs and loopback CIDRs too, but writes ports, uids,
+marks, modes and interface names into rules unchecked; we refuse those at once (tests/differential pins both).
 
 Host facts that are not flags (is the pod IPv6? which DNS servers are in resolv.conf?) come in as `HostFacts`, so the
 pure rule generation never looks at the machine; `detect_host_facts()` is the one place that does.
@@ -44,6 +45,8 @@ class FlagSpec:
     help: str
     # Istio binds an older env var as the *default* of a few flags (e.g. ISTIO_META_DNS_CAPTURE for --redirect-dns).
     fallback_env: tuple[str, ...] = ()
+    # Istio binds most flags to their env var (flag.BindEnv), but not all: `-p` is flag.Bind, no env var.
+    env_bound: bool = True
 
     @property
     def env(self) -> str:
@@ -59,7 +62,7 @@ class FlagSpec:
 
 
 FLAGS: tuple[FlagSpec, ...] = (
-    FlagSpec("envoy-port", "p", "15001", "port Envoy listens on for captured outbound TCP"),
+    FlagSpec("envoy-port", "p", "15001", "port Envoy listens on for captured outbound TCP", env_bound=False),
     FlagSpec("inbound-capture-port", "z", "15006", "port captured inbound TCP is redirected to"),
     FlagSpec("inbound-tunnel-port", "e", "15008", "HBONE tunnel port, never captured inbound"),
     FlagSpec("proxy-uid", "u", "", "uid(s) whose traffic is not captured (Envoy); default 1337"),
@@ -208,6 +211,15 @@ def parse_prefix(value: str, source: str) -> ipaddress.IPv4Interface | ipaddress
         raise ConfigError(source, "", f"not a CIDR: {value!r} ({exc})") from None
 
 
+def _check_loopback_cidr(value: str, source: str) -> None:
+    """Istio's ValidateIPv4LoopbackCidr: an IPv4 loopback address, mask 8 to 32."""
+    prefix = parse_prefix(value, source)
+    if prefix.version != 4 or not prefix.ip.is_loopback:
+        raise ConfigError(source, "", f"not an IPv4 loopback CIDR: {value!r}")
+    if not 8 <= prefix.network.prefixlen <= 32:
+        raise ConfigError(source, "", f"mask of {value!r} is not in the range 8 to 32")
+
+
 def _check_id_list(value: str, source: str, what: str) -> None:
     items = split(value)
     if not items:
@@ -290,7 +302,8 @@ class _Sources:
         value = self.given.get(spec.dest)
         if value is not None:
             return value if isinstance(value, bool) else str(value), f"flag {flag_name}"
-        for env_name in (spec.env, *spec.fallback_env):
+        # Istio sets the flag from its env var, then from each additional env var: the last one set wins.
+        for env_name in reversed((spec.env,) * spec.env_bound + spec.fallback_env):
             if env_name in self.env:
                 raw = self.env[env_name]
                 source = f"env {env_name}"
@@ -336,8 +349,7 @@ def build_config(given: Mapping[str, object], env: Mapping[str, str], host: Host
         _check_tproxy_numbers(text("istio_inbound_tproxy_mark"), text("istio_inbound_tproxy_route_table"), where)
 
     loopback = env.get(ENV_LOOPBACK_CIDR, "127.0.0.1/32").strip() or "127.0.0.1/32"
-    if parse_prefix(loopback, f"env {ENV_LOOPBACK_CIDR}").version != 4:
-        raise ConfigError(f"env {ENV_LOOPBACK_CIDR}", "", f"not an IPv4 CIDR: {loopback!r}")
+    _check_loopback_cidr(loopback, f"env {ENV_LOOPBACK_CIDR}")
     groups_include = env.get(ENV_OWNER_GROUPS, "*").strip() or "*"
     groups_exclude = env.get(ENV_OWNER_GROUPS_EXCLUDE, "").strip()
     _check_owner_groups(groups_include, f"env {ENV_OWNER_GROUPS}", wildcard=True)

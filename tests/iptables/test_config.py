@@ -31,9 +31,11 @@ def test_defaults_are_istios() -> None:
 
 
 def test_env_is_used_when_the_flag_is_absent_and_the_flag_wins_when_present() -> None:
-    env = {"ENVOY_PORT": "16001", "ISTIO_INBOUND_PORTS": "8080", "ISTIO_SERVICE_EXCLUDE_CIDR": "10.0.0.0/8"}
+    env = {"INBOUND_CAPTURE_PORT": "16006", "ISTIO_INBOUND_PORTS": "8080", "ISTIO_SERVICE_EXCLUDE_CIDR": "10.0.0.0/8"}
     cfg = config_from(["-b", "*"], env)
-    assert cfg.proxy_port == "16001"
+    assert cfg.inbound_capture_port == "16006"
+    # -p has no env var in Istio (flag.Bind, not BindEnv): ENVOY_PORT is ignored.
+    assert config_from([], {"ENVOY_PORT": "16001"}).proxy_port == "15001"
     assert cfg.inbound_ports_include == "*"
     # An explicitly empty flag still wins over the env var (viper: the flag was "changed").
     assert config_from(["-x", ""], env).outbound_ip_ranges_exclude == ""
