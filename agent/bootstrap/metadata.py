@@ -88,8 +88,10 @@ def service_cluster(cfg: AgentConfig, labels: Mapping[str, str], workload_name: 
     def or_default(name: str) -> str:
         if name and name != "istio-proxy":
             return name
-        if "app" in labels:
-            return f"{labels['app']}.{ns}"
+        # Istio's labels.GetApp: the first of these labels present (pkg/kube/labels nameLabelsBackwardCompatible).
+        for key in ("app", "app.kubernetes.io/name", "service.istio.io/canonical-name"):
+            if key in labels:
+                return f"{labels[key]}.{ns}"
         if workload_name:
             return f"{workload_name}.{ns}"
         return f"istio-proxy.{ns}" if ns else "istio-proxy"

@@ -19,13 +19,20 @@ def _usable(address: str) -> str | None:
     return str(ip)
 
 
+def _administratively_up(stats: object) -> bool:
+    """IFF_UP, as Istio checks (net.FlagUp). psutil's `isup` also wants a carrier (IFF_RUNNING), which an interface
+    that is up but not yet connected lacks; `flags` has IFF_UP alone (psutil >= 5.9.3)."""
+    flags = getattr(stats, "flags", None)
+    return "up" in flags.split(",") if isinstance(flags, str) else bool(getattr(stats, "isup", True))
+
+
 def interface_ips(exclude_interfaces: Iterable[str] = ()) -> list[str]:
     """Addresses of UP interfaces, in interface order (what Istio's GetPrivateIPs returns, without its polling)."""
     excluded = set(exclude_interfaces)
     stats = psutil.net_if_stats()
     result: list[str] = []
     for name, addrs in psutil.net_if_addrs().items():
-        if name in excluded or (name in stats and not stats[name].isup):
+        if name in excluded or (name in stats and not _administratively_up(stats[name])):
             continue
         for addr in addrs:
             if addr.family.name not in ("AF_INET", "AF_INET6"):
@@ -37,12 +44,13 @@ def interface_ips(exclude_interfaces: Iterable[str] = ()) -> list[str]:
 
 
 def discover_ips(instance_ip: str, annotations: Mapping[str, str]) -> list[str]:
-    """INSTANCE_IP (when it parses) first, then interface addresses, deduplicated; 127.0.0.1 when there are none."""
+    """INSTANCE_IP (when it parses) first, then the interface addresses, or 127.0.0.1 and ::1 when the interfaces
+    have none (even with INSTANCE_IP: Istio's pilot-agent app/cmd.go), deduplicated."""
     result: list[str] = []
     with contextlib.suppress(ValueError):
         result.append(str(ipaddress.ip_address(instance_ip.strip())))
     excluded = [s.strip() for s in annotations.get("traffic.sidecar.istio.io/excludeInterfaces", "").split(",")]
-    for ip in interface_ips(s for s in excluded if s):
+    for ip in interface_ips(s for s in excluded if s) or ["127.0.0.1", "::1"]:
         if ip not in result:
             result.append(ip)
-    return result or ["127.0.0.1"]
+    return result
