@@ -23,7 +23,7 @@ import socket
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent.bootstrap import bootstrap_dependencies, render_bootstrap
 from agent.bootstrap.render import template_path_of
@@ -33,6 +33,7 @@ from agent.config import env_settings as E
 from agent.config.agent_config import reload_files
 from agent.config.documents import parse_yaml, read_file, to_json, utf8_text
 from agent.config.envvars import Environment
+from agent.dns.settings import DnsStartup, bind_dns
 from agent.errors import AgentError, ConfigError
 from agent.files import is_disk_error, remove_file, write_error
 from agent.lifecycle import Lifecycle
@@ -48,6 +49,10 @@ from agent.status.listen import bind_status_sockets
 from agent.status.settings import StatusSettings
 from agent.supervisor import DrainSettings, Service, Supervisor, WatchSettings
 from agent.watch import content_hash
+
+if TYPE_CHECKING:
+    from agent.dns.service import DnsService
+    from agent.metrics import AgentMetrics
 
 log = logging.getLogger("agent.cli")
 
@@ -231,7 +236,14 @@ def run(args: argparse.Namespace) -> int:
             admin_port=cfg.proxy.proxy_admin_port,
         )
     sockets = bind_status_sockets(status.listen_host, status.status_port) if status is not None else []
+    dns: DnsStartup | None = None
     try:
+        # Istio starts its DNS proxy first: a DNS address in use stops the agent before Envoy runs.
+        with startup_errors():
+            dns = bind_dns(
+                cfg.env, proxy_type=cfg.proxy_type, namespace=cfg.pod_namespace, domain=cfg.dns_domain,
+                uid=os.getuid(),
+            )  # fmt: skip
         desired_state = desired_state_fn(cfg, settings.watch.files, first)
         return asyncio.run(
             _main(
@@ -241,11 +253,14 @@ def run(args: argparse.Namespace) -> int:
                 first=first,
                 status_settings=status,
                 sockets=sockets,
+                dns=dns,
             )
         )
     finally:
         for sock in sockets:  # a no-op for the sockets the status server took over and closed
             sock.close()
+        if dns is not None:
+            dns.close()
 
 
 async def _main(
@@ -256,6 +271,7 @@ async def _main(
     first: DesiredState,
     status_settings: StatusSettings | None,
     sockets: Sequence[socket.socket],
+    dns: DnsStartup | None,
 ) -> int:
     # From the exec below on, an Envoy may be running: a SIGTERM must reach the supervisor (drain, stop Envoy),
     # not kill the agent alone. Signals arriving before its dispatcher exists are queued for it.
@@ -282,6 +298,7 @@ async def _main(
             first=first,
             signal_queue=signal_queue,
             foreign_segment=foreign_segment,
+            dns=dns,
         )
     finally:
         # A no-op once the supervisor adopted it (it stops what it owns); otherwise no Envoy outlives us.
@@ -302,6 +319,7 @@ async def _supervise(
     first: DesiredState,
     signal_queue: asyncio.Queue[int],
     foreign_segment: SegmentIdentity | None,
+    dns: DnsStartup | None,
 ) -> int:
     # Imported here, after Envoy's exec, so that their cost (~0.2 s) overlaps Envoy's own start.
     from agent.metrics import AgentMetrics  # noqa: PLC0415 (lazy: loaded after Envoy's exec)
@@ -314,10 +332,19 @@ async def _supervise(
     launcher = EnvoyLauncher(
         settings.launch, admin, tail_lines=settings.supervision.stderr_tail_lines, foreign_segment=foreign_segment
     )
+    dns_service = _dns_service(dns, metrics) if dns is not None else None
     # In start order; each one Envoy needs listening must bind before the exec above, as the status port does.
     services: list[Service] = []
     if status_settings is not None:
-        services.append(StatusServer(status_settings, lifecycle, metrics, admin, sockets=sockets))
+        # With the DNS proxy: readiness waits for istiod's first name table; /debug/ndsz shows it.
+        probes = [dns_service.readiness_probe()] if dns_service is not None else []
+        views = {"/debug/ndsz": dns_service.ndsz} if dns_service is not None else {}
+        status = StatusServer(
+            status_settings, lifecycle, metrics, admin, sockets=sockets, extra_probes=probes, debug_views=views
+        )
+        services.append(status)
+    if dns_service is not None:
+        services.append(dns_service)
     supervisor = Supervisor(
         launcher,
         settings.supervision,
@@ -331,3 +358,10 @@ async def _supervise(
         signal_queue=signal_queue,
     )
     return await supervisor.run()
+
+
+def _dns_service(dns: DnsStartup, metrics: AgentMetrics) -> DnsService:
+    from agent.dns.metrics import DnsMetrics  # noqa: PLC0415 (lazy: loaded after Envoy's exec)
+    from agent.dns.service import build_dns_service  # noqa: PLC0415 (lazy: loaded after Envoy's exec)
+
+    return build_dns_service(dns.settings, DnsMetrics(metrics.registry), dns.sockets)

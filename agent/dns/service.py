@@ -39,6 +39,13 @@ class DnsService:
     async def stop(self) -> None:
         await self.server.stop()
 
+    def readiness_probe(self) -> NameTableProbe:
+        return NameTableProbe(self.proxy)
+
+    def ndsz(self) -> str | None:
+        """/debug/ndsz's body (None: 404 before the first table)."""
+        return ndsz_json(self.proxy)
+
 
 def build_dns_service(
     settings: DnsSettings, metrics: DnsMetrics, sockets: list[SocketPair] | None = None

@@ -9,7 +9,8 @@ from pathlib import Path
 
 from agent.config import env_settings as E
 from agent.config.envvars import Environment
-from agent.dns.resolvconf import ResolvConf
+from agent.dns.resolvconf import ResolvConf, read_resolv_conf
+from agent.dns.sockets import SocketPair, bind_dns_sockets
 from agent.errors import ConfigError
 
 log = logging.getLogger("agent.dns")
@@ -95,3 +96,30 @@ def listen_addresses(address: str, resolv: ResolvConf) -> list[tuple[str, int]]:
         chosen = [(h, port) for h, wanted in families if wanted]
         return chosen or [("127.0.0.1", port)]
     return [(host, port)]
+
+
+@dataclass
+class DnsStartup:
+    """What `pilot-agent proxy` prepares before Envoy's exec: the settings and the sockets, already bound."""
+
+    settings: DnsSettings
+    sockets: list[SocketPair]
+
+    def close(self) -> None:
+        """Close the sockets (a no-op for those the DNS server took over and closed)."""
+        for udp, tcp in self.sockets:
+            udp.close()
+            tcp.close()
+
+
+def bind_dns(env: Environment, *, proxy_type: str, namespace: str, domain: str, uid: int) -> DnsStartup | None:
+    """The DNS proxy's settings and bound sockets when it is on (None otherwise). ConfigError for a bad setting or
+    an unreadable resolv.conf; AgentError(STARTUP_FAILED) when an address is in use. Light: no DNS library."""
+    settings = dns_settings_from(
+        env, proxy_type=proxy_type, namespace=namespace, domain=domain, uid=uid,
+        alternate_exists=ALTERNATE_RESOLV_CONF.exists(),
+    )  # fmt: skip
+    if settings is None:
+        return None
+    addresses = listen_addresses(settings.address, read_resolv_conf(settings.resolv_conf))
+    return DnsStartup(settings, bind_dns_sockets(addresses))
