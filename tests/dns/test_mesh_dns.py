@@ -136,3 +136,18 @@ def test_istio_agent_answers_from_istiods_name_table(istio_pod: MeshPod) -> None
         assert answers[f"nowhere.example.test. A {protocol}"]["rcode"] == 3
     assert answers["giant.test. A udp"]["flags"] & 0x0200  # TC: the client retries over TCP
     assert len(answers["giant.test. A tcp"]["answer"]) == 64
+
+
+def test_istio_agent_exports_the_dns_metrics_under_the_names_documented(istio_pod: MeshPod) -> None:
+    """The names and types docs/reference.md gives the Python agent's DNS metrics are Istio's agent's own (Istio
+    shows a family once it has a sample: a table hit and a forwarded query give three of the four)."""
+    resolve(istio_pod, f"{HOST}.")
+    resolve(istio_pod, "real.example.test.")
+    status, body = istio_pod.status_port("/stats/prometheus")
+    assert status == 200
+    types = dict(line.split()[2:4] for line in body.splitlines() if line.startswith("# TYPE istio_agent_dns"))
+    assert types == {
+        "istio_agent_dns_requests_total": "counter",
+        "istio_agent_dns_upstream_requests_total": "counter",
+        "istio_agent_dns_upstream_request_duration_seconds": "histogram",
+    }
