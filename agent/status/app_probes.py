@@ -29,6 +29,8 @@ log = logging.getLogger("agent.status.probes")
 
 MAX_REDIRECTS = 10
 MAX_BODY = 10 * 1024
+# Statuses whose answer must have no body (RFC 9110): the application's is passed on without its body.
+_NO_BODY_STATUSES = {204, 304}
 # Headers that describe the hop to the agent, not the probe; the rest of kubelet's request is passed on.
 _HOP_HEADERS = {
     "host",
@@ -129,7 +131,10 @@ class AppProber:
                 for _ in range(MAX_REDIRECTS + 1):
                     async with session.get(url, headers=headers, allow_redirects=False) as response:
                         location = response.headers.get("Location")
-                        if 300 <= response.status < 400 and location:
+                        if 300 <= response.status < 400 and not location:
+                            # Istio: a redirect without a Location cannot be passed on as one; it answers 200.
+                            return web.Response(status=200)
+                        if 300 <= response.status < 400:
                             target = urljoin(url, location)
                             if urlsplit(target).hostname != first_host:
                                 # kubelet: a redirect off the host is not followed, and is a success.
@@ -138,6 +143,8 @@ class AppProber:
                             url = target
                             continue
                         body = await response.content.read(MAX_BODY)
+                        if response.status in _NO_BODY_STATUSES:  # aiohttp refuses a body on these (a 500 before)
+                            return web.Response(status=response.status)
                         return web.Response(status=response.status, body=body)
                 log.debug("probe %s: more than %d redirects", request.path, MAX_REDIRECTS)
                 return web.Response(status=500, text="too many redirects")
