@@ -23,8 +23,8 @@ def bootstrap_path(cfg: AgentConfig) -> Path:
     user's own extension: Envoy picks its parser by the extension (`.yaml`/`.yml`, `.pb`, `.pb_text`, else JSON),
     and Istio hands Envoy the user's path itself."""
     template = cfg.template_path
-    if cfg.proxy.custom_config_file and not template:
-        suffix = Path(cfg.proxy.custom_config_file).suffix or ".json"
+    if cfg.custom_config_file:
+        suffix = Path(cfg.custom_config_file).suffix or ".json"
     else:
         suffix = ".yaml" if template.endswith((".yaml", ".yaml.tmpl", ".yaml.j2")) else ".json"
     return Path(cfg.proxy.config_path) / f"envoy-rev{suffix}"

@@ -90,7 +90,6 @@ FLAGS: tuple[FlagSpec, ...] = (
     FlagSpec("run-validation", None, False, "validate the rules with a probe connection (not supported here)"),
 )
 
-FLAG_BY_DEST = {spec.dest: spec for spec in FLAGS}
 
 ENV_LOOPBACK_CIDR = "ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR"
 ENV_OWNER_GROUPS = "ISTIO_OUTBOUND_OWNER_GROUPS"

@@ -7,13 +7,8 @@ restart: Istio passes `--disable-hot-restart` (PR #31321); with hot restart on, 
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
-
-log = logging.getLogger("agent.proxy")
-
-ENVOY_LOG_LEVELS = ("trace", "debug", "info", "warning", "warn", "error", "critical", "off")
 
 
 @dataclass(frozen=True)
@@ -27,7 +22,7 @@ class LaunchSettings:
     ip_version: str = "v4"
     file_flush_interval_ms: int = 1000
     file_flush_min_size_kb: int = 0
-    # Istio's --proxyLogLevel (may carry `component:level` parts) and --proxyComponentLogLevel.
+    # Envoy's -l and --component-log-level, as config split --proxyLogLevel and --proxyComponentLogLevel.
     log_level: str = "warning"
     component_log_level: str = ""
     skip_deprecated_logs: bool = True
@@ -47,21 +42,6 @@ class LaunchSettings:
         Without hot restart there is only ever one: `envoy-rev.json`, Istio's current name."""
         name = f"envoy-rev{epoch}" if self.hot_restart else "envoy-rev"
         return self.config_dir / f"{name}{self.bootstrap_suffix}"
-
-
-def split_component_log(level: str) -> tuple[str, list[str]]:
-    """Istio's splitComponentLog: `x` is the level, `a:b` a component level; `a:b:c` is dropped with a warning."""
-    plain = ""
-    components: list[str] = []
-    for part in filter(None, (p.strip() for p in level.split(","))):
-        pieces = part.split(":")
-        if len(pieces) == 1:
-            plain = part
-        elif len(pieces) == 2:
-            components.append(part)
-        else:
-            log.warning("ignoring invalid log level %r in %r", part, level)
-    return plain, components
 
 
 def envoy_argv(settings: LaunchSettings, config_file: Path, epoch: int = 0) -> list[str]:
@@ -114,13 +94,10 @@ def validate_argv(settings: LaunchSettings, config_file: Path) -> list[str]:
 
 
 def _log_args(settings: LaunchSettings) -> list[str]:
-    # Istio: --proxyLogLevel may carry component parts; those win over --proxyComponentLogLevel when present.
-    level, components = split_component_log(settings.log_level)
+    # Split and checked once, by agent.config.flags.split_component_log (Istio's splitComponentLog).
     args: list[str] = []
-    if level:
-        args += ["-l", level]
-    if components:
-        args += ["--component-log-level", ",".join(components)]
-    elif settings.component_log_level:
+    if settings.log_level:
+        args += ["-l", settings.log_level]
+    if settings.component_log_level:
         args += ["--component-log-level", settings.component_log_level]
     return args

@@ -24,7 +24,6 @@ from tests.bootstrap import prototext
 from tests.support.istio import istio_source
 
 TESTDATA = "pkg/bootstrap/testdata"
-GOLDEN_PROXY_CONFIG_PATH = "/tmp/bootstrap/"
 STATS_ANNOTATIONS = (
     "sidecar.istio.io/statsInclusionPrefixes",
     "sidecar.istio.io/statsInclusionSuffixes",

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from agent.errors import EnvoyNotFoundError, ExitCode
-from agent.proxy.argv import LaunchSettings, envoy_argv, split_component_log, validate_argv
+from agent.proxy.argv import LaunchSettings, envoy_argv, validate_argv
 from agent.proxy.binary import find_envoy
 from tests.support.envoy import envoy_binary
 
@@ -54,14 +54,14 @@ def test_istio_golden_argv() -> None:
         ({"enable_core_dump": True}, ["--enable-core-dump"], []),
         ({"concurrency": 0}, [], ["--concurrency"]),
         ({"concurrency": 2}, ["--concurrency 2"], []),
-        # --proxyLogLevel carrying component parts wins over --proxyComponentLogLevel.
+        # Levels arrive split by config (tests/config/test_agent_config.py test_log_levels_split_as_istio).
         (
-            {"log_level": "info,upstream:debug", "component_log_level": "misc:error"},
+            {"log_level": "info", "component_log_level": "upstream:debug"},
             ["-l info", "--component-log-level upstream:debug"],
-            ["misc:error"],
+            [],
         ),
         ({"log_level": "", "component_log_level": "misc:error"}, ["--component-log-level misc:error"], ["-l"]),
-        ({"log_level": "debug,a:b:c"}, ["-l debug"], ["--component-log-level"]),
+        ({"log_level": "debug", "component_log_level": ""}, ["-l debug"], ["--component-log-level"]),
     ],
 )
 def test_argv_table(changes: dict[str, object], present: list[str], absent: list[str]) -> None:
@@ -71,12 +71,6 @@ def test_argv_table(changes: dict[str, object], present: list[str], absent: list
     for flag in absent:
         assert f" {flag}" not in line
     assert line.startswith("envoy -c /c/envoy-rev3.json --drain-time-s")
-
-
-def test_split_component_log() -> None:
-    assert split_component_log("warning") == ("warning", [])
-    assert split_component_log("misc:error,info, http:debug") == ("info", ["misc:error", "http:debug"])
-    assert split_component_log("") == ("", [])
 
 
 def test_bootstrap_file_per_epoch() -> None:
