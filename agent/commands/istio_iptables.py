@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TextIO
 
+from agent.config.env_settings import DRY_RUN_FILE_PATH
 from agent.errors import AgentError, ExitCode
 from agent.iptables import apply as applying
 from agent.iptables.config import (
@@ -116,7 +117,7 @@ def _dry_run(cfg: CaptureConfig, env: Mapping[str, str], out: TextIO) -> int:
     text = "".join(line + "\n" for line in lines)
     out.write(text)
     out.flush()
-    target = env.get("DRY_RUN_FILE_PATH", "")
+    target = DRY_RUN_FILE_PATH.read(env)
     if target:
         try:
             # Istio opens the file without truncating it: each run appends.
@@ -124,6 +125,6 @@ def _dry_run(cfg: CaptureConfig, env: Mapping[str, str], out: TextIO) -> int:
                 handle.write(text)
         except OSError as exc:
             raise AgentError(
-                f"env DRY_RUN_FILE_PATH: cannot write {target}: {exc.strerror}", ExitCode.CONFIG_ERROR
+                f"{DRY_RUN_FILE_PATH.source}: cannot write {target}: {exc.strerror}", ExitCode.CONFIG_ERROR
             ) from None
     return ExitCode.OK

@@ -22,6 +22,7 @@ from agent.config.envvars import (
     PORT,
     PORT_OR_ZERO,
     TEXT,
+    WORD,
     EnvPrefix,
     EnvVar,
     choice,
@@ -33,6 +34,7 @@ BOOTSTRAP = "configuration"
 SUPERVISION = "supervision"
 STATUS = "status server"
 DNS = "DNS proxy"
+CAPTURE = "traffic capture"
 
 # One line per setting, kept a table on purpose (so the formatter leaves the long rows alone).
 # fmt: off
@@ -91,6 +93,12 @@ ISTIO_META_DNS_CAPTURE = EnvVar("ISTIO_META_DNS_CAPTURE", BOOLEAN, "false", DNS)
 ISTIO_META_ENABLE_DNS_SERVER = EnvVar("ISTIO_META_ENABLE_DNS_SERVER", BOOLEAN, "false", DNS)
 DNS_FORWARD_TIMEOUT = EnvVar("DNS_FORWARD_TIMEOUT", DURATION, "5s", DNS)
 DNS_FORWARD_PARALLEL = EnvVar("DNS_FORWARD_PARALLEL", BOOLEAN, "false", DNS)
+
+# ---- istio-iptables, environment only (its flags' env names are agent/iptables/config.FLAGS) ----
+ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR = EnvVar("ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR", WORD, "127.0.0.1/32", CAPTURE)
+ISTIO_OUTBOUND_OWNER_GROUPS = EnvVar("ISTIO_OUTBOUND_OWNER_GROUPS", WORD, "*", CAPTURE)
+ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE = EnvVar("ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE", WORD, "", CAPTURE)
+DRY_RUN_FILE_PATH = EnvVar("DRY_RUN_FILE_PATH", TEXT, "", CAPTURE)
 
 # fmt: on
 

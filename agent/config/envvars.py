@@ -144,6 +144,7 @@ def choice(*values: str) -> Kind[str]:
 
 
 TEXT: Kind[str] = Kind("text", _text, verbatim=True)
+WORD: Kind[str] = Kind("text (blanks ignored, empty means the default)", _text)
 BOOLEAN: Kind[bool] = Kind("boolean", _boolean)
 OPTIONAL_BOOLEAN: Kind[bool | None] = Kind("boolean or unset", _optional_boolean)
 DURATION: Kind[float] = Kind("duration", _duration)

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import psutil
 
+from agent.config import env_settings as E
 from agent.errors import ConfigError
 
 REDIRECT = "REDIRECT"
@@ -91,9 +92,10 @@ FLAGS: tuple[FlagSpec, ...] = (
 )
 
 
-ENV_LOOPBACK_CIDR = "ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR"
-ENV_OWNER_GROUPS = "ISTIO_OUTBOUND_OWNER_GROUPS"
-ENV_OWNER_GROUPS_EXCLUDE = "ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE"
+# Environment-only settings, declared in agent/config/env_settings.py.
+LOOPBACK_CIDR = E.ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR
+OWNER_GROUPS = E.ISTIO_OUTBOUND_OWNER_GROUPS
+OWNER_GROUPS_EXCLUDE = E.ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE
 
 _TRUE = {"1", "t", "true", "y", "yes", "on"}
 _FALSE = {"0", "f", "false", "n", "no", "off", ""}
@@ -256,7 +258,7 @@ def _check_owner_groups(value: str, source: str, wildcard: bool) -> None:
 
 def group_names(cfg: CaptureConfig) -> list[tuple[str, str]]:
     """(env var, name) for every owner group given by name rather than by gid."""
-    lists = ((ENV_OWNER_GROUPS, cfg.owner_groups_include), (ENV_OWNER_GROUPS_EXCLUDE, cfg.owner_groups_exclude))
+    lists = ((OWNER_GROUPS.name, cfg.owner_groups_include), (OWNER_GROUPS_EXCLUDE.name, cfg.owner_groups_exclude))
     return [
         (env_name, item)
         for env_name, value in lists
@@ -347,21 +349,21 @@ def build_config(given: Mapping[str, object], env: Mapping[str, str], host: Host
     if mode == TPROXY:
         _check_tproxy_numbers(text("istio_inbound_tproxy_mark"), text("istio_inbound_tproxy_route_table"), where)
 
-    loopback = env.get(ENV_LOOPBACK_CIDR, "127.0.0.1/32").strip() or "127.0.0.1/32"
-    _check_loopback_cidr(loopback, f"env {ENV_LOOPBACK_CIDR}")
-    groups_include = env.get(ENV_OWNER_GROUPS, "*").strip() or "*"
-    groups_exclude = env.get(ENV_OWNER_GROUPS_EXCLUDE, "").strip()
-    _check_owner_groups(groups_include, f"env {ENV_OWNER_GROUPS}", wildcard=True)
-    _check_owner_groups(groups_exclude, f"env {ENV_OWNER_GROUPS_EXCLUDE}", wildcard=False)
+    loopback = LOOPBACK_CIDR.read(env)
+    _check_loopback_cidr(loopback, LOOPBACK_CIDR.source)
+    groups_include = OWNER_GROUPS.read(env)
+    groups_exclude = OWNER_GROUPS_EXCLUDE.read(env)
+    _check_owner_groups(groups_include, OWNER_GROUPS.source, wildcard=True)
+    _check_owner_groups(groups_exclude, OWNER_GROUPS_EXCLUDE.source, wildcard=False)
     if groups_include != "*" and len(split(groups_include)) > MAX_OWNER_GROUPS_INCLUDE:
         raise ConfigError(
-            f"env {ENV_OWNER_GROUPS}",
+            OWNER_GROUPS.source,
             "",
             f"at most {MAX_OWNER_GROUPS_INCLUDE} groups (Istio's limit), got {len(split(groups_include))}",
         )
     if groups_include != "*" and groups_exclude:
         raise ConfigError(
-            f"env {ENV_OWNER_GROUPS_EXCLUDE}", "", f"cannot be combined with {ENV_OWNER_GROUPS}={groups_include!r}"
+            OWNER_GROUPS_EXCLUDE.source, "", f"cannot be combined with {OWNER_GROUPS.name}={groups_include!r}"
         )
 
     def flag(dest: str) -> bool:
