@@ -1,6 +1,6 @@
 """Istio's DNS proxy as a program of its own (tests/dns/istio_dns/main.go: Istio's pkg/dns/client, which its
-pilot-agent runs), built with Go once per source content into the cache Istio's binaries use
-(~/.cache/pilot-agent-py/istio/<version>/bin, or $PILOT_AGENT_PY_CACHE), and reused from there."""
+pilot-agent runs), built with Go once per source content into the cache of Istio's binaries
+(tests/support/istio_build.py: the same pin, the same toolchain finder, the same directory) and reused from there."""
 
 from __future__ import annotations
 
@@ -8,29 +8,26 @@ import fcntl
 import hashlib
 import os
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 
+from tests.support.istio_build import ISTIO_VERSION, IstioUnavailable, bin_dir, go_binary
+
 SOURCE = Path(__file__).resolve().parent / "istio_dns"
 BUILD_TIMEOUT_S = 1800.0
 
 
-def istio_version() -> str:
-    """The Istio version go.mod pins (the same pin as the rest of the project's Istio comparisons)."""
+class IstioDnsUnavailable(Exception):
+    """Go is missing or the build failed; the message says which."""
+
+
+def pinned_version() -> str:
+    """The Istio version go.mod requires: must be the project's one pin (ISTIO_VERSION)."""
     found = re.search(r"istio\.io/istio (\S+)", (SOURCE / "go.mod").read_text())
     assert found is not None
     return found.group(1)
-
-
-def _go() -> str | None:
-    return shutil.which("go") or next((p for p in ("/usr/local/go/bin/go",) if Path(p).exists()), None)
-
-
-class IstioDnsUnavailable(Exception):
-    """Go is missing or the build failed; the message says which."""
 
 
 def istio_dns_binary() -> Path:
@@ -43,27 +40,29 @@ def istio_dns_binary() -> Path:
 
 def build_istio_dns() -> Path:
     """The built program (built now if needed); IstioDnsUnavailable when Go is missing or the build fails."""
+    if pinned_version() != ISTIO_VERSION:
+        raise IstioDnsUnavailable(f"tests/dns/istio_dns/go.mod pins {pinned_version()}, the project {ISTIO_VERSION}")
     digest = hashlib.sha256()
     for name in ("main.go", "go.mod", "go.sum"):
         digest.update((SOURCE / name).read_bytes())
-    base = os.environ.get("PILOT_AGENT_PY_CACHE") or str(Path.home() / ".cache" / "pilot-agent-py")
-    bin_dir = Path(base) / "istio" / istio_version() / "bin"
-    target = bin_dir / f"istio-dns-{digest.hexdigest()[:12]}"
+    directory = bin_dir()
+    target = directory / f"istio-dns-{digest.hexdigest()[:12]}"
     if target.exists():
         return target
-    go = _go()
-    if go is None:
-        raise IstioDnsUnavailable("no Go toolchain (go on PATH or /usr/local/go/bin/go) to build Istio's DNS proxy")
-    bin_dir.mkdir(parents=True, exist_ok=True)
-    with (bin_dir / ".istio-dns.lock").open("w") as lock:
+    try:
+        go = go_binary()
+    except IstioUnavailable as exc:
+        raise IstioDnsUnavailable(str(exc)) from None
+    directory.mkdir(parents=True, exist_ok=True)
+    with (directory / ".istio-dns.lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if target.exists():
             return target
         partial = target.with_suffix(".partial")
-        env = {**os.environ, "GOTOOLCHAIN": "local", "GOFLAGS": "-mod=readonly -buildvcs=false"}
+        env = {"GOTOOLCHAIN": "local", "GOFLAGS": "-mod=readonly -buildvcs=false"}
         done = subprocess.run(
-            [go, "build", "-o", str(partial), "."], cwd=SOURCE, env=env, capture_output=True, text=True,
-            timeout=BUILD_TIMEOUT_S, check=False,
+            [go, "build", "-o", str(partial), "."], cwd=SOURCE, env={**os.environ, **env}, capture_output=True,
+            text=True, timeout=BUILD_TIMEOUT_S, check=False,
         )  # fmt: skip
         if done.returncode != 0:
             raise IstioDnsUnavailable(f"building Istio's DNS proxy failed: {done.stderr.strip().splitlines()[-1:]}")
