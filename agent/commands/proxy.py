@@ -6,9 +6,11 @@ a `desired_state()` callable that re-reads and re-renders everything on each cal
 
 Start-up order, for the time to Envoy LIVE: config and the first render (light imports: no aiohttp,
 prometheus_client, tenacity or watchdog at module level on this path), bind the status port (a port in use is a
-start-up error before Envoy starts; kubelet's probes wait in the backlog), start the event loop, exec Envoy epoch 0,
-and only then import and build the rest (status server, metrics, supervisor), overlapping Envoy's own start on
-another core. The supervisor adopts the running epoch 0 into its TaskGroup; until then a start-up failure kills it.
+start-up error before Envoy starts; kubelet's probes wait in the backlog), start the event loop, make the mesh
+side's SDS and xDS sockets (agent.mesh.listen: grpc only; not with --local-xds-dir), exec Envoy epoch 0, and only
+then import and build the rest (status server, metrics, the mesh service, supervisor), overlapping Envoy's own
+start on another core. The supervisor adopts the running epoch 0 into its TaskGroup; until then a start-up failure
+kills it.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from agent.dns.settings import DnsStartup, bind_dns
 from agent.errors import AgentError, ConfigError
 from agent.files import is_disk_error, remove_file, write_error
 from agent.lifecycle import Lifecycle
+from agent.mesh.settings import MeshSettings, mesh_settings
 from agent.pid1 import HANDLED
 from agent.proxy.argv import LaunchSettings
 from agent.proxy.binary import find_envoy
@@ -52,6 +55,8 @@ from agent.watch import content_hash
 
 if TYPE_CHECKING:
     from agent.dns.service import DnsService
+    from agent.mesh.listen import MeshListeners
+    from agent.mesh.service import MeshService
     from agent.metrics import AgentMetrics
 
 log = logging.getLogger("agent.cli")
@@ -106,6 +111,21 @@ def watch_files(cfg: AgentConfig, dependencies: list[Path]) -> dict[Path, str]:
     return {path: kinds.get(str(path), "cert") for path in dependencies}
 
 
+def serves_sds(cfg: AgentConfig) -> bool:
+    """The agent serves Envoy's SDS (and ADS) itself: every mode but --local-xds-dir."""
+    return not cfg.local_xds_dir
+
+
+def dependencies(cfg: AgentConfig) -> list[Path]:
+    """The files a change of which restarts Envoy. Certificate files are not among them when the agent serves
+    SDS: it pushes their new contents to the running Envoy (the bootstrap names them, it does not embed them)."""
+    files = bootstrap_dependencies(cfg)
+    if not serves_sds(cfg):
+        return files
+    kinds = watch_files(cfg, files)
+    return [path for path in files if kinds[path] != "cert"]
+
+
 def supervisor_settings(cfg: AgentConfig, binary: str) -> ProxySettings:
     """AgentConfig (+ the agent's own env settings) -> the supervisor's frozen settings. The one mapping place."""
     env = cfg.env
@@ -149,7 +169,7 @@ def supervisor_settings(cfg: AgentConfig, binary: str) -> ProxySettings:
         excluded_listener_ports=(cfg.envoy_status_port, cfg.envoy_prometheus_port),
     )
     watch = WatchSettings(
-        watch_files(cfg, bootstrap_dependencies(cfg)),
+        watch_files(cfg, dependencies(cfg)),
         debounce=env[E.FILE_DEBOUNCE_DURATION],
     )
     if template and not launch.hot_restart:
@@ -174,7 +194,7 @@ def render_desired_state(cfg: AgentConfig, watched: Mapping[Path, str]) -> Desir
     data = render_bootstrap(cfg)
     # The watched set is fixed at start; a file that becomes a dependency later (an annotation naming a new TLS
     # file) is rendered but not watched, and so not hashed either: say so rather than miss its changes silently.
-    unwatched = [str(p) for p in bootstrap_dependencies(cfg) if p not in watched]
+    unwatched = [str(p) for p in dependencies(cfg) if p not in watched]
     if unwatched:
         log.warning("not watching %s: named after start; restart the agent to watch it", ", ".join(unwatched))
     deps = tuple((str(p), content_hash(p) or "") for p, kind in watched.items() if kind not in RENDER_INPUTS)
@@ -235,6 +255,8 @@ def run(args: argparse.Namespace) -> int:
             proxy_type=cfg.proxy_type,
             admin_port=cfg.proxy.proxy_admin_port,
         )
+    # The mesh side's roots and credentials: a missing root is refused now, before Envoy starts (as Istio).
+    mesh = mesh_settings(cfg) if serves_sds(cfg) else None
     sockets = bind_status_sockets(status.listen_host, status.status_port) if status is not None else []
     dns: DnsStartup | None = None
     try:
@@ -254,6 +276,7 @@ def run(args: argparse.Namespace) -> int:
                 status_settings=status,
                 sockets=sockets,
                 dns=dns,
+                mesh=mesh,
             )
         )
     finally:
@@ -272,6 +295,7 @@ async def _main(
     status_settings: StatusSettings | None,
     sockets: Sequence[socket.socket],
     dns: DnsStartup | None,
+    mesh: MeshSettings | None,
 ) -> int:
     # From the exec below on, an Envoy may be running: a SIGTERM must reach the supervisor (drain, stop Envoy),
     # not kill the agent alone. Signals arriving before its dispatcher exists are queued for it.
@@ -281,6 +305,13 @@ async def _main(
         loop.add_signal_handler(sig, signal_queue.put_nowait, sig)
     epoch0: EnvoyProcess | None = None
     foreign_segment = segment_identity(settings.launch.base_id) if settings.launch.hot_restart else None
+    listeners = None
+    if mesh is not None:
+        # Envoy must find the SDS and xDS sockets listening (Istio's order); the services behind them are built
+        # after the exec.
+        from agent.mesh.listen import listen  # noqa: PLC0415 (grpc loads only for the mesh side)
+
+        listeners = await listen(mesh)
     try:
         epoch0 = await start_envoy(settings.launch, 0, first, tail_lines=settings.supervision.stderr_tail_lines)
     except BootstrapWriteError as exc:
@@ -299,6 +330,7 @@ async def _main(
             signal_queue=signal_queue,
             foreign_segment=foreign_segment,
             dns=dns,
+            mesh=(mesh, listeners) if mesh is not None and listeners is not None else None,
         )
     finally:
         # A no-op once the supervisor adopted it (it stops what it owns); otherwise no Envoy outlives us.
@@ -306,6 +338,8 @@ async def _main(
             remove_file(settings.launch.bootstrap_path(0))
             if settings.launch.hot_restart:
                 remove_segment(settings.launch.base_id, foreign_segment)
+        if listeners is not None:
+            await listeners.stop()  # a no-op once the mesh service stopped them
 
 
 async def _supervise(
@@ -320,6 +354,7 @@ async def _supervise(
     signal_queue: asyncio.Queue[int],
     foreign_segment: SegmentIdentity | None,
     dns: DnsStartup | None,
+    mesh: tuple[MeshSettings, MeshListeners] | None,
 ) -> int:
     # Imported here, after Envoy's exec, so that their cost (~0.2 s) overlaps Envoy's own start.
     from agent.metrics import AgentMetrics  # noqa: PLC0415 (lazy: loaded after Envoy's exec)
@@ -333,18 +368,30 @@ async def _supervise(
         settings.launch, admin, tail_lines=settings.supervision.stderr_tail_lines, foreign_segment=foreign_segment
     )
     dns_service = _dns_service(dns, metrics) if dns is not None else None
+    mesh_service = _mesh_service(*mesh, metrics, dns_service) if mesh is not None else None
     # In start order; each one Envoy needs listening must bind before the exec above, as the status port does.
     services: list[Service] = []
     if status_settings is not None:
-        # With the DNS proxy: readiness waits for istiod's first name table; /debug/ndsz shows it.
+        # With the DNS proxy: readiness waits for istiod's first name table; /debug/ndsz shows it. The mesh
+        # side's probe comes before Envoy's: it says whether istiod or its CA fails.
         probes = [dns_service.readiness_probe()] if dns_service is not None else []
         views = {"/debug/ndsz": dns_service.ndsz} if dns_service is not None else {}
+        upstream = [mesh_service.probe] if mesh_service is not None else []
         status = StatusServer(
-            status_settings, lifecycle, metrics, admin, sockets=sockets, extra_probes=probes, debug_views=views
+            status_settings,
+            lifecycle,
+            metrics,
+            admin,
+            sockets=sockets,
+            extra_probes=probes,
+            upstream_probes=upstream,
+            debug_views=views,
         )
         services.append(status)
     if dns_service is not None:
         services.append(dns_service)
+    if mesh_service is not None:
+        services.append(mesh_service)  # stops first: the status server answers readiness until the very end
     supervisor = Supervisor(
         launcher,
         settings.supervision,
@@ -365,3 +412,17 @@ def _dns_service(dns: DnsStartup, metrics: AgentMetrics) -> DnsService:
     from agent.dns.service import build_dns_service  # noqa: PLC0415 (lazy: loaded after Envoy's exec)
 
     return build_dns_service(dns.settings, DnsMetrics(metrics.registry), dns.sockets)
+
+
+def _mesh_service(
+    mesh: MeshSettings, listeners: MeshListeners, metrics: AgentMetrics, dns: DnsService | None
+) -> MeshService:
+    from agent.mesh.service import MeshService  # noqa: PLC0415 (lazy: loaded after Envoy's exec)
+
+    service = MeshService(mesh, listeners, metrics.registry)
+    if dns is not None and service.xds is not None:
+        # istiod's name table (NDS) goes to the DNS proxy, not to Envoy; subscribed on Envoy's first LDS request.
+        from agent.dns.service import NDS_TYPE_URL, name_table_handler  # noqa: PLC0415 (lazy, as above)
+
+        service.xds.register_handler(NDS_TYPE_URL, name_table_handler(dns.proxy))
+    return service

@@ -27,6 +27,7 @@ from agent.config.envvars import (
     EnvVar,
     choice,
     integer,
+    number,
 )
 
 # Areas: the Area cell of a setting's row in docs/reference.md (the link text of the page describing it).
@@ -35,6 +36,7 @@ SUPERVISION = "supervision"
 STATUS = "status server"
 DNS = "DNS proxy"
 CAPTURE = "traffic capture"
+MESH = "mesh"
 
 # One line per setting, kept a table on purpose (so the formatter leaves the long rows alone).
 # fmt: off
@@ -99,6 +101,31 @@ ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR = EnvVar("ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR", 
 ISTIO_OUTBOUND_OWNER_GROUPS = EnvVar("ISTIO_OUTBOUND_OWNER_GROUPS", WORD, "*", CAPTURE)
 ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE = EnvVar("ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE", WORD, "", CAPTURE)
 DRY_RUN_FILE_PATH = EnvVar("DRY_RUN_FILE_PATH", TEXT, "", CAPTURE)
+
+# ---- the mesh side (agent/mesh -> agent/xds, agent/security; XDS_ROOT_CA is declared with the node metadata) ----
+CA_ADDR = EnvVar("CA_ADDR", TEXT, "", MESH)  # "": the discovery address
+CA_PROVIDER = EnvVar("CA_PROVIDER", choice("Citadel"), "Citadel", MESH)
+CA_ROOT_CA = EnvVar("CA_ROOT_CA", TEXT, "", MESH)  # "SYSTEM" or a path
+CA_HEADER = EnvPrefix("CA_HEADER_", MESH)
+XDS_HEADER = EnvPrefix("XDS_HEADER_", MESH)
+ISTIOD_SAN = EnvVar("ISTIOD_SAN", TEXT, "", MESH)
+PILOT_CERT_PROVIDER = EnvVar("PILOT_CERT_PROVIDER", TEXT, "istiod", MESH)
+JWT_POLICY = EnvVar("JWT_POLICY", TEXT, "third-party-jwt", MESH)
+CREDENTIAL_FETCHER_TYPE = EnvVar("CREDENTIAL_FETCHER_TYPE", choice("JWT", ""), "JWT", MESH)
+PROV_CERT = EnvVar("PROV_CERT", TEXT, "", MESH)
+OUTPUT_CERTS = EnvVar("OUTPUT_CERTS", TEXT, "", MESH)
+FILE_MOUNTED_CERTS = EnvVar("FILE_MOUNTED_CERTS", BOOLEAN, "false", MESH)
+TRUST_DOMAIN = EnvVar("TRUST_DOMAIN", TEXT, "cluster.local", MESH)
+SECRET_TTL = EnvVar("SECRET_TTL", DURATION, "24h", MESH)
+SECRET_GRACE_PERIOD_RATIO = EnvVar("SECRET_GRACE_PERIOD_RATIO", number(0, 1), "0.5", MESH)
+SECRET_GRACE_PERIOD_RATIO_JITTER = EnvVar("SECRET_GRACE_PERIOD_RATIO_JITTER", number(0, 1), "0.01", MESH)
+WORKLOAD_RSA_KEY_SIZE = EnvVar("WORKLOAD_RSA_KEY_SIZE", integer(2048, 16384), "2048", MESH)
+PKCS8_KEY = EnvVar("PKCS8_KEY", BOOLEAN, "false", MESH)
+ECC_SIGNATURE_ALGORITHM = EnvVar("ECC_SIGNATURE_ALGORITHM", choice("", "ECDSA"), "", MESH)
+ECC_CURVE = EnvVar("ECC_CURVE", choice("P256", "P384"), "P256", MESH)
+ISTIO_META_CERT_SIGNER = EnvVar("ISTIO_META_CERT_SIGNER", TEXT, "", MESH)
+ISTIO_META_CLUSTER_ID = EnvVar("ISTIO_META_CLUSTER_ID", TEXT, "", MESH)
+KUBERNETES_SERVICE_HOST = EnvVar("KUBERNETES_SERVICE_HOST", TEXT, "", MESH)  # set: OUTPUT_CERTS files are 0644
 
 # fmt: on
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import types
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -121,17 +122,35 @@ def _duration(text: str, source: str) -> float:
     return parse_duration(text, source, "")
 
 
-def integer(lo: int = 0, hi: int = 2**31 - 1) -> Kind[int]:
-    def parse(text: str, source: str) -> int:
+def _bounded(convert: Callable[[str], T], noun: str, lo: T, hi: T, show: Callable[[T], str]) -> Kind[T]:
+    def parse(text: str, source: str) -> T:
         try:
-            value = go_atoi(text)
+            value = convert(text)
         except ValueError:
-            raise ConfigError(source, "", f"expected an integer, got {text!r}") from None
-        if not lo <= value <= hi:
-            raise ConfigError(source, "", f"{value} is out of range [{lo}, {hi}]")
+            raise ConfigError(source, "", f"expected {noun}, got {text!r}") from None
+        if not lo <= value <= hi:  # type: ignore[operator]
+            raise ConfigError(source, "", f"{show(value)} is out of range [{show(lo)}, {show(hi)}]")
         return value
 
-    return Kind(f"integer {lo}-{hi}", parse)
+    return Kind(f"{noun.rsplit(maxsplit=1)[-1]} {show(lo)}-{show(hi)}", parse)
+
+
+def integer(lo: int = 0, hi: int = 2**31 - 1) -> Kind[int]:
+    return _bounded(go_atoi, "an integer", lo, hi, str)
+
+
+_DECIMAL = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
+def _decimal(text: str) -> float:
+    """A decimal number as Go's ParseFloat reads one (no spaces, underscores, inf or nan, unlike float())."""
+    if not _DECIMAL.fullmatch(text):
+        raise ValueError(text)
+    return float(text)
+
+
+def number(lo: float, hi: float) -> Kind[float]:
+    return _bounded(_decimal, "a number", lo, hi, lambda value: f"{value:g}")
 
 
 def choice(*values: str) -> Kind[str]:

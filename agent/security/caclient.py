@@ -18,8 +18,9 @@ import grpc.aio
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
 
 from agent.protos.istio_ca import CREATE_CERTIFICATE, IstioCertificateRequest, IstioCertificateResponse
-from agent.security.credentials import CredentialsError, UpstreamSettings, call_metadata, open_channel
+from agent.security.credentials import CredentialsError, call_metadata, open_channel
 from agent.security.metrics import SecurityMetrics
+from agent.security.settings import UpstreamSettings
 
 log = logging.getLogger("agent.security.ca")
 

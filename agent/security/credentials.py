@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import datetime
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 import grpc.aio
+
+from agent.security.settings import TlsSettings, UpstreamSettings, os_root_file
 
 log = logging.getLogger("agent.security")
 
@@ -31,59 +32,9 @@ CLIENT_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.use_local_subchannel_pool", 1),
 )
 
-# Where Go's x509.SystemCertPool looks first on Linux (crypto/x509/root_linux.go).
-SYSTEM_CERT_FILES = (
-    "/etc/ssl/certs/ca-certificates.crt",
-    "/etc/pki/tls/certs/ca-bundle.crt",
-    "/etc/ssl/ca-bundle.pem",
-    "/etc/pki/tls/cacert.pem",
-    "/etc/pki/ca-trust/extracted/pem/tls-ca-bundle.pem",
-    "/etc/ssl/cert.pem",
-)
-
 
 class CredentialsError(Exception):
     """A file the channel needs is missing or unusable (the root, the client certificate)."""
-
-
-@dataclass(frozen=True)
-class TlsSettings:
-    """`root_cert`: a PEM file, or "" for the system's roots. `server_name`: the name istiod's certificate must
-    carry. `client_cert`/`client_key`: a client certificate to present (PROV_CERT, FILE_MOUNTED_CERTS), if any."""
-
-    root_cert: str
-    server_name: str
-    client_cert: str = ""
-    client_key: str = ""
-
-
-@dataclass(frozen=True)
-class UpstreamSettings:
-    """One gRPC peer of the agent (istiod's xDS, the CA). `tls=None` is plaintext. `token_path`: the JWT sent as
-    `authorization: Bearer` (read per call; a missing file sends none, as Istio). `headers`: sent on every call
-    (`clusterid`, then XDS_HEADER_* / CA_HEADER_*), keys lower-case as gRPC requires."""
-
-    address: str
-    tls: TlsSettings | None
-    token_path: str = ""
-    headers: tuple[tuple[str, str], ...] = ()
-
-    def describe(self) -> str:
-        """For log lines and readiness reasons: where, and with what trust."""
-        if self.tls is None:
-            return f"{self.address} (plaintext)"
-        root = self.tls.root_cert or "system roots"
-        return f"{self.address} (TLS: root {root}, server name {self.tls.server_name})"
-
-
-def server_name(address: str, san: str = "") -> str:
-    """The TLS name istiod must present: `san` (ISTIOD_SAN) if set, else the address's host, where anything with
-    "localhost" in it means istiod's own name (port-forwarded debugging; Istio's getTLSDialOption)."""
-    if san:
-        return san
-    host = address.rsplit(":", 1)[0] if ":" in address else ""
-    host = host.strip("[]")
-    return "istiod.istio-system.svc" if "localhost" in host else host
 
 
 def _read(path: str, what: str) -> bytes:
@@ -94,12 +45,12 @@ def _read(path: str, what: str) -> bytes:
 
 
 def _system_roots() -> bytes | None:
-    for candidate in SYSTEM_CERT_FILES:
-        try:
-            return Path(candidate).read_bytes()
-        except OSError:
-            continue
-    return None  # grpc's own bundled roots
+    """The OS bundle Go's x509.SystemCertPool would use; None: grpc's own bundled roots."""
+    bundle = os_root_file()
+    try:
+        return Path(bundle).read_bytes() if bundle else None
+    except OSError:
+        return None
 
 
 def _client_pair(tls: TlsSettings) -> tuple[bytes | None, bytes | None]:

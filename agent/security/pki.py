@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import datetime
 import re
-from dataclasses import dataclass
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
+
+from agent.security.settings import KeyOptions
 
 # Istio's MinimumRsaKeySize.
 MINIMUM_RSA_KEY_SIZE = 2048
@@ -24,20 +25,6 @@ _PEM_BLOCK = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----\r?\n.*?-----END \1-----\
 
 class PkiError(Exception):
     """A key, CSR or certificate could not be made or read; the message says which and why."""
-
-
-@dataclass(frozen=True)
-class KeyOptions:
-    """WORKLOAD_RSA_KEY_SIZE, ECC_SIGNATURE_ALGORITHM (only "ECDSA"), ECC_CURVE (P256, P384), PKCS8_KEY."""
-
-    rsa_key_size: int = 2048
-    ecc_signature_algorithm: str = ""
-    ecc_curve: str = "P256"
-    pkcs8: bool = False
-
-
-def spiffe_id(trust_domain: str, namespace: str, service_account: str) -> str:
-    return f"spiffe://{trust_domain}/ns/{namespace}/sa/{service_account}"
 
 
 def generate_csr(identity: str, options: KeyOptions) -> tuple[bytes, bytes]:

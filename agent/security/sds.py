@@ -32,7 +32,7 @@ from google.protobuf import any_pb2
 
 from agent.security.secret_cache import SecretCache
 from agent.security.secrets import ROOT, SecretError, SecretItem, parse_file_name
-from agent.security.uds import listen_unix, remove_socket
+from agent.security.uds import UnixGrpcServer
 
 log = logging.getLogger("agent.security.sds")
 
@@ -40,7 +40,6 @@ SERVICE = "envoy.service.secret.v3.SecretDiscoveryService"
 SECRET_TYPE = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
 # Istio's plugged-in CA CRL (security.CACRLFilePath): an absolute path, mounted by istiod's injector.
 CRL_FILE = "/var/run/secrets/istio/crl/ca-crl.pem"
-MAX_STREAMS = 100_000
 _END = object()
 
 
@@ -73,40 +72,34 @@ class _Stream:
 class SdsServer:
     """Serves `cache` on the unix socket `socket_path`. start() listens; stop() closes every stream."""
 
-    def __init__(self, cache: SecretCache, socket_path: str, *, crl_file: str = CRL_FILE) -> None:
+    def __init__(self, cache: SecretCache, listener: UnixGrpcServer, *, crl_file: str = CRL_FILE) -> None:
+        """`listener`: agent.mesh.listen.sds_listener(socket path), started already or not."""
         self.cache = cache
-        self.socket_path = socket_path
+        self.socket_path = listener.path
         self.crl_file = crl_file
+        self.listener = listener
         self._streams: set[_Stream] = set()
+        self._readers: set[asyncio.Task[None]] = set()
         self._versions = itertools.count(1)
-        self._server: grpc.aio.Server | None = None
         cache.on_update = self.push
 
     async def start(self) -> None:
-        """Raises SocketError when the socket cannot be made."""
-        server = grpc.aio.server(options=[("grpc.max_concurrent_streams", MAX_STREAMS)])
-        handlers = {
-            "StreamSecrets": grpc.stream_stream_rpc_method_handler(
-                self._stream_secrets,
-                request_deserializer=discovery_pb2.DiscoveryRequest.FromString,
-                response_serializer=discovery_pb2.DiscoveryResponse.SerializeToString,
-            ),
-            "DeltaSecrets": grpc.stream_stream_rpc_method_handler(self._unimplemented_stream),
-            "FetchSecrets": grpc.unary_unary_rpc_method_handler(self._unimplemented_unary),
-        }
-        server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(SERVICE, handlers)])
-        listen_unix(server, self.socket_path)
-        await server.start()
-        self._server = server
+        """Listen (if not yet) and serve. Raises SocketError."""
+        await self.listener.start()
+        self.listener.attach(
+            {
+                "StreamSecrets": self._stream_secrets,
+                "DeltaSecrets": self._unimplemented_stream,
+                "FetchSecrets": self._unimplemented_unary,
+            }
+        )
         log.info("Starting SDS server for workload certificates, will listen on %r", self.socket_path)
 
     async def stop(self) -> None:
-        if self._server is not None:
-            for stream in list(self._streams):
-                stream.events.put_nowait(_END)
-            await self._server.stop(grace=1.0)
-            self._server = None
-            remove_socket(self.socket_path)
+        for stream in list(self._streams):
+            stream.events.put_nowait(_END)
+        await self.listener.stop()
+        await asyncio.gather(*self._readers, return_exceptions=True)
 
     def push(self, name: str) -> None:
         """A secret changed: send it again to every stream watching it."""
@@ -122,7 +115,11 @@ class SdsServer:
 
     async def _stream_secrets(self, _requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> None:
         stream = _Stream()
+        # Never cancelled (cancelling a pending context.read() can keep grpc from sending the stream's status):
+        # it ends with the stream; stop() waits for the last ones.
         reader = asyncio.ensure_future(self._read(context, stream))
+        self._readers.add(reader)
+        reader.add_done_callback(self._readers.discard)
         try:
             while True:
                 event = await stream.events.get()
@@ -144,16 +141,15 @@ class SdsServer:
                     await context.abort(grpc.StatusCode.UNKNOWN, str(exc))
         finally:
             self._streams.discard(stream)
-            reader.cancel()
-            await asyncio.gather(reader, return_exceptions=True)
 
     async def _read(self, context: grpc.aio.ServicerContext, stream: _Stream) -> None:
         first = True
         try:
             while True:
-                request = await context.read()
-                if request is grpc.aio.EOF:
+                raw = await context.read()
+                if raw is grpc.aio.EOF:
                     break
+                request = discovery_pb2.DiscoveryRequest.FromString(raw)
                 if first:
                     first = False
                     if not request.node.id:
@@ -161,8 +157,8 @@ class SdsServer:
                         return
                     self._streams.add(stream)
                 stream.events.put_nowait(request)
-        except grpc.aio.AioRpcError:
-            pass  # Envoy went away
+        except (grpc.aio.AioRpcError, grpc.aio.AbortError, grpc.aio.UsageError, asyncio.InvalidStateError):
+            pass  # Envoy went away, or the stream ended
         stream.events.put_nowait(_END)
 
     @staticmethod
@@ -198,7 +194,7 @@ class SdsServer:
             nonce=str(uuid.uuid4()),
             resources=resources,
         )
-        await context.write(response)
+        await context.write(response.SerializeToString())
         stream.nonce_sent = response.nonce
         log.info("SDS: PUSH resources %s", ",".join(names))
 

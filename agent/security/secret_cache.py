@@ -20,7 +20,6 @@ import os
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -29,7 +28,6 @@ from agent.security import pki
 from agent.security.caclient import CaError
 from agent.security.metrics import SecurityMetrics
 from agent.security.secrets import (
-    FILE_RETRY_TOTAL,
     ROOT,
     SYSTEM_ROOT,
     WORKLOAD,
@@ -40,6 +38,7 @@ from agent.security.secrets import (
     read_key_pair,
     read_root,
 )
+from agent.security.settings import SecretCacheSettings
 from agent.watch import ChangeSet, Watcher
 
 log = logging.getLogger("agent.security.cache")
@@ -55,27 +54,6 @@ class Signer(Protocol):
     async def sign(self, csr_pem: bytes, ttl_seconds: int) -> list[str]: ...
 
     async def close(self) -> None: ...
-
-
-@dataclass(frozen=True)
-class SecretCacheSettings:
-    """`identity`: the SPIFFE URI the CSR asks for. `ttl`: SECRET_TTL in seconds. `output_mode`: 0600, or 0644
-    when running in Kubernetes (other containers of the pod may read OUTPUT_CERTS)."""
-
-    identity: str = ""
-    key_options: pki.KeyOptions = field(default_factory=pki.KeyOptions)
-    ttl: int = 86_400
-    grace_ratio: float = 0.5
-    grace_jitter: float = 0.01
-    cert_chain_file: str = "./etc/certs/cert-chain.pem"
-    key_file: str = "./etc/certs/key.pem"
-    root_cert_file: str = "./etc/certs/root-cert.pem"
-    output_dir: str = ""
-    output_mode: int = 0o600
-    file_debounce: float = 0.1
-    os_root_file: str = ""
-    # How long a file that does not parse yet (a half-written rotation) is retried (Istio: 10 s).
-    file_retry_total: float = FILE_RETRY_TOTAL
 
 
 def rotation_delay(item: SecretItem, ratio: float, jitter: float, now: float, rand: random.Random) -> float:
@@ -105,6 +83,9 @@ class SecretCache:
         self.on_update: Callable[[str], None] = lambda name: None
         # The last CA failure (None after a success): what readiness reports while Envoy has no certificate.
         self.ca_error: CaError | None = None
+        # A certificate was issued by the CA since the agent started.
+        self.issued = False
+        self._logged_ca_error = ""
         self._workload: SecretItem | None = None  # the CA-issued key, chain and root, until rotation
         self._rotation_at: float | None = None
         self._rescheduled = asyncio.Event()
@@ -233,9 +214,16 @@ class SecretCache:
         except (CaError, pki.PkiError) as exc:
             self.metrics.failed_outgoing_requests.labels("csr").inc()
             self.ca_error = exc if isinstance(exc, CaError) else CaError(f"the CA's answer: {exc}")
-            log.error("%s failed to sign: %s", WORKLOAD, exc)
+            # Once per distinct failure: the pre-warm and Envoy's SDS retries repeat it every few seconds.
+            if str(exc) != self._logged_ca_error:
+                self._logged_ca_error = str(exc)
+                log.error("%s failed to sign: %s", WORKLOAD, exc)
+            else:
+                log.debug("%s failed to sign: %s", WORKLOAD, exc)
             raise SecretError(f"failed to generate workload certificate: {exc}") from None
         self.ca_error = None
+        self._logged_ca_error = ""
+        self.issued = True
         item = SecretItem(
             WORKLOAD,
             certificate_chain=certificate_chain,
@@ -301,7 +289,7 @@ class SecretCache:
                     await self.generate(name)
                     break
                 except SecretError as exc:
-                    log.warning("failed to warm certificate %s: %s", name, exc)
+                    log.debug("failed to warm certificate %s: %s", name, exc)
                 await asyncio.sleep(wait * self.rand.uniform(0.5, 1.5))
                 wait = min(wait * 2, PREWARM_MAX_WAIT)
         self.warmed.set()

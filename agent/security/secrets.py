@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agent.security import pki
+from agent.security.settings import FILE_RETRY_TOTAL
 
 WORKLOAD = "default"
 ROOT = "ROOTCA"
@@ -20,20 +21,6 @@ FILE_CERT_PREFIX = "file-cert:"
 FILE_ROOT_PREFIX = "file-root:"
 SYSTEM_ROOT = "file-root:system"
 SEPARATOR = "~"
-# Istio's totalTimeout: how long a file that does not parse yet (a half-written rotation) is retried.
-FILE_RETRY_TOTAL = 10.0
-
-# Where Go finds the OS bundle (pkg/security GetOSRootFilePath).
-OS_ROOT_FILES = (
-    "/etc/ssl/certs/ca-certificates.crt",
-    "/etc/pki/tls/certs/ca-bundle.crt",
-    "/etc/ssl/ca-bundle.pem",
-    "/etc/pki/tls/cacert.pem",
-    "/etc/pki/ca-trust/extracted/pem/tls-ca-bundle.pem",
-    "/etc/ssl/cert.pem",
-    "/usr/local/etc/ssl/cert.pem",
-    "/etc/ssl/certs/ca-certificates",
-)
 
 
 class SecretError(Exception):
@@ -74,11 +61,6 @@ def parse_file_name(name: str) -> FileRef | None:
         parts = name[len(FILE_ROOT_PREFIX) :].split(SEPARATOR)
         return FileRef(root=parts[0]) if len(parts) == 1 else None
     return None
-
-
-def os_root_file() -> str:
-    """The OS CA bundle `file-root:system` serves, "" when there is none."""
-    return next((path for path in OS_ROOT_FILES if Path(path).exists()), "")
 
 
 def non_empty(*paths: str) -> bool:

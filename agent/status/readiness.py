@@ -193,11 +193,17 @@ class Readiness:
 
     @classmethod
     def for_envoy(
-        cls, lifecycle: Lifecycle, metrics: AgentMetrics, admin: AdminClient, extra: Sequence[Probe] = ()
+        cls,
+        lifecycle: Lifecycle,
+        metrics: AgentMetrics,
+        admin: AdminClient,
+        extra: Sequence[Probe] = (),
+        upstream: Sequence[Probe] = (),
     ) -> Readiness:
         """Envoy's probes, then the agent's own (`extra`: the DNS proxy's name table), as Istio orders them; and
-        whether Envoy still answers at all."""
-        probes = [EnvoyConfigProbe(admin), EnvoyLiveProbe(admin), *extra]
+        whether Envoy still answers at all. `upstream` probes come first: while Envoy has no configuration they say
+        why (istiod unreachable or refusing the credentials) better than Envoy's "config not received"."""
+        probes = [*upstream, EnvoyConfigProbe(admin), EnvoyLiveProbe(admin), *extra]
         return cls(lifecycle, metrics, probes, responding=EnvoyResponding(admin))
 
     async def check(self) -> str | None:

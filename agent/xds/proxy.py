@@ -31,10 +31,11 @@ import grpc
 import grpc.aio
 from google.protobuf import any_pb2
 
-from agent.security.credentials import CredentialsError, UpstreamSettings, call_metadata, open_sync_channel
-from agent.security.uds import listen_unix, remove_socket
+from agent.security.credentials import CredentialsError, call_metadata, open_sync_channel
+from agent.security.uds import UnixGrpcServer
 from agent.xds import wire
 from agent.xds.metrics import CANCELLED, ERROR, XdsMetrics
+from agent.xds.settings import XdsProxySettings
 from agent.xds.upstream import UpstreamCall
 
 log = logging.getLogger("agent.xds")
@@ -47,23 +48,8 @@ _WORKLOAD_TYPE = "type.googleapis.com/istio.workload.Workload"
 # The outcome of an agent handler: None (ACK), or raise to NACK with the exception's message.
 ResponseHandler = Callable[[any_pb2.Any], Awaitable[None] | None]
 
-# Istio's pilot/pkg/grpc ServerOptions with its keepalive defaults.
-SERVER_OPTIONS: tuple[tuple[str, int], ...] = (
-    ("grpc.max_concurrent_streams", 100_000),
-    ("grpc.max_receive_message_length", 4 << 20),
-    ("grpc.max_send_message_length", -1),
-    ("grpc.keepalive_time_ms", 30_000),
-    ("grpc.keepalive_timeout_ms", 10_000),
-    ("grpc.http2.min_ping_interval_without_data_ms", 15_000),
-)
 # Istio's expectedGrpcFailureMessages: UNAVAILABLE with these is a peer going away, not an error.
 _EXPECTED_MESSAGES = ("client disconnected", "error reading from server: EOF", "transport is closing")
-
-
-@dataclass(frozen=True)
-class XdsProxySettings:
-    socket_path: str  # <configPath>/XDS
-    upstream: UpstreamSettings  # discoveryAddress, TLS, token, clusterid and XDS_HEADER_* headers
 
 
 @dataclass(frozen=True)
@@ -115,16 +101,19 @@ class _Ended(Exception):
 
 
 class XdsProxy:
-    def __init__(self, settings: XdsProxySettings, metrics: XdsMetrics) -> None:
+    def __init__(self, settings: XdsProxySettings, metrics: XdsMetrics, listener: UnixGrpcServer) -> None:
+        """`listener`: agent.mesh.listen.xds_listener(settings.socket_path), started already or not."""
         self.settings = settings
         self.metrics = metrics
+        self.listener = listener
         self.handlers: dict[str, ResponseHandler] = {}
         self._ids = itertools.count(1)
         self._active: _Connection | None = None
         # Readers of Envoy's streams, each left to end with its stream (see _read_envoy).
         self._readers: set[asyncio.Task[None]] = set()
-        self._server: grpc.aio.Server | None = None
-        # Readiness: the last upstream failure, until istiod answers again.
+        # Readiness: istiod answered at least once since the agent started; the last upstream failure, until
+        # istiod answers again.
+        self.answered = False
         self._failure: str | None = None
         self._logged_failure: str | None = None
 
@@ -136,27 +125,16 @@ class XdsProxy:
         return self._failure
 
     async def start(self) -> None:
-        """Listen on the socket. Raises SocketError."""
-        server = grpc.aio.server(options=list(SERVER_OPTIONS))
-        handlers = {
-            "StreamAggregatedResources": grpc.stream_stream_rpc_method_handler(self._sotw),
-            "DeltaAggregatedResources": grpc.stream_stream_rpc_method_handler(self._delta),
-        }
-        server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(SERVICE, handlers)])
-        listen_unix(server, self.settings.socket_path)
-        await server.start()
-        self._server = server
+        """Listen on the socket (if not yet) and serve it. Raises SocketError."""
+        await self.listener.start()
+        self.listener.attach({"StreamAggregatedResources": self._sotw, "DeltaAggregatedResources": self._delta})
         log.info("xDS proxy listening on %s, upstream %s", self.settings.socket_path, self.settings.upstream.describe())
 
     async def stop(self) -> None:
-        if self._server is None:
-            return
         if self._active is not None:
             self._active.replaced.set()
-        await self._server.stop(grace=1.0)
-        self._server = None
+        await self.listener.stop()
         await asyncio.gather(*self._readers, return_exceptions=True)
-        remove_socket(self.settings.socket_path)
 
     async def _sotw(self, _requests: Any, context: grpc.aio.ServicerContext) -> None:
         await self._serve(SOTW, context)
@@ -344,6 +322,7 @@ class XdsProxy:
             log.error("%s", reason)
 
     def _recovered(self) -> None:
+        self.answered = True
         log.info("connected to upstream XDS server: %s", self.settings.upstream.address)
         self._failure = None
         self._logged_failure = None

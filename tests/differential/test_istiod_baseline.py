@@ -9,8 +9,6 @@ Istio's capture rules, and every credential is real (a plug-in CA, a JWT verifie
 
 from __future__ import annotations
 
-import base64
-import json
 from pathlib import Path
 
 import pytest
@@ -58,17 +56,12 @@ def test_istio_agent_joins_the_standalone_istiod(tmp_path: Path) -> None:
         assert stats["cluster_manager.cds.update_rejected"] == stats["listener_manager.lds.update_rejected"] == "0"
 
         # The ServiceEntry's cluster, with the mesh's mTLS.
-        status, body = mesh.envoy_admin("/clusters?format=json")
-        clusters = {c["name"] for c in json.loads(body)["cluster_statuses"]}
-        assert APP_CLUSTER in clusters
+        assert APP_CLUSTER in mesh.cluster_names()
 
         # The workload certificate: issued by istiod's CA (our intermediate) after the JWT was verified against the
         # JWKS istiod fetched, for exactly the identity in the token, and served to Envoy over SDS.
-        status, body = mesh.envoy_admin("/config_dump?resource=dynamic_active_secrets")
-        secrets = {s["name"]: s for s in json.loads(body)["configs"]}
-        assert {"default", "ROOTCA"} <= set(secrets)
-        chain = secrets["default"]["secret"]["tls_certificate"]["certificate_chain"]["inline_bytes"]
-        leaf = base64.b64decode(chain)
+        assert {"default", "ROOTCA"} <= set(mesh.sds_secrets())
+        leaf = mesh.workload_certificate()
         assert uri_sans(leaf) == [f"spiffe://cluster.local/ns/{NAMESPACE}/sa/{SERVICE_ACCOUNT}"]
         assert x509.load_pem_x509_certificate(leaf).issuer == mesh.istiod.ca.ca.subject
         assert mesh.istiod.jwks.requests, "istiod never fetched the JWKS"

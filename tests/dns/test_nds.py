@@ -29,9 +29,11 @@ from agent.dns.metrics import DnsMetrics
 from agent.dns.service import NDS_TYPE_URL, DnsService, build_dns_service, name_table_handler
 from agent.dns.settings import DnsSettings
 from agent.dns.table import name_table_from
-from agent.security.credentials import UpstreamSettings
+from agent.mesh.listen import xds_listener
+from agent.security.settings import UpstreamSettings
 from agent.xds.metrics import XdsMetrics
-from agent.xds.proxy import LISTENER_TYPE, XdsProxy, XdsProxySettings
+from agent.xds.proxy import LISTENER_TYPE, XdsProxy
+from agent.xds.settings import XdsProxySettings
 from tests.xds.fake_upstream import FakeUpstream, UpstreamStream, fake_upstream
 
 CLUSTER = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
@@ -84,7 +86,7 @@ async def rig() -> AsyncIterator[Rig]:
         async with fake_upstream() as upstream:
             upstream_settings = UpstreamSettings(address=f"127.0.0.1:{upstream.port}", tls=None)
             xds_settings = XdsProxySettings(str(directory / "XDS"), upstream_settings)
-            xds = XdsProxy(xds_settings, XdsMetrics(registry))
+            xds = XdsProxy(xds_settings, XdsMetrics(registry), xds_listener(xds_settings.socket_path))
             xds.register_handler(NDS_TYPE_URL, name_table_handler(service.proxy))
             await xds.start()
             channel = grpc.aio.insecure_channel(f"unix:{xds_settings.socket_path}")

@@ -13,8 +13,8 @@ from prometheus_client import CollectorRegistry
 
 from agent.security import pki
 from agent.security.caclient import ATTEMPTS, CaClient, CaError
-from agent.security.credentials import TlsSettings, UpstreamSettings, server_name
 from agent.security.metrics import SecurityMetrics
+from agent.security.settings import KeyOptions, TlsSettings, UpstreamSettings, server_name
 from tests.security.conftest import IDENTITY
 from tests.support.fake_istiod import FakeIstiod
 from tests.support.mesh_pki import MeshCa, uri_sans
@@ -62,7 +62,7 @@ def client(settings: UpstreamSettings, sleep: NoSleep | None = None) -> CaClient
 
 
 def csr() -> bytes:
-    return pki.generate_csr("spiffe://cluster.local/ns/ignored/sa/by-istiod", pki.KeyOptions(2048))[0]
+    return pki.generate_csr("spiffe://cluster.local/ns/ignored/sa/by-istiod", KeyOptions(2048))[0]
 
 
 async def test_token_authenticated_csr(istiod: FakeIstiod, short_dir: Path, mesh_ca: MeshCa) -> None:

@@ -16,10 +16,12 @@ import grpc
 import pytest
 from prometheus_client import CollectorRegistry
 
+from agent.mesh.listen import sds_listener
 from agent.security.caclient import CaError
 from agent.security.metrics import SecurityMetrics
 from agent.security.sds import SdsServer
-from agent.security.secret_cache import SecretCache, SecretCacheSettings
+from agent.security.secret_cache import SecretCache
+from agent.security.settings import SecretCacheSettings
 from agent.security.uds import socket_is_healthy
 from tests.security.conftest import IDENTITY, StubSigner
 from tests.security.sds_client import SdsStream, sds_channel, secrets_of
@@ -50,7 +52,7 @@ async def rig(short_dir: Path, mesh_ca: MeshCa) -> AsyncIterator[Rig]:
         signer,
         SecurityMetrics(CollectorRegistry()),
     )
-    server = SdsServer(cache, str(short_dir / "sds/socket"))
+    server = SdsServer(cache, sds_listener(str(short_dir / "sds/socket")))
     await server.start()
     roots = short_dir / "roots"
     roots.mkdir()
@@ -219,3 +221,20 @@ async def test_delta_and_fetch_are_unimplemented(rig: Rig) -> None:
         with pytest.raises(grpc.aio.AioRpcError) as raised:
             await delta.read()
         assert raised.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+async def test_a_request_before_the_server_is_attached_waits_for_it(short_dir: Path, mesh_ca: MeshCa) -> None:
+    """`pilot-agent proxy` listens before Envoy's exec and attaches the SDS server after it."""
+    listener = sds_listener(str(short_dir / "early/socket"))
+    await listener.start()
+    metrics = SecurityMetrics(CollectorRegistry())
+    cache = SecretCache(SecretCacheSettings(identity=IDENTITY), StubSigner(mesh_ca), metrics)
+    server = SdsServer(cache, listener)
+    try:
+        async with sds_channel(listener.path) as open_stream:
+            stream = open_stream()
+            await stream.request(["ROOTCA"])
+            await server.start()
+            assert_root(await stream.response(), mesh_ca)
+    finally:
+        await server.stop()

@@ -19,8 +19,9 @@ from prometheus_client import CollectorRegistry
 from agent.security import pki
 from agent.security.caclient import CaError
 from agent.security.metrics import SecurityMetrics
-from agent.security.secret_cache import SecretCache, SecretCacheSettings, rotation_delay
+from agent.security.secret_cache import SecretCache, rotation_delay
 from agent.security.secrets import SecretError, SecretItem
+from agent.security.settings import KeyOptions, SecretCacheSettings
 from tests.security.conftest import IDENTITY, StubSigner
 from tests.support.mesh_pki import MeshCa, serial_of, uri_sans
 
@@ -114,7 +115,7 @@ async def test_csr_is_sent_once_and_cached(short_dir: Path, mesh_ca: MeshCa) -> 
 
 
 async def test_ecdsa_and_pkcs8_keys(short_dir: Path, mesh_ca: MeshCa) -> None:
-    options = pki.KeyOptions(ecc_signature_algorithm="ECDSA", ecc_curve="P384", pkcs8=True)
+    options = KeyOptions(ecc_signature_algorithm="ECDSA", ecc_curve="P384", pkcs8=True)
     cache = make_cache(settings_in(short_dir, key_options=options), StubSigner(mesh_ca))
     item = await cache.generate("default")
     assert item.private_key.startswith(b"-----BEGIN PRIVATE KEY-----")

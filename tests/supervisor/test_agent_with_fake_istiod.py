@@ -1,8 +1,10 @@
-"""End to end: `pilot-agent proxy sidecar` with its default bootstrap, against a control plane on `<configPath>/XDS`.
+"""End to end: `pilot-agent proxy sidecar` with its default bootstrap, against a control plane behind the agent's
+xDS proxy (`<configPath>/XDS` -> discoveryAddress).
 
-No istiod can run here, so tests/support/fake_istiod.py (a fake ADS server) stands in for it on the pipe where, in
-Istio, the agent's XDS proxy would listen; the agent (a subprocess, as kubelet runs it), the Envoy it starts and
-the readiness it serves are real.
+tests/support/fake_istiod.py (a fake ADS server, plaintext on loopback: controlPlaneAuthPolicy NONE, file-mounted
+certificates, so no CA) stands in for istiod so these tests can script its answers; the agent (a subprocess, as
+kubelet runs it), its xDS proxy, the Envoy it starts and the readiness it serves are real. tests/mesh runs the
+mesh side against Istio's own istiod.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import pytest
 
 from agent.proxy.shm import shm_path
 from tests.bootstrap.test_default_bootstrap_live import quiet_ports
+from tests.supervisor import agent_process
 from tests.supervisor.agent_process import ROOT, agent_env
 from tests.supervisor.test_agent_e2e import kill_agent
 from tests.support.envoy import http_get, new_base_id, wait_until
@@ -46,14 +49,25 @@ class Sidecar:
 
 @contextmanager
 def running_sidecar(tmp_path: Path, **extra_env: str) -> Iterator[Sidecar]:
-    """The agent running `proxy sidecar` (Istio's ports moved to free ones); the fake istiod listening on the XDS
-    pipe but answering nothing until the test calls `release()`."""
+    """The agent running `proxy sidecar` (Istio's ports moved to free ones); the fake istiod listening on loopback
+    but answering nothing until the test calls `release()`."""
     ports = quiet_ports("admin", "status", "envoy_status", "prom")
     base_id = new_base_id()
     labels = '{"app":"e2e"}'
-    env = agent_env(tmp_path, base_id, ports, SERVICE_ACCOUNT="e2e-sa", ISTIO_METAJSON_LABELS=labels, **extra_env)
     log = tmp_path / "agent.log"
-    with FakeIstiod(tmp_path / "proxy" / "XDS", hold=True) as istiod, log.open("wb") as sink:
+    with FakeIstiod("127.0.0.1:0", hold=True) as istiod, log.open("wb") as sink:
+        plaintext = {"discoveryAddress": istiod.address, "controlPlaneAuthPolicy": "NONE"}
+        proxy_config = json.dumps(agent_process.test_proxy_config(tmp_path, ports, **plaintext))
+        env = agent_env(
+            tmp_path,
+            base_id,
+            ports,
+            PROXY_CONFIG=proxy_config,
+            FILE_MOUNTED_CERTS="true",
+            SERVICE_ACCOUNT="e2e-sa",
+            ISTIO_METAJSON_LABELS=labels,
+            **extra_env,
+        )
         proc = subprocess.Popen(
             [sys.executable, "-m", "agent", "proxy", "sidecar", "--meshConfig", str(tmp_path / "none")],
             env={**env, "PYTHONPATH": str(ROOT)},
@@ -68,7 +82,8 @@ def running_sidecar(tmp_path: Path, **extra_env: str) -> Iterator[Sidecar]:
 
 
 def wait_envoy_connected(sidecar: Sidecar) -> None:
-    """Envoy (started by the agent on its default bootstrap) dialled the XDS pipe and introduced itself."""
+    """Envoy (started by the agent on its default bootstrap) dialled the XDS pipe and introduced itself to istiod
+    through the agent's proxy."""
     wait_until(lambda: sidecar.proc.poll() is not None or sidecar.istiod.nodes != [], timeout=20)
     assert sidecar.proc.poll() is None, sidecar.output()
 

@@ -148,10 +148,20 @@ def test_a_file_change_rereads_files_but_not_the_identity(tmp_path: Path, monkey
     assert lookups == ["statsd.example", "other.example"] and scans == ["scan"]
 
 
+def test_certificates_served_over_sds_are_not_restart_dependencies(tmp_path: Path) -> None:
+    """In a mesh the agent pushes certificate files to Envoy over SDS: changing them must not restart Envoy."""
+    cfg = load_agent_config(ProxyFlags(), env(tmp_path))
+    watched = supervisor_settings(cfg, "/bin/envoy").watch.files
+    assert "cert" not in watched.values()
+    assert Path("./etc/certs/cert-chain.pem") not in watched and tmp_path / "certs/cert-chain.pem" not in watched
+    assert render_desired_state(cfg, watched).dependencies == ()
+
+
 def test_only_the_watched_files_are_hashed_and_a_later_dependency_is_reported(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    cfg = load_agent_config(ProxyFlags(), env(tmp_path))
+    # Without the mesh side (--local-xds-dir), no SDS server: certificate files restart Envoy when they change.
+    cfg = load_agent_config(ProxyFlags(local_xds_dir="@example"), env(tmp_path))
     watched = watch_files(cfg, bootstrap_dependencies(cfg))
     first = render_desired_state(cfg, watched)
     assert {path for path, _ in first.dependencies} == {str(p) for p, k in watched.items() if k == "cert"}

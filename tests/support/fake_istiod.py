@@ -43,6 +43,7 @@ from envoy.config.route.v3 import route_pb2
 # Imported so JSON resources may name these types in `@type` (json_format resolves Any by the descriptor pool).
 from envoy.extensions.filters.http.router.v3 import router_pb2  # noqa: F401
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2  # noqa: F401
+from envoy.extensions.transport_sockets.tls.v3 import tls_pb2  # noqa: F401
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from google.protobuf import any_pb2, json_format
 
@@ -420,17 +421,26 @@ class FakeIstiod:
 
 _HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
 _ROUTER = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
+_DOWNSTREAM_TLS = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext"
 
 
-def demo_listener(name: str, port: int, body: str) -> Any:
-    """An HTTP listener on 127.0.0.1:`port` answering every request 200 `body` (a direct_response route)."""
+def demo_listener(name: str, port: int, body: str, tls: Mapping[str, Any] | None = None) -> Any:
+    """An HTTP listener on 127.0.0.1:`port` answering every request 200 `body` (a direct_response route); with
+    `tls` (a DownstreamTlsContext as JSON), over TLS."""
     route = {"match": {"prefix": "/"}, "direct_response": {"status": 200, "body": {"inline_string": body}}}
+    transport = {}
+    if tls is not None:
+        transport["transport_socket"] = {
+            "name": "envoy.transport_sockets.tls",
+            "typed_config": {"@type": _DOWNSTREAM_TLS, **tls},
+        }
     return listener(
         {
             "name": name,
             "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
             "filter_chains": [
                 {
+                    **transport,
                     "filters": [
                         {
                             "name": "envoy.filters.network.http_connection_manager",
@@ -443,7 +453,7 @@ def demo_listener(name: str, port: int, body: str) -> Any:
                                 ],
                             },
                         }
-                    ]
+                    ],
                 }
             ],
         }

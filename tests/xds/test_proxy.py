@@ -22,9 +22,11 @@ from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf import any_pb2, struct_pb2
 from prometheus_client import CollectorRegistry
 
-from agent.security.credentials import TlsSettings, UpstreamSettings
+from agent.mesh.listen import xds_listener
+from agent.security.settings import TlsSettings, UpstreamSettings
 from agent.xds.metrics import XdsMetrics
-from agent.xds.proxy import LISTENER_TYPE, XdsProxy, XdsProxySettings
+from agent.xds.proxy import LISTENER_TYPE, XdsProxy
+from agent.xds.settings import XdsProxySettings
 from tests.support.mesh_pki import MeshCa
 from tests.xds.fake_upstream import FakeUpstream, UpstreamStream, fake_upstream
 
@@ -109,7 +111,7 @@ async def running_rig(directory: Path, upstream: FakeUpstream, **upstream_settin
             headers=(("clusterid", "Kubernetes"), ("custom", "header")),
         ),
     )
-    proxy = XdsProxy(settings, XdsMetrics(CollectorRegistry()))
+    proxy = XdsProxy(settings, XdsMetrics(CollectorRegistry()), xds_listener(settings.socket_path))
     await proxy.start()
     rig = Rig(proxy, upstream, grpc.aio.insecure_channel(f"unix:{settings.socket_path}"), directory)
     try:
