@@ -2,14 +2,16 @@
 record anywhere resolves in the application (glibc getaddrinfo) from istiod's name table, and the application
 reaches it through Envoy; other names are forwarded to the pod's resolv.conf server (the scripted resolver in the
 node-side namespace); the DNS proxy's answers, asked inside the pod, are recorded for the comparison between
-agents. Istio's own agent here; the Python agent joins once `pilot-agent proxy` runs its DNS proxy (issue 11)."""
+agents: the Python agent's must equal Istio's agent's."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,7 +19,8 @@ import pytest
 from tests.conftest import require_root
 from tests.dns.compare import normalized, query_wire
 from tests.dns.processes import wait_ready
-from tests.support.mesh_pod import MeshPod, istio_agent_image, istiod_sidecar_pod
+from tests.support.mesh_pod import PYTHON_AGENT, MeshPod, istio_agent_image, istiod_sidecar_pod
+from tests.support.pod import Image
 
 pytestmark = [pytest.mark.istio, pytest.mark.envoy, pytest.mark.root, pytest.mark.netns, pytest.mark.slow]
 
@@ -68,22 +71,23 @@ def resolve(mesh: MeshPod, name: str, port: int = 0) -> dict[str, Any]:
     return result
 
 
-@pytest.fixture(scope="module")
-def istio_pod(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MeshPod]:
-    require_root()
+@contextlib.contextmanager
+def dns_capture_pod(
+    workdir: Path, image: Image | None, upstream: Sequence[str] = (), upstream_ready: str = "ready"
+) -> Iterator[MeshPod]:
+    """The pod with DNS capture and the node-side services: the resolv.conf server on 10.10.0.1:53 (the scripted
+    resolver, or `upstream`: an argv that prints `upstream_ready` once serving) and the ServiceEntry's endpoint."""
     with istiod_sidecar_pod(
-        tmp_path_factory.mktemp("istio-agent"), config={"payments.yaml": SERVICE_ENTRY}, image=istio_agent_image(),
+        workdir, config={"payments.yaml": SERVICE_ENTRY}, image=image,
         proxy_env={"ISTIO_META_DNS_CAPTURE": "true"}, init_args=["--redirect-dns"], resolv_conf=RESOLV_CONF,
     ) as mesh:  # fmt: skip
         # A pod has a default route (here to the node side, which routes nowhere further): without one, a connect
         # to the VIP fails in routing, before the capture rules could send it to Envoy.
         route = ["ip", "-n", mesh.net.pod_ns, "route", "add", "default", "via", mesh.net.client_ip]
         subprocess.run(route, check=True, capture_output=True, timeout=10)
-        resolver = mesh.net.popen(
-            [sys.executable, "-m", "tests.dns.resolver", mesh.net.client_ip, "53", "real.example.test=10.30.0.1"],
-            ns="client", log_name="resolver.log",
-        )  # fmt: skip
-        wait_ready(resolver)
+        scripted = [sys.executable, "-m", "tests.dns.resolver", mesh.net.client_ip, "53", "real.example.test=10.30.0.1"]
+        resolver = mesh.net.popen(list(upstream) or scripted, ns="client", log_name="resolver.log")
+        wait_ready(resolver, upstream_ready)
         with mesh.net.app([9080], ns="client"):
             try:
                 yield mesh
@@ -91,14 +95,23 @@ def istio_pod(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MeshPod]:
                 resolver.stop()
 
 
-def test_service_entry_host_resolves_and_is_reached_through_envoy(istio_pod: MeshPod) -> None:
-    result = resolve(istio_pod, HOST, 9080)
+@pytest.fixture(scope="module", params=["istio", "python"])
+def agent_pod(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[MeshPod]:
+    """A DNS-capture pod with Istio's agent, then with the Python one."""
+    require_root()
+    image = istio_agent_image() if request.param == "istio" else PYTHON_AGENT
+    with dns_capture_pod(tmp_path_factory.mktemp(f"{request.param}-agent"), image) as mesh:
+        yield mesh
+
+
+def test_service_entry_host_resolves_and_is_reached_through_envoy(agent_pod: MeshPod) -> None:
+    result = resolve(agent_pod, HOST, 9080)
     assert result["addresses"] == [VIP]
     assert result.get("status") == 200, result
     assert result["server"] == "envoy"
     assert result["body"].startswith("peer=10.10.0.2:")  # the node-side app saw the pod (Envoy's upstream)
-    assert resolve(istio_pod, "real.example.test")["addresses"] == ["10.30.0.1"]
-    assert istio_pod.status_port("/debug/ndsz")[0] == 403  # loopback only
+    assert resolve(agent_pod, "real.example.test")["addresses"] == ["10.30.0.1"]
+    assert agent_pod.status_port("/debug/ndsz")[0] == 403  # loopback only
 
 
 # What the DNS proxy of a pod is asked in the comparison between agents: the ServiceEntry host (A, AAAA, with the
@@ -122,8 +135,15 @@ def proxy_answers(mesh: MeshPod) -> list[Any]:
     return [normalized(None if r is None else bytes.fromhex(r)) for r in json.loads(done.stdout)]
 
 
-def test_istio_agent_answers_from_istiods_name_table(istio_pod: MeshPod) -> None:
-    answers = dict(zip((label for label, _, _ in POD_QUERIES), proxy_answers(istio_pod), strict=True))
+@pytest.fixture(scope="module")
+def answers_by_agent() -> list[dict[str, Any]]:
+    """Each agent's answers to POD_QUERIES, in the order the agents ran (Istio's first)."""
+    return []
+
+
+def test_dns_proxy_answers_from_istiods_name_table(agent_pod: MeshPod, answers_by_agent: list[Any]) -> None:
+    answers = dict(zip((label for label, _, _ in POD_QUERIES), proxy_answers(agent_pod), strict=True))
+    answers_by_agent.append(answers)
     for protocol in ("udp", "tcp"):
         assert answers[f"{HOST}. A {protocol}"]["answer"] == [f"{HOST}. 30 IN A {VIP}"]
         assert answers[f"{HOST}. AAAA {protocol}"]["answer"] == []
@@ -138,16 +158,27 @@ def test_istio_agent_answers_from_istiods_name_table(istio_pod: MeshPod) -> None
     assert len(answers["giant.test. A tcp"]["answer"]) == 64
 
 
-def test_istio_agent_exports_the_dns_metrics_under_the_names_documented(istio_pod: MeshPod) -> None:
-    """The names and types docs/reference.md gives the Python agent's DNS metrics are Istio's agent's own (Istio
-    shows a family once it has a sample: a table hit and a forwarded query give three of the four)."""
-    resolve(istio_pod, f"{HOST}.")
-    resolve(istio_pod, "real.example.test.")
-    status, body = istio_pod.status_port("/stats/prometheus")
+def test_dns_metrics_under_istios_names(agent_pod: MeshPod) -> None:
+    """The DNS metrics under Istio's names and types (Istio shows a family once it has a sample: a table hit and a
+    forwarded query give three of the four; prometheus_client adds `_created` samples beside them)."""
+    resolve(agent_pod, f"{HOST}.")
+    resolve(agent_pod, "real.example.test.")
+    status, body = agent_pod.status_port("/stats/prometheus")
     assert status == 200
     types = dict(line.split()[2:4] for line in body.splitlines() if line.startswith("# TYPE istio_agent_dns"))
-    assert types == {
+    expected = {
         "istio_agent_dns_requests_total": "counter",
         "istio_agent_dns_upstream_requests_total": "counter",
         "istio_agent_dns_upstream_request_duration_seconds": "histogram",
     }
+    assert {name: types.get(name) for name in expected} == expected
+    assert types.get("istio_agent_dns_upstream_failures_total", "counter") == "counter"
+
+
+def test_both_agents_gave_the_same_answers(answers_by_agent: list[dict[str, Any]]) -> None:
+    """Runs after both agents' pods (pytest keeps a module-scoped parameter's tests together, in order): every reply
+    of the Python agent's DNS proxy equals Istio's agent's, id, flags and sections."""
+    if len(answers_by_agent) < 2:
+        pytest.skip("run with both agents' pods (the whole module)")
+    istio, python = answers_by_agent
+    assert python == istio
