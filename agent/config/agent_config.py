@@ -16,7 +16,6 @@ import os
 import types
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -310,7 +309,7 @@ EXAMPLE_XDS_DIR = "@example"
 
 def example_xds_dir() -> Path:
     """The bundled no-control-plane demo (lds.yaml, cds.yaml), shipped inside the package."""
-    return Path(str(resources.files("agent").joinpath("examples", "local")))
+    return Path(__file__).parents[1] / "examples" / "local"
 
 
 def _check_local_xds_dir(directory: str, source: str) -> str:
