@@ -162,7 +162,8 @@ async def start_envoy(
     otherwise. `pilot-agent proxy` calls this before the supervisor exists, so Envoy's start overlaps the agent's."""
     path = launch.bootstrap_path(epoch)
     try:
-        write_atomic(path, state.bootstrap)
+        # Not durable: every epoch's file is written afresh when it starts (see agent.files).
+        write_atomic(path, state.bootstrap, durable=False)
     except OSError as exc:
         raise BootstrapWriteError(path, exc) from None
     proc = EnvoyProcess(envoy_argv(launch, path, epoch), epoch, tail_lines=tail_lines, sink=sink)
@@ -201,7 +202,7 @@ class EnvoyLauncher:
     async def validate(self, epoch: int, state: DesiredState) -> Verdict:
         path = self.launch.bootstrap_path(epoch)
         try:
-            write_atomic(path, state.bootstrap)
+            write_atomic(path, state.bootstrap, durable=False)
             process = await asyncio.create_subprocess_exec(
                 *validate_argv(self.launch, path),
                 stdin=asyncio.subprocess.DEVNULL,
