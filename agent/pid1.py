@@ -20,8 +20,9 @@ import contextlib
 import logging
 import os
 import signal
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from agent.lifecycle import Lifecycle
@@ -141,6 +142,33 @@ class OrphanReaper:
                     self.reaped_count += 1
                     log.debug("reaped orphan %d (exit %d)", pid, code)
             del self._seen[pid]
+
+
+@contextlib.contextmanager
+def children_waited_on_the_loop() -> Iterator[None]:
+    """While in the block, asyncio learns of its children's exits from pidfds on the event loop, not a thread each.
+
+    CPython 3.11's default ThreadedChildWatcher blocks a thread in waitpid(pid) for every Envoy epoch and every
+    validation; PidfdChildWatcher (Linux 5.3+, the default from 3.12 on) waits for the same pids on the loop, with
+    no thread. Both wait by pid, never for "any child" (see the module docstring). Enter it before the loop exists
+    (asyncio.run attaches the watcher to its loop); where pidfds are unavailable the threaded watcher stays."""
+    if sys.version_info >= (3, 12) or not _pidfd_usable():
+        yield
+        return
+    policy = asyncio.get_event_loop_policy()
+    policy.set_child_watcher(asyncio.PidfdChildWatcher())
+    try:
+        yield
+    finally:
+        policy.set_child_watcher(asyncio.ThreadedChildWatcher())  # 3.11's default, for whatever runs next here
+
+
+def _pidfd_usable() -> bool:
+    try:
+        os.close(os.pidfd_open(os.getpid()))
+    except OSError:  # kernel before 5.3, or a seccomp profile that refuses pidfd_open
+        return False
+    return True
 
 
 def is_pid1() -> bool:

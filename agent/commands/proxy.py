@@ -40,7 +40,7 @@ from agent.errors import AgentError, ConfigError
 from agent.files import is_disk_error, remove_file, write_error
 from agent.lifecycle import Lifecycle
 from agent.mesh.settings import MeshSettings, mesh_settings
-from agent.pid1 import HANDLED
+from agent.pid1 import HANDLED, children_waited_on_the_loop
 from agent.proxy.argv import LaunchSettings
 from agent.proxy.binary import find_envoy
 from agent.proxy.desired import DesiredState, DesiredStateFn
@@ -267,18 +267,19 @@ def run(args: argparse.Namespace) -> int:
                 uid=os.getuid(),
             )  # fmt: skip
         desired_state = desired_state_fn(cfg, settings.watch.files, first)
-        return asyncio.run(
-            _main(
-                cfg,
-                settings=settings,
-                desired_state=desired_state,
-                first=first,
-                status_settings=status,
-                sockets=sockets,
-                dns=dns,
-                mesh=mesh,
+        with children_waited_on_the_loop():
+            return asyncio.run(
+                _main(
+                    cfg,
+                    settings=settings,
+                    desired_state=desired_state,
+                    first=first,
+                    status_settings=status,
+                    sockets=sockets,
+                    dns=dns,
+                    mesh=mesh,
+                )
             )
-        )
     finally:
         for sock in sockets:  # a no-op for the sockets the status server took over and closed
             sock.close()
