@@ -162,6 +162,7 @@ class Supervisor:
                         metrics=self.metrics,
                         debounce=self.watch.debounce,
                         max_delay=self.watch.max_delay,
+                        on_changing=epochs.validate_ahead,
                     )
                     background.append(tg.create_task(self.watcher.run()))
                 self.started.set()

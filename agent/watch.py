@@ -8,6 +8,10 @@ never goes quiet, and must not postpone a certificate rotation for ever), every 
 files whose content hash differs from the last one seen are reported. A half-written file is caught by the
 debounce (writers that go quiet mid-file are caught by the validation that follows). A deleted file is reported as
 such: a warning, and the caller keeps its current state.
+
+While a window is open the watcher also says, through `on_changing`, when the files' contents differ from the last
+ones reported (and from the last ones it said this about): the caller may start work that depends only on those
+contents (the supervisor validates the new bootstrap ahead), never act on them; only the report counts.
 """
 
 from __future__ import annotations
@@ -79,9 +83,13 @@ class Watcher:
         metrics: AgentMetrics | None = None,
         debounce: float = 0.1,
         max_delay: float | None = None,
+        on_changing: Callable[[], None] | None = None,
     ) -> None:
         self.files = {Path(p).absolute(): kind for p, kind in files.items()}
         self.on_change = on_change
+        self.on_changing = on_changing
+        # The contents `on_changing` was last called for, while a window is open.
+        self._changing: dict[Path, str | None] | None = None
         self.metrics = metrics
         self.debounce = debounce
         self.max_delay = max(1.0, 10 * debounce) if max_delay is None else max(max_delay, debounce)
@@ -152,6 +160,7 @@ class Watcher:
             self.ready.set()
             while True:
                 await queue.get()
+                self._look_ahead(queue)
                 # Debounce: wait until no event arrived for `debounce` seconds, or max_delay after the first one.
                 deadline = loop.time() + self.max_delay
                 while (quiet := min(self.debounce, deadline - loop.time())) > 0:
@@ -160,12 +169,25 @@ class Watcher:
                             await queue.get()
                     except TimeoutError:
                         break
+                    self._look_ahead(queue)
+                self._changing = None
                 self.check()
         finally:
             self._observer, self._handler = None, None
             observer.stop()
             with contextlib.suppress(RuntimeError):
                 await asyncio.to_thread(observer.join, 5.0)
+
+    def _look_ahead(self, queue: asyncio.Queue[Path]) -> None:
+        """Within a window, after each batch of events: call on_changing when the contents are new."""
+        while not queue.empty():  # events that arrived together: one look for all of them
+            queue.get_nowait()
+        if self.on_changing is None:
+            return
+        contents = {path: content_hash(path) for path in self.files}
+        if contents not in (self.hashes, self._changing):
+            self._changing = contents
+            self.on_changing()
 
     async def _poll(self) -> None:
         self.check()

@@ -207,7 +207,8 @@ def desired_state_fn(start: AgentConfig, watched: Mapping[Path, str], first: Des
     pending = [first]
 
     def desired_state() -> DesiredState:
-        if pending:
+        # Called on worker threads, at times two at once (the supervisor's render, a validation ahead): one pop.
+        with contextlib.suppress(IndexError):
             return pending.pop()
         try:
             return render_desired_state(reload_files(start), watched)

@@ -31,6 +31,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 from agent.errors import AgentError, ExitCode
+from agent.proxy.ahead import Target, ValidationAhead
 from agent.proxy.budget import EnvoyCrashed, RestartBudget
 from agent.proxy.desired import DesiredState, DesiredStateFn
 from agent.proxy.events import (
@@ -99,12 +100,20 @@ class Epochs:
         self._adopted: Epoch | None = None
         # The state the newest epoch 0 was started on: a restart's fallback when nothing went LIVE yet.
         self._last_started: DesiredState | None = None
+        self._ahead = ValidationAhead(
+            launcher, desired_state, spawn=spawn, target=self._ahead_target, forget=self._forget_unless_running
+        )
 
     # ---- inputs (called from the watcher, the signal dispatcher, tests) ----
 
     def notify_change(self, reason: str = "inputs changed") -> None:
         self._events.put_nowait(ChangeRequested(reason))
         self._budget.changed.set()
+
+    def validate_ahead(self) -> None:
+        """The watched files show new contents but may still change (the watcher's debounce window is open):
+        validate what they render to now, so that the hot restart that follows need not (agent/proxy/ahead.py)."""
+        self._ahead.request()
 
     def request_hot_restart(self) -> None:
         """SIGHUP: restart into a new epoch even when the desired state has not changed."""
@@ -478,8 +487,23 @@ class Epochs:
         self._lifecycle.envoy_up()
         return Applied.RECOVERED
 
+    def _ahead_target(self) -> Target | None:
+        """What a hot restart would start now, for the validation ahead; None when nothing is worth judging."""
+        current = self.current
+        if current is None or not (self.settings.validate and self._launcher.hot_restart):
+            return None
+        if self._lifecycle.shutting_down:
+            return None
+        return Target(current.number + 1, {current.state.digest, self._rejected})
+
+    def _forget_unless_running(self, number: int) -> None:
+        if number not in self._running:
+            self._launcher.forget(number)
+
     async def _validate(self, number: int, state: DesiredState) -> bool:
-        verdict = await self._launcher.validate(number, state)
+        verdict = await self._ahead.take(number, state)
+        if verdict is None:
+            verdict = await self._launcher.validate(number, state)
         if verdict.ok:
             return True
         self._metrics.hot_restarts.labels("invalid").inc()
@@ -516,6 +540,7 @@ class Epochs:
 
     async def stop_all(self, grace: float) -> None:
         """Stop every epoch (SIGTERM, SIGKILL after `grace`), remove their files and the shared memory segment."""
+        await self._ahead.cancel()
         epochs = list(self._running.values())
         await asyncio.gather(*(epoch.process.stop(grace) for epoch in epochs))
         for epoch in epochs:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -19,11 +19,16 @@ from tests.supervisor.harness import make_cert, supervised, tls_rig, until
 
 @asynccontextmanager
 async def watching(
-    files: dict[Path, str], debounce: float = 0.1, max_delay: float | None = None
+    files: dict[Path, str],
+    debounce: float = 0.1,
+    max_delay: float | None = None,
+    on_changing: Callable[[], None] | None = None,
 ) -> AsyncIterator[tuple[Watcher, list[ChangeSet]]]:
     seen: list[ChangeSet] = []
     metrics = AgentMetrics(process_metrics=False)
-    watcher = Watcher(files, seen.append, metrics=metrics, debounce=debounce, max_delay=max_delay)
+    watcher = Watcher(
+        files, seen.append, metrics=metrics, debounce=debounce, max_delay=max_delay, on_changing=on_changing
+    )
     task = asyncio.create_task(watcher.run())
     await asyncio.wait_for(watcher.ready.wait(), 5)
     try:
@@ -71,6 +76,26 @@ async def test_burst_is_debounced_and_same_content_ignored(tmp_path: Path) -> No
             assert len(seen) == 1
         assert watcher.metrics is not None
         assert watcher.metrics.registry.get_sample_value("istio_agent_file_changes_total", {"kind": "mesh"}) == 1
+
+
+async def test_new_contents_are_announced_while_the_window_is_open(tmp_path: Path) -> None:
+    """The supervisor validates ahead on this announcement: it comes before the report, once per new contents."""
+    target = tmp_path / "cert.pem"
+    target.write_text("one")
+    reports_when_announced: list[int] = []
+    seen: list[ChangeSet] = []
+
+    def announced() -> None:
+        reports_when_announced.append(len(seen))
+
+    with recording_logs("agent.watch") as logs:
+        async with watching({target: "cert"}, debounce=0.5, on_changing=announced) as (_watcher, seen):
+            target.write_text("two")
+            await until(lambda: len(seen) == 1, 5)
+            assert reports_when_announced == [0]
+            (tmp_path / "unrelated").write_text("x")  # an event, and the same contents: nothing to announce
+            await logs.wait_for("watched files hashed: no change")
+    assert reports_when_announced == [0]
 
 
 async def test_a_directory_that_never_goes_quiet_does_not_postpone_a_change_for_ever(tmp_path: Path) -> None:
