@@ -95,6 +95,8 @@ class Watcher:
         self.max_delay = max(1.0, 10 * debounce) if max_delay is None else max(max_delay, debounce)
         self.hashes: dict[Path, str | None] = {p: content_hash(p) for p in self.files}
         self.ready = asyncio.Event()
+        # Set by add(): run() starts watching only once there is something to watch.
+        self._added = asyncio.Event()
         # While run() is watching: the observer, its handler and the directories scheduled on it (for add()).
         self._observer: BaseObserver | None = None
         self._handler: FileSystemEventHandler | None = None
@@ -108,6 +110,7 @@ class Watcher:
             if path not in self.files:
                 self.files[path] = kind
                 self.hashes[path] = content_hash(path)
+                self._added.set()
         if self._observer is not None and self._handler is not None:
             try:
                 self._schedule(self._observer, self._handler)
@@ -138,6 +141,12 @@ class Watcher:
         """Exit paths: only cancellation (the observer thread is stopped and joined then)."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Path] = asyncio.Queue()
+        if not self.files:
+            # Nothing to watch yet (the SDS cache adds files as Envoy asks for them, and with a CA, never): no
+            # observer, so none of watchdog's threads, until add() brings some. Changes made meanwhile are caught
+            # by the first check() below, against the contents add() recorded.
+            self.ready.set()
+            await self._added.wait()
         from watchdog.observers import Observer  # noqa: PLC0415 (lazy: see the TYPE_CHECKING imports)
 
         observer = Observer()

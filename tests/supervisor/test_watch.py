@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -96,6 +97,20 @@ async def test_new_contents_are_announced_while_the_window_is_open(tmp_path: Pat
             (tmp_path / "unrelated").write_text("x")  # an event, and the same contents: nothing to announce
             await logs.wait_for("watched files hashed: no change")
     assert reports_when_announced == [0]
+
+
+async def test_nothing_to_watch_runs_no_thread_until_files_are_added(tmp_path: Path) -> None:
+    """The SDS cache's watcher starts empty (and stays so with a CA): watchdog's threads only once it has files."""
+    target = tmp_path / "cert-chain.pem"
+    target.write_text("one")
+    threads = threading.active_count()
+    async with watching({}) as (watcher, seen):
+        assert threading.active_count() == threads
+        watcher.add({target: "sds"})
+        target.write_text("two")  # before or after watching began: seen either way
+        await until(lambda: len(seen) == 1, 5)
+        assert threading.active_count() > threads
+    assert seen[0].changed == (target,)
 
 
 async def test_a_directory_that_never_goes_quiet_does_not_postpone_a_change_for_ever(tmp_path: Path) -> None:
