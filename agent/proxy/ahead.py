@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Coroutine, Set
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from agent.proxy.desired import DesiredState, DesiredStateFn
@@ -43,37 +44,30 @@ class _Judgement(NamedTuple):
     verdict: asyncio.Future[Verdict]
 
 
+@dataclass
 class ValidationAhead:
-    """`request()` when the watched files show new contents; `take()` from the policy's validation step."""
+    """`request()` when the watched files show new contents; `take()` from the policy's validation step.
 
-    def __init__(
-        self,
-        launcher: Launcher,
-        desired_state: DesiredStateFn,
-        *,
-        spawn: Spawn,
-        target: Callable[[], Target | None],
-        forget: Callable[[int], None],
-    ) -> None:
-        """`target()` says what a hot restart would start now (None: nothing is worth judging ahead: no epoch, hot
-        restart or validation off, shutting down); `forget(number)` removes an unused judgement's bootstrap file."""
-        self._launcher = launcher
-        self._desired_state = desired_state
-        self._spawn = spawn
-        self._target = target
-        self._forget = forget
-        self._wanted = False
-        self._task: asyncio.Task[None] | None = None
-        self._latest: _Judgement | None = None
+    `target()` says what a hot restart would start now (None: nothing is worth judging ahead: no epoch, hot restart
+    or validation off, shutting down); `forget(number)` removes an unused judgement's bootstrap file."""
+
+    launcher: Launcher
+    desired_state: DesiredStateFn
+    spawn: Spawn
+    target: Callable[[], Target | None]
+    forget: Callable[[int], None]
+    _wanted: bool = field(default=False, init=False)
+    _task: asyncio.Task[None] | None = field(default=None, init=False)
+    _latest: _Judgement | None = field(default=None, init=False)
 
     def request(self) -> None:
         """New contents were seen: judge the desired state now, or after the judgement running now."""
-        if self._target() is None:
+        if self.target() is None:
             return
         self._wanted = True
         if self._task is None or self._task.done():
             try:
-                self._task = self._spawn(self._judge())
+                self._task = self.spawn(self._judge())
             except RuntimeError:  # the TaskGroup is shutting down: there is nothing to restart any more
                 self._wanted = False
 
@@ -108,18 +102,18 @@ class ValidationAhead:
         if self._task is not None and not self._task.done():
             self._task.cancel()
             await asyncio.wait({self._task})
-        self._forget(unused.number)
+        self.forget(unused.number)
 
     async def _judge(self) -> None:
         """Exit paths: returns when no newer contents are waiting; cancelled by take() or cancel(). Never raises:
         this task belongs to the supervisor's TaskGroup, and nothing here may end the agent."""
         while self._wanted:
             self._wanted = False
-            target = self._target()
+            target = self.target()
             if target is None:
                 return
             try:
-                state = await asyncio.to_thread(self._desired_state)
+                state = await asyncio.to_thread(self.desired_state)
             except Exception as exc:
                 log.debug("validation ahead: the new contents do not render (yet): %s", exc)
                 continue
@@ -128,9 +122,9 @@ class ValidationAhead:
             judgement = _Judgement(target.number, state.digest, asyncio.get_running_loop().create_future())
             previous, self._latest = self._latest, judgement
             if previous is not None and previous.number != target.number:
-                self._forget(previous.number)
+                self.forget(previous.number)
             try:
-                verdict = await self._launcher.validate(target.number, state)
+                verdict = await self.launcher.validate(target.number, state)
             except asyncio.CancelledError:
                 judgement.verdict.cancel()
                 raise

@@ -68,6 +68,13 @@ class Run:
         self.inputs.bootstrap = bootstrap
         self.epochs.notify_change("test")
 
+    async def judged_ahead(self, bootstrap: bytes) -> None:
+        """New contents seen while the watcher's window is open (it calls validate_ahead): validated as epoch 1."""
+        await self.logs.wait_for("reconcile step (after a start): unchanged")
+        self.inputs.bootstrap = bootstrap
+        self.epochs.validate_ahead()
+        await self.launcher.wait_for("validate 1")
+
     async def exit_code(self) -> int:
         async with asyncio.timeout(5):
             return await self.task
@@ -425,10 +432,7 @@ async def test_with_hot_restart_off_a_change_waits_for_the_next_start(tmp_path: 
 
 async def test_a_change_judged_ahead_is_not_validated_again(tmp_path: Path) -> None:
     async with supervised(tmp_path) as run:
-        await run.logs.wait_for("reconcile step (after a start): unchanged")
-        run.inputs.bootstrap = b"rotated"
-        run.epochs.validate_ahead()  # what the watcher calls while the window is open
-        await run.launcher.wait_for("validate 1")
+        await run.judged_ahead(b"rotated")
         run.epochs.notify_change("test")  # the window closed on the same contents
         await run.logs.wait_for("Envoy epoch 1 is LIVE")
         assert run.launcher.calls.count("validate 1") == 1
@@ -439,10 +443,7 @@ async def test_contents_that_changed_again_are_validated_as_they_are_applied(tmp
     """A half-written state judged ahead (invalid) is neither logged nor counted, nor used for the final one."""
     launcher = FakeLauncher(behaviours={b"half": Behaviour(invalid=True, output=("truncated certificate",))})
     async with supervised(tmp_path, launcher) as run:
-        await run.logs.wait_for("reconcile step (after a start): unchanged")
-        run.inputs.bootstrap = b"half"
-        run.epochs.validate_ahead()
-        await launcher.wait_for("validate 1")
+        await run.judged_ahead(b"half")
         run.change(b"whole")
         await run.logs.wait_for("Envoy epoch 1 is LIVE")
         assert launcher.calls.count("validate 1") == 2
@@ -454,10 +455,7 @@ async def test_contents_that_changed_again_are_validated_as_they_are_applied(tmp
 async def test_an_invalid_state_judged_ahead_is_rejected_once_when_applied(tmp_path: Path) -> None:
     launcher = FakeLauncher(behaviours={b"bad": Behaviour(invalid=True, output=("bad certificate",))})
     async with supervised(tmp_path, launcher) as run:
-        await run.logs.wait_for("reconcile step (after a start): unchanged")
-        run.inputs.bootstrap = b"bad"
-        run.epochs.validate_ahead()
-        await launcher.wait_for("validate 1")
+        await run.judged_ahead(b"bad")
         run.epochs.notify_change("test")
         await run.logs.wait_for("new Envoy configuration is invalid, the running epoch stays: bad certificate")
         assert launcher.calls.count("validate 1") == 1 and "start 1" not in launcher.calls
@@ -466,10 +464,7 @@ async def test_an_invalid_state_judged_ahead_is_rejected_once_when_applied(tmp_p
 
 async def test_a_judgement_left_unused_leaves_no_bootstrap_file_behind(tmp_path: Path) -> None:
     async with supervised(tmp_path) as run:
-        await run.logs.wait_for("reconcile step (after a start): unchanged")
-        run.inputs.bootstrap = b"briefly"
-        run.epochs.validate_ahead()
-        await run.launcher.wait_for("validate 1")
+        await run.judged_ahead(b"briefly")
         run.change(b"good")  # back to what runs: nothing to apply
         await run.logs.wait_for("reconcile step (test): unchanged")
         run.lifecycle.request_shutdown("test done", skip_drain=True)
