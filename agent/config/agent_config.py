@@ -12,6 +12,7 @@ the ProxyConfig itself.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import types
 from collections.abc import Mapping
@@ -30,6 +31,8 @@ from agent.errors import ConfigError
 
 _T = TypeVar("_T")
 
+log = logging.getLogger("agent.config")
+
 LABELS_PATH = "./etc/istio/pod/labels"
 ANNOTATIONS_PATH = "./etc/istio/pod/annotations"
 PROXY_TYPES = ("sidecar", "router", "waypoint", "ztunnel", "agentgateway")
@@ -37,6 +40,25 @@ PROXY_TYPES = ("sidecar", "router", "waypoint", "ztunnel", "agentgateway")
 # node metadata ISTIO_VERSION, so we report an Istio version rather than our package version.
 ISTIO_COMPAT_VERSION = "1.28.0"
 CREDENTIAL_SOCKET = "./var/run/secrets/credential-uds/socket"
+# ProxyConfig fields the running agent took at start: its own ports and sockets, Envoy's command line, the drain,
+# istiod's address. A changed file (the `proxy.istio.io/config` or `status.sidecar.istio.io/port` annotation, the
+# mesh config) does not move them while the agent runs: they apply at its next start, as Istio reads them once.
+# Rendering them anyway would point a new Envoy epoch at what nobody serves: a new statusPort turns readiness
+# through Envoy's 15021 listener into 503 for good; a new proxyAdminPort loses the agent its Envoy (killed and
+# cold-started 20 s later); a new configPath moves the xDS socket away from the agent's.
+START_ONLY_FIELDS = (
+    "configPath",
+    "binaryPath",
+    "proxyAdminPort",
+    "statusPort",
+    "drainDuration",
+    "parentShutdownDuration",
+    "terminationDrainDuration",
+    "concurrency",
+    "fileFlushInterval",
+    "discoveryAddress",
+    "controlPlaneAuthPolicy",
+)
 
 
 @dataclass(frozen=True)
@@ -150,6 +172,8 @@ def _read_files(
     ov: NodeOverrides,
     paths: tuple[Path, Path],
     statsd_resolutions: Mapping[str, str],
+    *,
+    start: ProxyConfig | None = None,
 ) -> _FileFacts:
     labels = read_downward_api(paths[0])
     annotations = read_downward_api(paths[1])
@@ -164,6 +188,8 @@ def _read_files(
         proxy = ov.proxy_config
     else:
         proxy = assemble_proxy_config(flags, env, annotations or {}, paths[1], resolve)
+        if start is not None:
+            proxy = _start_values_kept(proxy, start)
     # ISTIO_BOOTSTRAP wins over customConfigFile, which wins over proxyBootstrapTemplatePath (--templateFile).
     custom_config_file = ""
     if env[E.ISTIO_BOOTSTRAP]:
@@ -182,6 +208,24 @@ def _read_files(
         credential_socket_exists=Path(CREDENTIAL_SOCKET).is_socket(),
         statsd_resolutions=types.MappingProxyType(resolved),
     )
+
+
+def _start_values_kept(proxy: ProxyConfig, start: ProxyConfig) -> ProxyConfig:
+    """`proxy` (re-read from changed files) with START_ONLY_FIELDS as they were at start; a change is logged."""
+    raw = proxy.to_proto_json()
+    moved = []
+    for key in START_ONLY_FIELDS:
+        if raw.get(key) == start.raw.get(key):
+            continue
+        moved.append(f"{key} {raw.get(key, '(unset)')}")
+        if key in start.raw:
+            raw[key] = start.raw[key]
+        else:
+            del raw[key]
+    if not moved:
+        return proxy
+    log.warning("changed files set %s: applies at the agent's next start", ", ".join(moved))
+    return ProxyConfig.from_raw(raw)
 
 
 def load_agent_config(
@@ -282,11 +326,17 @@ def load_agent_config(
 
 
 def reload_files(cfg: AgentConfig) -> AgentConfig:
-    """`cfg` with its files read again (downward API, mesh config) and what follows from them: the ProxyConfig,
-    the template choice, PILOT_SAN. Identity and environment stay as they were at start. Blocking (file reads, and
-    a DNS lookup for a statsd host name not seen before): call it off the event loop."""
+    """`cfg` with its files read again (downward API, mesh config) and what follows from them: the ProxyConfig
+    (but its START_ONLY_FIELDS as they were), the template choice, PILOT_SAN. Identity and environment stay as
+    they were at start. Blocking (file reads, and a DNS lookup for a statsd host name not seen before): call it off
+    the event loop."""
     files = _read_files(
-        cfg.flags, cfg.env, cfg.overrides, (cfg.labels_path, cfg.annotations_path), cfg.statsd_resolutions
+        cfg.flags,
+        cfg.env,
+        cfg.overrides,
+        (cfg.labels_path, cfg.annotations_path),
+        cfg.statsd_resolutions,
+        start=cfg.proxy,
     )
     return dataclasses.replace(
         cfg,

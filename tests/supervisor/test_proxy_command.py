@@ -135,9 +135,10 @@ def test_a_file_change_rereads_files_but_not_the_identity(tmp_path: Path, monkey
     assert (scans, lookups) == (["scan"], ["statsd.example"])
     assert cfg.proxy.statsd_udp_address == "10.7.7.7:8125" and cfg.proxy.drain_duration == 3
 
-    _annotations(tmp_path, {"statsdUdpAddress": "statsd.example:8125", "drainDuration": "4s"})
+    _annotations(tmp_path, {"statsdUdpAddress": "statsd.example:8125", "drainDuration": "4s", "statNameLength": 99})
     again = reload_files(cfg)
-    assert again.proxy.drain_duration == 4 and again.proxy.statsd_udp_address == "10.7.7.7:8125"
+    assert again.proxy.stat_name_length == 99 and again.proxy.statsd_udp_address == "10.7.7.7:8125"
+    assert again.proxy.drain_duration == 3  # Envoy's command line: as at start (START_ONLY_FIELDS)
     assert (again.node_id, again.instance_ips) == (cfg.node_id, cfg.instance_ips)
     assert (scans, lookups) == (["scan"], ["statsd.example"])  # no interface scan, no DNS lookup
 
