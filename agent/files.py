@@ -15,6 +15,7 @@ import contextlib
 import errno
 import logging
 import os
+import stat
 import tempfile
 from pathlib import Path
 
@@ -98,3 +99,26 @@ def write_error(path: Path, exc: OSError) -> AgentError:
     if is_disk_error(exc):
         return AgentError(f"cannot write {path}: {why}", ExitCode.STARTUP_FAILED)
     return ConfigError("effective ProxyConfig", "configPath", f"cannot write {path}: {why}")
+
+
+class NotARegularFile(OSError):
+    """A FIFO or socket (or, when only regular files will do, a device) where a file was expected: not read."""
+
+
+class FileTooLarge(OSError):
+    """More than the reader's bound: not read further."""
+
+
+def read_bounded(path: Path, limit: int, *, regular_only: bool = False) -> bytes:
+    """The file's bytes, at most `limit` of them (FileTooLarge beyond). Never blocks: a FIFO or socket is refused
+    (NotARegularFile) without a read, as it could make the reader wait for ever; `regular_only` refuses devices too
+    (a symlink to /dev/zero). Other failures are the OSError of open/read."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # O_NONBLOCK: open() of a FIFO waits otherwise
+    with os.fdopen(fd, "rb") as handle:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode) or (regular_only and not stat.S_ISREG(mode)):
+            raise NotARegularFile(errno.EINVAL, "not a regular file", str(path))
+        data = handle.read(limit + 1)
+    if len(data) > limit:
+        raise FileTooLarge(errno.EFBIG, f"larger than {limit} bytes", str(path))
+    return bytes(data)

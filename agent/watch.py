@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from agent.files import NotARegularFile, read_bounded
+
 if TYPE_CHECKING:
     # `pilot-agent proxy` imports content_hash before it execs Envoy; watchdog loads when the watcher starts.
     from watchdog.events import FileSystemEvent, FileSystemEventHandler
@@ -42,14 +44,24 @@ class ChangeSet:
     kinds: tuple[str, ...]
 
 
+# Watched files are certificates, downward-API files, mesh config, templates: far below this. A larger one is not
+# read (hashing runs on the event loop, and its reader would refuse it anyway: agent.config.documents).
+MAX_WATCHED_BYTES = 16 * 1024 * 1024
+
+
 def content_hash(path: Path) -> str | None:
-    """sha256 of the file's content (through symlinks), or None if it does not exist or cannot be read."""
+    """sha256 of the file's content (through symlinks), or None if it does not exist or cannot be read. Never
+    blocks and reads at most MAX_WATCHED_BYTES: it runs on the event loop, and a FIFO put in a watched file's place
+    would stop the whole agent (readiness, signals) for as long as nobody writes to it."""
     try:
-        return hashlib.sha256(path.read_bytes()).hexdigest()
+        return hashlib.sha256(read_bounded(path, MAX_WATCHED_BYTES, regular_only=True)).hexdigest()
     except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
         return None
+    except NotARegularFile:
+        log.warning("watched file %s is not a regular file: not read, Envoy keeps its current configuration", path)
+        return None
     except OSError as exc:
-        log.warning("cannot read watched file %s: %s", path, exc)
+        log.warning("cannot read watched file %s: %s", path, exc.strerror or exc)
         return None
 
 

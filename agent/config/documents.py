@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from agent.errors import ConfigError
+from agent.files import FileTooLarge, read_bounded
 
 # No configuration file the agent reads comes near this (a ConfigMap holds at most 1 MiB); reading stops here, so
 # `--meshConfig=/dev/zero` is an error instead of a read that never ends.
@@ -41,15 +42,14 @@ def read_file_if_present(path: Path, source: str, field: str = "") -> bytes | No
     """The file's bytes (at most MAX_FILE_BYTES), None when it does not exist; any other failure is a ConfigError
     naming `source` (and `field`)."""
     try:
-        with path.open("rb") as handle:
-            data = handle.read(MAX_FILE_BYTES + 1)
+        # Never blocks: a FIFO there is refused, not waited on for ever.
+        return read_bounded(path, MAX_FILE_BYTES)
     except FileNotFoundError:
         return None
+    except FileTooLarge:
+        raise ConfigError(source, field, f"{path} is larger than {MAX_FILE_BYTES // (1024 * 1024)} MiB") from None
     except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the path
         raise ConfigError(source, field, f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}") from None
-    if len(data) > MAX_FILE_BYTES:
-        raise ConfigError(source, field, f"{path} is larger than {MAX_FILE_BYTES // (1024 * 1024)} MiB")
-    return data
 
 
 def read_file(path: Path, source: str, field: str = "") -> bytes:

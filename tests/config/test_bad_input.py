@@ -11,6 +11,9 @@ import argparse
 import contextlib
 import errno
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -383,3 +386,15 @@ def test_start_up_refuses_with_exit_78_and_one_line(
     err = capsys.readouterr().err
     assert line in err
     assert len(err.strip().splitlines()) == 1, err
+
+
+def test_a_fifo_as_a_configuration_file_is_refused_not_waited_on(tmp_path: Path) -> None:
+    # Opening a FIFO blocks until a writer comes: `--meshConfig=<fifo>` used to hang the start for ever (and the
+    # same read at run time held the render thread). A subprocess, so that the old behaviour fails instead of hanging.
+    os.mkfifo(tmp_path / "mesh")
+    env = {**os.environ, "PROXY_CONFIG": json.dumps({"configPath": str(tmp_path / "proxy")})}
+    argv = [sys.executable, "-m", "agent", "proxy", "sidecar", "--meshConfig", str(tmp_path / "mesh")]
+    done = subprocess.run(argv, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=30, check=False)
+    assert done.returncode == ExitCode.CONFIG_ERROR
+    assert done.stderr.strip().splitlines()[-1].endswith(f"cannot read {tmp_path / 'mesh'}: not a regular file")
+    assert "Traceback" not in done.stderr

@@ -56,3 +56,15 @@ def test_start_only_fields_changed_at_runtime_keep_envoy_reachable(start_agent: 
         r"changed files set proxyAdminPort \d+, statusPort \d+: applies at the agent's next start", agent.stderr()
     )
 
+
+def test_a_fifo_or_device_in_place_of_a_watched_file_does_not_hang_the_agent(start_agent: StartAgent) -> None:
+    # The watcher used to read a changed file whole, on the event loop: a FIFO blocked the agent for good (no
+    # readiness, no signals), a symlink to /dev/zero read until memory ran out.
+    agent = start_agent(prepare=lambda work: (work / ANNOTATIONS).parent.mkdir(parents=True))
+    wait_until(lambda: ready(agent, "status") == 200)
+    swap(agent.config_dir.parent, os.mkfifo)
+    log_shows(agent, r"watched file \S+annotations is not a regular file")
+    assert ready(agent, "status") == 200
+    swap(agent.config_dir.parent, lambda tmp: tmp.symlink_to("/dev/zero"))
+    log_shows(agent, r"watched file \S+annotations is not a regular file.*\n(.*\n)*.*is not a regular file")
+    assert ready(agent, "envoy_status") == 200
