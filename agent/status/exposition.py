@@ -50,6 +50,23 @@ _NAME_PREFIX = re.compile(_NAME)
 _NAME_FULL = re.compile(_NAME + rb"$")
 _HELP_TEXT = re.compile(rb"(?:[^\\\n]|\\[\\n\"])*$")
 
+# Envoy's prometheus formatter's output, as pass_block() passes it untouched (see there).
+# Atomic groups: no backtracking state kept per line (~25% faster on Envoy's body).
+_ENVOY_TYPE = rb"# TYPE " + _NAME + rb" (?:counter|gauge|histogram)\n"
+_ENVOY_SAMPLE = rb"[^#\n][^\n]*+\n"
+_ENVOY_FAMILY = _ENVOY_TYPE + rb"(?>(?:" + _ENVOY_SAMPLE + rb")+)"
+_ENVOY_TYPE_LINE = re.compile(rb"\n# TYPE ([^ \n]+) ([^\n]+)")
+_ENVOY_BLOCK = re.compile(rb"(?>(?:" + _ENVOY_SAMPLE + rb")*)(?:" + _ENVOY_FAMILY + rb")*(?:" + _ENVOY_TYPE + rb")?")
+
+# Blocks in which every line is valid, for feed_checked_block(): comment lines are judged by _comment() later.
+# Each sample line is tried in the spelling every real exporter writes first (no optional whitespace: ~30% faster).
+_TIGHT_OM_SAMPLE = _NAME + rb"(?:" + _TIGHT_LABELS + rb")? " + _FLOAT + rb"(?: " + _FLOAT + rb")?"
+_TEXT_BLOCK = re.compile(rb"(?:#[^\n]*+\n|" + _TIGHT_TEXT_SAMPLE.pattern + rb"\n|" + _TEXT_SAMPLE.pattern + rb"\n)*+")
+_OM_BLOCK = re.compile(rb"(?:#[^\n]*+\n|" + _TIGHT_OM_SAMPLE + rb"\n|" + _OM_SAMPLE.pattern + rb"\n)*+")
+
+# Families whose claims a source's cache keeps (~150 bytes each); past that the cache starts again.
+CLAIMS_CACHE_CAP = 20_000
+
 # Family names remembered per source to catch a source repeating its own family (~70 bytes each: ~3.5 MiB at most).
 OWN_NAMES_CAP = 50_000
 
@@ -95,6 +112,9 @@ class FamilyFilter:
     _started: bool = False
     _meta_seen: set[bytes] = field(default_factory=set)
     _own_names: set[bytes] = field(default_factory=set)
+    _words: frozenset[bytes] | None = None
+    # Claims per (family name, type), shared by the merges of one source (see pass_block()).
+    claims_cache: dict[tuple[bytes, bytes], frozenset[bytes]] = field(default_factory=dict)
 
     def feed(self, lines: list[bytes], out: list[bytes]) -> None:
         sample_re = _OM_SAMPLE if self.openmetrics else _TEXT_SAMPLE
@@ -169,6 +189,94 @@ class FamilyFilter:
         self._started = True
         out.append(block)
         return True
+
+    def feed_checked_block(self, block: bytes, out: list[bytes]) -> bool:
+        """Fast path for an UNTRUSTED source (an application): a block of complete lines whose every line is valid
+        (one regex over the block, in C) is handled family by family instead of line by line: its comment lines
+        go through _comment() one by one as in feed(), and each run of samples between them is kept or dropped
+        whole when all its sample names belong to the current family, which is what feed() would do line by line.
+        Output in feed()'s convention (lines joined by the caller). Returns False (nothing consumed) when the
+        block needs feed(): an invalid or blank line, non-ASCII bytes (checked as UTF-8 there)."""
+        if not self.validate or not block.isascii():
+            return False
+        if (_OM_BLOCK if self.openmetrics else _TEXT_BLOCK).fullmatch(block) is None:
+            return False
+        # Comment lines found with find() (C, skipping whole runs of samples), not a `^#` regex scan of every byte.
+        start = 0
+        while start < len(block):
+            if block.startswith(b"#", start):
+                comment = start
+            else:
+                found = block.find(b"\n#", start)
+                if found < 0:
+                    self._feed_run(block[start:], out)
+                    break
+                comment = found + 1
+                self._feed_run(block[start:comment], out)
+            end = block.index(b"\n", comment)
+            self._comment(block[comment:end], out)
+            start = end + 1
+        return True
+
+    def _feed_run(self, run: bytes, out: list[bytes]) -> None:
+        """Sample lines (valid, each ending in a newline) with no comment among them."""
+        if not self._decided:
+            self._decide(out)
+        # Every line starts with an allowed name followed by `{` or ` ` (counted in C; a line matches one at most).
+        head = b"\n" + run
+        of_family = sum(head.count(b"\n" + name + b"{") + head.count(b"\n" + name + b" ") for name in self._allowed)
+        if of_family != run.count(b"\n"):
+            self.feed(run.split(b"\n")[:-1], out)  # a new family begins inside the run: line by line
+            return
+        self._started = True
+        if self._keep:
+            out.append(run[:-1])
+
+    def take_block(self, block: bytes, out: list[bytes]) -> bool:
+        """A block of complete lines through the fastest path that gives the same output: pass_block(), else
+        feed_block(). False: nothing consumed, feed() the lines."""
+        return self.pass_block(block, out) or self.feed_block(block, out)
+
+    def pass_block(self, block: bytes, out: list[bytes]) -> bool:
+        """Fastest path, for a trusted source (Envoy): a block in Envoy's exact shape goes out as it came, after one
+        regex match in C and no per-line Python work. It accepts only blocks feed_block() would pass untouched, so
+        the output is the same; False (nothing consumed) leaves the block to feed_block().
+
+        Envoy's shape (_ENVOY_BLOCK): sample lines, and `# TYPE <valid name> counter|gauge|histogram` lines each
+        followed by its samples (the block's last line may be a TYPE whose samples come in the next block); no
+        HELP, no other comment, no blank line. No family can clash when no `# TYPE` in the block names a family
+        starting with the first `_`-separated word of a claimed name: a family `f` clashes when `f` or `f` + a
+        suffix (`_total`, `_bucket`, ...) is claimed, and such a name starts with its first word (`istio` for
+        every name of the agent's). When a later source needs this one's claims, they come from the TYPE lines,
+        each family's from `claims_cache` (Envoy's families are the same from one scrape to the next)."""
+        if self.validate or not self._keep or not self._decided:
+            return False
+        if _ENVOY_BLOCK.fullmatch(block) is None:
+            return False
+        if any(b"# TYPE " + word in block for word in self._claimed_words()):
+            return False
+        if self.record:
+            cache = self.claims_cache
+            for family in _ENVOY_TYPE_LINE.findall(b"\n" + block):
+                claims = cache.get(family)
+                if claims is None:
+                    claims = cache[family] = frozenset((family[0], *sample_names(*family)))
+                self.new_claims |= claims
+            if len(cache) > CLAIMS_CACHE_CAP:
+                cache.clear()  # a source whose family names keep changing: nothing to gain, keep memory bounded
+        # The last TYPE line (a "# TYPE" inside a label value is not one) decides what the next block continues.
+        last = block.rfind(b"\n# TYPE ") + 1 or (0 if block.startswith(b"# TYPE ") else -1)
+        if last >= 0:
+            self._name, _, self._kind = block[last + 7 : block.index(b"\n", last)].partition(b" ")
+            self._allowed = sample_names(self._name, self._kind)
+        self._started = True
+        out.append(block)
+        return True
+
+    def _claimed_words(self) -> frozenset[bytes]:
+        if self._words is None:
+            self._words = frozenset(name.split(b"_", 1)[0] for name in self.claimed)
+        return self._words
 
     def finish(self, out: list[bytes]) -> None:
         if not self._decided:

@@ -1,11 +1,11 @@
 """A StatusServer in a process of its own, for tests that measure the agent's memory or starve its descriptors.
 
-    python -m tests.status.server_process [--port P] [--envoy-prometheus-port P --admin-port P] [--app-port P]
+    python -m tests.status.server_process [--port P] [--admin-port P [--merge-envoy]] [--app-port P]
                                           [--spare-descriptors N]
 
 Prints its port once listening (after taking every free descriptor but N, when asked: as another part of the agent
-could), and serves until stdin closes. Envoy is treated as up; without --envoy-prometheus-port its metrics are not
-merged, so /stats/prometheus shows the agent's own.
+could), and serves until stdin closes. Envoy is treated as up; without --merge-envoy its metrics are not merged
+(/stats/prometheus then shows the agent's own and the application's).
 """
 
 from __future__ import annotations
@@ -42,8 +42,7 @@ async def main(args: argparse.Namespace) -> None:
         status_port=args.port,
         listen_host="127.0.0.1",
         admin_port=args.admin_port,
-        envoy_prometheus_port=args.envoy_prometheus_port,
-        merge_envoy_stats=bool(args.envoy_prometheus_port),
+        merge_envoy_stats=args.merge_envoy,
         scrape_targets=(ScrapeTarget(args.app_port),) if args.app_port else (),
     )
     lifecycle = Lifecycle()
@@ -62,7 +61,7 @@ async def main(args: argparse.Namespace) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, default=0)
-    parser.add_argument("--envoy-prometheus-port", type=int, default=0)
+    parser.add_argument("--merge-envoy", action="store_true")
     parser.add_argument("--admin-port", type=int, default=9)
     parser.add_argument("--app-port", type=int, default=0)
     parser.add_argument("--spare-descriptors", type=int)

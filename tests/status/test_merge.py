@@ -122,7 +122,7 @@ async def test_gzip_when_asked_and_query_forwarded_to_envoy(stack: EnvoyStack) -
 
 async def test_envoy_down_is_counted_and_the_rest_served(stack: EnvoyStack) -> None:
     with exporter(app_registry()) as app_port:
-        closed = settings_for(stack, envoy_prometheus_port=1, scrape_targets=(ScrapeTarget(app_port, "/metrics"),))
+        closed = settings_for(stack, admin_port=1, scrape_targets=(ScrapeTarget(app_port, "/metrics"),))
         async with running_agent(closed) as agent:
             status, body, _ = await agent.get("/stats/prometheus")
             assert agent.failures("envoy") == 1

@@ -131,7 +131,7 @@ async def merged(apps: tuple[tuple[str], ...], accept: str, compressed: bool) ->
         for (kind,) in apps:
             body, content_type = (text_app_body(), TEXT) if kind == "text" else (openmetrics_app_body(), OPENMETRICS)
             targets.append(ScrapeTarget(stack.enter_context(static(body, content_type)), "/metrics"))
-        settings = settings_for(None, envoy_prometheus_port=envoy_port, scrape_targets=tuple(targets))
+        settings = settings_for(None, admin_port=envoy_port, scrape_targets=tuple(targets))
         async with running_agent(settings) as agent:
             headers = {"Accept": accept, "Accept-Encoding": "gzip" if compressed else "identity"}
             status, body, response_headers = await agent.get("/stats/prometheus", headers=headers)

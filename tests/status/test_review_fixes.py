@@ -78,7 +78,7 @@ async def test_the_query_string_reaches_envoy_as_the_scraper_sent_it() -> None:
     """Istio forwards RawQuery: %23 must not become a fragment, %2B not a '+', a stray escape not be repaired."""
     seen: list[bytes] = []
     with raw_http_server(_envoy_serving(b"# TYPE envoy_up gauge\nenvoy_up 1\n", seen)) as envoy_port:
-        async with running_agent(settings_for(None, envoy_prometheus_port=envoy_port)) as agent:
+        async with running_agent(settings_for(None, admin_port=envoy_port)) as agent:
             url = yarl.URL(f"{agent.base}/stats/prometheus?filter=%5Eenvoy%2Bx%23y&a=%C3%28", encoded=True)
             async with agent.session.get(url) as response:
                 assert response.status == 200
@@ -92,7 +92,7 @@ async def test_an_infinite_scrape_timeout_header_still_ends_the_scrape() -> None
         conn.close()
 
     with raw_http_server(never_answers) as envoy_port:
-        settings = settings_for(None, envoy_prometheus_port=envoy_port, default_scrape_timeout=0.5)
+        settings = settings_for(None, admin_port=envoy_port, default_scrape_timeout=0.5)
         async with running_agent(settings) as agent:
             started = time.monotonic()
             status, body, _ = await agent.get(
@@ -110,7 +110,7 @@ async def test_scrapers_hanging_up_mid_gzip_body_leave_no_errors(caplog: pytest.
 
     caplog.set_level(logging.DEBUG)
     with raw_http_server(_envoy_serving(body)) as envoy_port:
-        async with running_agent(settings_for(None, envoy_prometheus_port=envoy_port)) as agent:
+        async with running_agent(settings_for(None, admin_port=envoy_port)) as agent:
             for i in range(120):
                 async with agent.session.get(
                     f"{agent.base}/stats/prometheus", headers={"Accept-Encoding": "gzip"}

@@ -65,8 +65,7 @@ def agent_merging(stack: EnvoyStack, app_port: int) -> Iterator[ServerProcess]:
     with server_process(
         "--port",
         str(stack.agent_port),
-        "--envoy-prometheus-port",
-        str(stack.prometheus_port),
+        "--merge-envoy",
         "--admin-port",
         str(stack.admin_port),
         "--app-port",
