@@ -14,7 +14,9 @@ second (issue 12). The guard:
   closes the connection waiting longest for its headers, else the longest idle kept-alive one, so that a probe's
   new connection is always served; a request in progress is never closed for it;
 * when accept() fails for lack of descriptors anyway (something else used them), closes a waiting or idle
-  connection per failure and accepts again at the loop's next turn; one log line a minute at most.
+  connection per failure and accepts again at the loop's next turn; one log line a minute at most;
+* logs malformed requests (answered 400 by aiohttp, which logs each at ERROR) once a minute with a count: any peer
+  could otherwise write the agent's log at line rate. Go's server, Istio's, logs none.
 
 It hooks aiohttp at public seams only: a delegating asyncio protocol around each RequestHandler, a middleware that
 marks requests in progress, and a BaseSite that accepts from a pre-bound socket itself.
@@ -33,6 +35,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestHandler
 
 from agent.metrics import AgentMetrics
@@ -235,6 +238,39 @@ class ConnectionGuard:
             return True
         self._log_summary()
         return False
+
+
+class MalformedRequests(logging.Filter):
+    """On the status server's own aiohttp logger: a malformed request (aiohttp's HttpProcessingError, answered 400)
+    becomes one summary line a minute; everything else (a handler's exception) passes as it is."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.suppressed = 0
+        self._last_log = -float("inf")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if not isinstance(exc, HttpProcessingError):
+            return True
+        self.suppressed += 1
+        now = time.monotonic()
+        if now - self._last_log >= LOG_INTERVAL:
+            self._last_log = now
+            log.warning(
+                "status server: %d malformed requests answered %d (last: %s)", self.suppressed, exc.code, exc.message
+            )
+            self.suppressed = 0
+        return False
+
+
+def server_logger(parent: logging.Logger) -> logging.Logger:
+    """A logger for aiohttp's request handlers with MalformedRequests on it: a private instance (not in logging's
+    registry, so no filter outlives its server), whose records propagate to `parent`'s handlers."""
+    logger = logging.Logger(f"{parent.name}.http")
+    logger.parent = parent
+    logger.addFilter(MalformedRequests())
+    return logger
 
 
 class GuardedSite(web.BaseSite):

@@ -21,7 +21,7 @@ from agent.lifecycle import Lifecycle
 from agent.metrics import AgentMetrics
 from agent.proxy.admin import AdminClient, AdminError
 from agent.status.app_probes import AppProber
-from agent.status.connections import ConnectionGuard, ConnectionLimits, GuardedSite
+from agent.status.connections import ConnectionGuard, ConnectionLimits, GuardedSite, server_logger
 from agent.status.listen import bind_status_sockets
 from agent.status.metrics_merge import MetricsMerger
 from agent.status.readiness import Probe, Readiness
@@ -130,6 +130,7 @@ class StatusServer:
         runner = web.AppRunner(
             self._app(),
             access_log=None,
+            logger=server_logger(log),
             shutdown_timeout=SHUTDOWN_GRACE,
         )
         await runner.setup()

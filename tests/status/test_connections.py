@@ -199,3 +199,16 @@ def _closed(peer: socket.socket) -> bool:
         return False
     except OSError:
         return True
+
+
+async def test_malformed_requests_do_not_write_a_line_each(caplog: pytest.LogCaptureFixture) -> None:
+    """aiohttp logs every malformed request at ERROR; any peer could fill the log at line rate."""
+    async with running_agent(settings_for(None)) as agent:
+        for _ in range(200):
+            stream = await connect(agent.port, b"GET /x HTTP/1.1\r\nHost: x\r\nX-A: " + b"a" * 9000 + b"\r\n\r\n")
+            head = await asyncio.wait_for(stream[0].read(), 5)
+            assert head.startswith(b"HTTP/1.") and b" 400 " in head.split(b"\r\n", 1)[0]
+            stream[1].close()
+    records = [r for r in caplog.records if r.name.startswith("agent.status")]
+    assert len(records) == 1, [r.getMessage() for r in records]
+    assert records[0].getMessage().startswith("status server: 1 malformed requests answered 400")
