@@ -43,6 +43,10 @@ _HOP_HEADERS = {
     "accept-encoding",
 }
 GRPC_SERVING = 1
+# A HealthCheckResponse is a few bytes (grpc-go, Istio's prober, refuses any message over 4 MiB). The answer is read
+# and decoded on the agent's event loop: an application streaming an endless or a 50 MiB answer used to cost
+# hundreds of MiB and, decoded, seconds of the loop (no readiness answered meanwhile). Beyond this: a failed probe.
+MAX_GRPC_RESPONSE = 64 * 1024
 
 
 def source_address_usable(address: str) -> bool:
@@ -282,12 +286,15 @@ async def grpc_health_check(
                     grpc_message = fields.get(b"grpc-message", grpc_message)
                 elif isinstance(event, h2.events.DataReceived):
                     body += event.data
+                    if len(body) > MAX_GRPC_RESPONSE:
+                        raise GRPCError(f"response larger than {MAX_GRPC_RESPONSE} bytes")
                     conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
                 elif isinstance(event, h2.events.StreamEnded):
                     ended = True
                 elif isinstance(event, h2.events.StreamReset | h2.events.ConnectionTerminated):
                     raise GRPCError(f"stream reset: {event}")
             writer.write(conn.data_to_send())
+            await writer.drain()  # an application that sends (pings, settings) but never reads: bounded, not buffered
         if grpc_status != "0":
             raise GRPCError(f"grpc-status {grpc_status}: {grpc_message}")
         if len(body) < 5:

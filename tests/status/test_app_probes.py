@@ -229,6 +229,55 @@ async def test_grpc_probe_against_a_server_without_the_health_service_fails() ->
         await server.stop(0)
 
 
+@asynccontextmanager
+async def oversized_health_answer(size: int) -> AsyncIterator[int]:
+    """An h2c server whose health answer is one gRPC message of `size` bytes, every field `status: SERVING`."""
+    import h2.config  # noqa: PLC0415 (h2 is the agent's own dependency; only these tests serve HTTP/2 with it)
+    import h2.connection  # noqa: PLC0415
+    import h2.events  # noqa: PLC0415
+    import h2.exceptions  # noqa: PLC0415
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+        conn.initiate_connection()
+        message = b"\x00" + size.to_bytes(4, "big") + b"\x08\x01" * (size // 2)
+        sent, ended = 0, False
+        try:
+            while data := await reader.read(65536):
+                for event in conn.receive_data(data):
+                    if isinstance(event, h2.events.RequestReceived):
+                        conn.send_headers(1, [(":status", "200"), ("content-type", "application/grpc")])
+                while sent < len(message) and conn.local_flow_control_window(1) > 0:
+                    chunk = min(conn.local_flow_control_window(1), conn.max_outbound_frame_size, len(message) - sent)
+                    conn.send_data(1, message[sent : sent + chunk])
+                    sent += chunk
+                if sent == len(message) and not ended:
+                    conn.send_headers(1, [("grpc-status", "0")], end_stream=True)
+                    ended = True
+                writer.write(conn.data_to_send())
+                await writer.drain()
+        except (ConnectionError, h2.exceptions.ProtocolError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    try:
+        yield int(server.sockets[0].getsockname()[1])
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def test_grpc_probe_refuses_an_oversized_answer() -> None:
+    # The answer is read and decoded on the agent's event loop: 50 MiB from an application used to cost ~200 MiB and
+    # ~20 s of the loop (no readiness meanwhile), then counted as SERVING. Any answer over 64 KiB is a failure now.
+    async with oversized_health_answer(2 * 1024 * 1024) as port:
+        config = {"/app-health/big/readyz": {"grpc": {"port": port}, "timeoutSeconds": 10}}
+        async with running_agent(settings_for(None, app_probes=parse_app_probers(json.dumps(config)))) as agent:
+            assert (await call(agent, "/app-health/big/readyz"))[0] == 500
+
+
 @pytest.mark.parametrize("kind", ["http", "tcp"])
 async def test_flood_of_app_probes_is_answered(kind: str) -> None:
     async with application() as (port, _):
