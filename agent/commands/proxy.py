@@ -320,7 +320,17 @@ async def _main(
         raise exc.as_agent_error() from None
     except EnvoyExecError:
         pass  # the supervisor's own start fails the same way and reports it as a failed start (with its backoff)
+    from agent.metrics import AgentMetrics  # noqa: PLC0415 (lazy: loaded after Envoy's exec)
+
+    metrics = AgentMetrics()
+    dns_service = _dns_service(dns, metrics) if dns is not None else None
+    mesh_service = None
     try:
+        if mesh is not None and listeners is not None:
+            # Serve Envoy's ADS and SDS now, and send the first CSR: Envoy gets its configuration and certificate
+            # while the status server and the supervisor load (it is ready only when all three are done).
+            mesh_service = _mesh_service(mesh, listeners, metrics, dns_service)
+            await mesh_service.start()
         return await _supervise(
             cfg,
             settings=settings,
@@ -331,8 +341,9 @@ async def _main(
             first=first,
             signal_queue=signal_queue,
             foreign_segment=foreign_segment,
-            dns=dns,
-            mesh=(mesh, listeners) if mesh is not None and listeners is not None else None,
+            metrics=metrics,
+            dns_service=dns_service,
+            mesh_service=mesh_service,
         )
     finally:
         # A no-op once the supervisor adopted it (it stops what it owns); otherwise no Envoy outlives us.
@@ -340,8 +351,11 @@ async def _main(
             remove_file(settings.launch.bootstrap_path(0))
             if settings.launch.hot_restart:
                 remove_segment(settings.launch.base_id, foreign_segment)
-        if listeners is not None:
-            await listeners.stop()  # a no-op once the mesh service stopped them
+        # No-ops once the supervisor stopped them.
+        if mesh_service is not None:
+            await mesh_service.stop()
+        elif listeners is not None:
+            await listeners.stop()
 
 
 async def _supervise(
@@ -355,22 +369,19 @@ async def _supervise(
     first: DesiredState,
     signal_queue: asyncio.Queue[int],
     foreign_segment: SegmentIdentity | None,
-    dns: DnsStartup | None,
-    mesh: tuple[MeshSettings, MeshListeners] | None,
+    metrics: AgentMetrics,
+    dns_service: DnsService | None,
+    mesh_service: MeshService | None,
 ) -> int:
     # Imported here, after Envoy's exec, so that their cost (~0.2 s) overlaps Envoy's own start.
-    from agent.metrics import AgentMetrics  # noqa: PLC0415 (lazy: loaded after Envoy's exec)
     from agent.proxy.admin import AdminClient  # noqa: PLC0415 (lazy: loaded after Envoy's exec)
     from agent.status.server import StatusServer  # noqa: PLC0415 (lazy: loaded after Envoy's exec)
 
     lifecycle = Lifecycle()
-    metrics = AgentMetrics()
     admin = AdminClient(port=cfg.proxy.proxy_admin_port)
     launcher = EnvoyLauncher(
         settings.launch, admin, tail_lines=settings.supervision.stderr_tail_lines, foreign_segment=foreign_segment
     )
-    dns_service = _dns_service(dns, metrics) if dns is not None else None
-    mesh_service = _mesh_service(*mesh, metrics, dns_service) if mesh is not None else None
     # In start order; each one Envoy needs listening must bind before the exec above, as the status port does.
     services: list[Service] = []
     if status_settings is not None:
@@ -393,7 +404,8 @@ async def _supervise(
     if dns_service is not None:
         services.append(dns_service)
     if mesh_service is not None:
-        services.append(mesh_service)  # stops first: the status server answers readiness until the very end
+        # Started already (above, before the supervisor); stops first: readiness answers until the very end.
+        services.append(mesh_service)
     supervisor = Supervisor(
         launcher,
         settings.supervision,

@@ -9,6 +9,7 @@ the exec and serves them; on the way down Envoy stops first, then the xDS proxy,
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from prometheus_client import CollectorRegistry
@@ -45,17 +46,34 @@ class MeshService:
         if settings.xds is not None and listeners.xds is not None:
             self.xds = XdsProxy(settings.xds, XdsMetrics(registry), listeners.xds)
         self.probe = MeshProbe(self)
+        self._prewarm: asyncio.Future[None] | None = None
+        self._started = False
+        self._stopped = False
 
     async def start(self) -> None:
+        """Serve both sockets and, with a CA, start fetching the first certificate before Envoy asks for it.
+        Idempotent: `pilot-agent proxy` starts it before the supervisor exists."""
+        if self._started:
+            return
+        self._started = True
         await self.sds.start()
         if self.xds is not None:
             await self.xds.start()
+        if self.prewarm:
+            self._prewarm = asyncio.ensure_future(self.cache.prewarm())
 
     async def run(self) -> None:
-        """The cache's watcher and rotation timer, and the first certificate fetched before Envoy asks."""
-        await self.cache.run(prewarm=self.prewarm)
+        """The cache's watcher and rotation timer. Exit paths: only cancellation."""
+        await self.cache.run(prewarm=False)
 
     async def stop(self) -> None:
+        """Idempotent."""
+        if self._stopped:
+            return
+        self._stopped = True
+        if self._prewarm is not None:
+            self._prewarm.cancel()
+            await asyncio.gather(self._prewarm, return_exceptions=True)
         if self.xds is not None:
             await self.xds.stop()
         await self.sds.stop()

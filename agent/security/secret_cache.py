@@ -280,9 +280,10 @@ class SecretCache:
             tg.create_task(self.watcher.run())
             tg.create_task(self._rotate())
             if prewarm:
-                tg.create_task(self._prewarm(prewarm_first_wait))
+                tg.create_task(self.prewarm(prewarm_first_wait))
 
-    async def _prewarm(self, wait: float) -> None:
+    async def prewarm(self, wait: float = PREWARM_FIRST_WAIT) -> None:
+        """Fetch `default` then `ROOTCA`, retrying with backoff until both are there (Istio's newSDSService)."""
         for name in (WORKLOAD, ROOT):
             while True:
                 try:

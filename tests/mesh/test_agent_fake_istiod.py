@@ -6,165 +6,16 @@ through its xDS proxy and Envoy's certificates on the SDS socket, CSR'd from the
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import signal
-import socket
-import ssl
-import subprocess
-import sys
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 import pytest
 
-from agent.bootstrap.tls import sds_secret
-from tests.bootstrap.test_default_bootstrap_live import quiet_ports
-from tests.supervisor import agent_process
-from tests.supervisor.agent_process import ROOT, agent_env, envoys_of
-from tests.support.envoy import http_get, new_base_id, shm_segment, wait_until
-from tests.support.fake_istiod import CLUSTER, LISTENER, FakeIstiod, demo_listener
-from tests.support.mesh_pki import MeshCa, serial_of, uri_sans
+from tests.support.envoy import wait_until
+from tests.support.mesh_agent import IDENTITY, TOKEN, mesh_pod, wait_ready, wait_reason
+from tests.support.mesh_pki import serial_of, uri_sans
 
 pytestmark = pytest.mark.envoy
-
-TOKEN = "the-pods-token"
-IDENTITY = "spiffe://cluster.local/ns/shop/sa/reviews"
-
-
-def mtls_listener(port: int) -> Any:
-    """What istiod sends for an inbound port with PeerAuthentication STRICT: TLS from SDS `default`, client
-    certificates verified against SDS `ROOTCA`."""
-    tls = {
-        "require_client_certificate": True,
-        "common_tls_context": {
-            "tls_certificate_sds_secret_configs": [sds_secret("default")],
-            "validation_context_sds_secret_config": sds_secret("ROOTCA"),
-        },
-    }
-    return demo_listener("inbound", port, "hello over mTLS", tls=tls)
-
-
-@dataclass
-class Pod:
-    root: Path  # the agent's cwd: ./var/run/secrets/... live here
-    proc: subprocess.Popen[bytes]
-    istiod: FakeIstiod
-    ca: MeshCa
-    ports: dict[str, int]
-    log: Path
-
-    def ready(self) -> tuple[int, str]:
-        status, body = http_get(f"http://127.0.0.1:{self.ports['status']}/healthz/ready")
-        return status, body.decode(errors="replace")
-
-    def admin(self, path: str) -> Any:
-        status, body = http_get(f"http://127.0.0.1:{self.ports['admin']}{path}")
-        assert status == 200, body
-        return json.loads(body)
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")[-4000:]
-
-    def served_certificate(self) -> bytes:
-        """The certificate Envoy presents on the mTLS listener, to a client holding a mesh certificate."""
-        chain, key = self.ca.workload("spiffe://cluster.local/ns/shop/sa/client")
-        (self.root / "client.pem").write_bytes(chain)
-        (self.root / "client.key").write_bytes(key)
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        context.check_hostname = False
-        context.load_verify_locations(cadata=self.ca.root_pem.decode())
-        context.load_cert_chain(self.root / "client.pem", self.root / "client.key")
-        with (
-            socket.create_connection(("127.0.0.1", self.ports["mtls"]), timeout=5) as raw,
-            context.wrap_socket(raw) as tls,
-        ):
-            der = tls.getpeercert(binary_form=True)
-        assert der is not None
-        return ssl.DER_cert_to_PEM_cert(der).encode()
-
-    def envoy_epochs(self) -> set[int]:
-        return {int(self.admin("/server_info")["command_line_options"]["restart_epoch"])}
-
-
-@contextmanager
-def mesh_pod(*, start_istiod: bool = True, token: str = TOKEN, **extra_env: str) -> Iterator[Pod]:
-    """The agent as a pod's istio-proxy: the ConfigMap root and the projected token in place, istiod at
-    localhost:<port> (the agent verifies istiod.istio-system.svc, as Istio's does for localhost)."""
-    root = Path(tempfile.mkdtemp(prefix="meshpod", dir="/tmp"))
-    ports = quiet_ports("admin", "status", "envoy_status", "prom", "mtls")
-    base_id = new_base_id()
-    ca = MeshCa()
-    chain, key = ca.server(["istiod.istio-system.svc"])
-    secrets = root / "var/run/secrets"
-    (secrets / "istio").mkdir(parents=True)
-    (secrets / "istio/root-cert.pem").write_bytes(ca.root_pem)
-    (secrets / "tokens").mkdir()
-    (secrets / "tokens/istio-token").write_text(token)
-    istiod = FakeIstiod(
-        "127.0.0.1:0",
-        {LISTENER: [mtls_listener(ports["mtls"])], CLUSTER: []},
-        tls=(chain, key, ca.root_pem),
-        ca=ca,
-        tokens={TOKEN: IDENTITY},
-        require_auth=True,
-    )
-    istiod.__enter__()
-    istiod.listen = istiod.address  # a restart comes back on the same port
-    port = int(istiod.address.rsplit(":", 1)[1])
-    if not start_istiod:
-        istiod.__exit__(None, None, None)
-    proxy_config = agent_process.test_proxy_config(root, ports, discoveryAddress=f"localhost:{port}")
-    env = agent_env(
-        root,
-        base_id,
-        ports,
-        PYTHONPATH=str(ROOT),
-        PROXY_CONFIG=json.dumps(proxy_config),
-        POD_NAME="reviews-1",
-        POD_NAMESPACE="shop",
-        SERVICE_ACCOUNT="reviews",
-        ISTIO_META_CLUSTER_ID="Kubernetes",
-        ECC_SIGNATURE_ALGORITHM="ECDSA",  # fast keys
-        **extra_env,
-    )
-    log = root / "agent.log"
-    with log.open("wb") as sink:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "agent", "proxy", "sidecar", "--meshConfig", str(root / "none")],
-            env=env,
-            cwd=root,
-            stdout=sink,
-            stderr=subprocess.STDOUT,
-        )
-    pod = Pod(root, proc, istiod, ca, ports, log)
-    try:
-        yield pod
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        for envoy in envoys_of(base_id):
-            envoy.kill()
-        shm_segment(base_id).unlink(missing_ok=True)
-        istiod.__exit__(None, None, None)
-        shutil.rmtree(root, ignore_errors=True)
-
-
-def wait_ready(pod: Pod, timeout: float = 30) -> None:
-    wait_until(lambda: pod.proc.poll() is not None or pod.ready()[0] == 200, timeout=timeout)
-    assert pod.proc.poll() is None, pod.output()
-
-
-def wait_reason(pod: Pod, text: str, timeout: float = 30) -> str:
-    wait_until(lambda: pod.proc.poll() is not None or text in pod.ready()[1], timeout=timeout)
-    assert pod.proc.poll() is None, pod.output()
-    return pod.ready()[1]
 
 
 @pytest.mark.slow

@@ -460,6 +460,21 @@ def demo_listener(name: str, port: int, body: str, tls: Mapping[str, Any] | None
     )
 
 
+def mtls_listener(name: str, port: int, body: str) -> Any:
+    """What istiod sends for an inbound port under PeerAuthentication STRICT: TLS with the SDS secret `default`,
+    client certificates verified against the SDS secret `ROOTCA` (both from the agent's SDS server)."""
+    from agent.bootstrap.tls import sds_secret  # noqa: PLC0415 (only this builder needs it)
+
+    tls = {
+        "require_client_certificate": True,
+        "common_tls_context": {
+            "tls_certificate_sds_secret_configs": [sds_secret("default")],
+            "validation_context_sds_secret_config": sds_secret("ROOTCA"),
+        },
+    }
+    return demo_listener(name, port, body, tls=tls)
+
+
 def broken_listener(name: str, port: int) -> Any:
     """Valid protobuf, invalid Envoy config: a network filter whose typed_config is a type no filter registers."""
     bogus = {"@type": "type.googleapis.com/envoy.config.cluster.v3.Cluster", "name": "not-a-filter"}

@@ -157,3 +157,23 @@ def uri_sans(chain_pem: bytes) -> list[str]:
             x509.UniformResourceIdentifier
         )
     )
+
+
+def served_certificate(port: int, ca: MeshCa, host: str = "127.0.0.1", timeout: float = 5.0) -> bytes:
+    """The certificate a mesh mTLS listener presents (PEM), to a client holding a certificate of `ca`."""
+    import socket  # noqa: PLC0415
+    import ssl  # noqa: PLC0415
+    import tempfile  # noqa: PLC0415
+
+    chain, key = ca.workload("spiffe://cluster.local/ns/test/sa/client")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.load_verify_locations(cadata=ca.root_pem.decode())
+    with tempfile.TemporaryDirectory() as directory:  # ssl loads a client certificate from files only
+        (Path(directory) / "c.pem").write_bytes(chain)
+        (Path(directory) / "k.pem").write_bytes(key)
+        context.load_cert_chain(Path(directory) / "c.pem", Path(directory) / "k.pem")
+    with socket.create_connection((host, port), timeout=timeout) as raw, context.wrap_socket(raw) as tls:
+        der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    return ssl.DER_cert_to_PEM_cert(der).encode()
