@@ -100,6 +100,8 @@ class MeshProbe:
     async def check(self) -> None:
         from agent.status.readiness import NotReady  # noqa: PLC0415 (agent.status imports aiohttp)
 
+        if self._passed:
+            return  # remembered: istiod going away later does not unready a configured Envoy
         xds = self.mesh.xds
         if xds is not None and (reason := xds.not_ready_reason()) is not None:
             raise NotReady(reason)

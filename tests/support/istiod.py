@@ -80,6 +80,7 @@ class Istiod:
     log_path: Path
     process: subprocess.Popen[bytes]
     netns: Path | None
+    launch: tuple[list[str], dict[str, str], Path]  # argv, env, cwd: what restart() runs again
 
     @property
     def discovery_address(self) -> str:
@@ -117,6 +118,17 @@ class Istiod:
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        """istiod goes away (SIGTERM): its connections close."""
+        _stop(self.process)
+
+    def start(self) -> None:
+        """istiod (again) on the same addresses, with the same CA, config and JWKS; returns once /ready is 200."""
+        argv, env, cwd = self.launch
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(argv, env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT)
+        _wait_ready(self, READY_TIMEOUT_S)
 
 
 def _wait_ready(istiod: Istiod, timeout: float) -> None:
@@ -198,12 +210,13 @@ def running_istiod(
             # cwd has no ./var/run/secrets/tokens/istio-token: istiod would add an authenticator
             # from it (see docs/testing.md).
             process = subprocess.Popen(argv, env=process_env, cwd=root, stdout=log, stderr=subprocess.STDOUT)
-        istiod = Istiod(host, ports, ca, issuer, jwks, config_dir, log_path, process, netns_path)
+        launch = (argv, process_env, root)
+        istiod = Istiod(host, ports, ca, issuer, jwks, config_dir, log_path, process, netns_path, launch)
         try:
             _wait_ready(istiod, READY_TIMEOUT_S)
             yield istiod
         finally:
-            _stop(process)
+            _stop(istiod.process)
 
 
 def _stop(process: subprocess.Popen[bytes]) -> None:

@@ -101,61 +101,86 @@ def istiod_sidecar_pod(
     """Start istiod, then the pod (istio-init to completion, the app, istio-proxy); yield once 15021 answers 200.
     `init_args` go after istio-init's own (e.g. `--redirect-dns`, as the injector adds with DNS capture);
     `resolv_conf` is the pod's /etc/resolv.conf (the host's otherwise) and also what `net.run` processes see."""
-    docs = load_documents(SIDECAR_MANIFEST)
-    meta, spec = pod_template(next(d for d in docs if d["kind"] == "Deployment"))
     with (
         pod_network(prefix) as net,
         running_istiod(workdir, config=config, netns=net.client_ns, host=net.client_ip) as istiod,
-    ):
-        identity = PodIdentity(
-            name="echo-sidecar-7c9d8f6b5-q2w4e",
-            namespace=NAMESPACE,
-            labels={**meta["labels"], "pod-template-hash": "7c9d8f6b5"},
-            annotations=dict(meta["annotations"]),
-            service_account=SERVICE_ACCOUNT,
-            pod_ip=net.pod_ip,
-            host_ip=net.client_ip,
-            node_cpus=2,
-        )
-        images = {"istio-init": image, "istio-proxy": image} if image is not None else {}
-        with Pod(
-            meta,
-            spec,
-            identity=identity,
-            netns=net.pod_ns,
-            configmaps={"istio-ca-root-cert": {"root-cert.pem": istiod.ca.root_pem.decode()}},
-            images=images,
-            service_account_tokens={"istio-ca": istiod.token(NAMESPACE, SERVICE_ACCOUNT)},
+        sidecar_pod(
+            net,
+            istiod,
+            image=image,
+            proxy_env=proxy_env,
+            ready_timeout=ready_timeout,
+            init_args=init_args,
             resolv_conf=resolv_conf,
-        ) as pod:
-            template = pod.path(ISTIO_BOOTSTRAP_TEMPLATE)
-            template.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(istio_source("tools/packaging/common/envoy_bootstrap.json"), template)
-            if resolv_conf is not None:
-                net.set_resolv_conf(resolv_conf)
-            code, output = pod.run_to_completion("istio-init", argv=[*pod.argv("istio-init"), *init_args])
-            assert code == 0, output
-            overrides = {
-                "PROXY_CONFIG": json.dumps(
-                    {"discoveryAddress": istiod.discovery_address, "binaryPath": envoy_binary()}
-                ),
-                # Empty: Istio's agent then takes the CA address from discoveryAddress and applies ISTIOD_SAN to it,
-                # which it does not to an explicit CA_ADDR (pilot/cmd/pilot-agent/options/security.go).
-                "CA_ADDR": "",
-                "ISTIOD_SAN": ISTIOD_SAN,
-                **(proxy_env or {}),
-            }
-            with net.app([8080]):
-                proxy_started = time.monotonic()
-                proxy = pod.start("istio-proxy", env_overrides=overrides)
-                try:
-                    ready_at = wait_ready(net, timeout=ready_timeout)
-                except AssertionError:
-                    raise AssertionError(
-                        f"istio-proxy not ready: {proxy.log_text()[-4000:]}\nistiod: {istiod.log_text()[-3000:]}"
-                    ) from None
-                try:
-                    yield MeshPod(net, pod, istiod, proxy, proxy_started, ready_at)
-                finally:
-                    if proxy.running():
-                        proxy.terminate(grace_s=5.0)
+        ) as mesh,
+    ):
+        yield mesh
+
+
+@contextlib.contextmanager
+def sidecar_pod(
+    net: PodNetwork,
+    istiod: Istiod,
+    *,
+    name: str = "echo-sidecar-7c9d8f6b5-q2w4e",
+    service_account: str = SERVICE_ACCOUNT,
+    image: Image | None = PYTHON_AGENT,
+    proxy_env: Mapping[str, str] | None = None,
+    ready_timeout: float = 90.0,
+    init_args: Sequence[str] = (),
+    resolv_conf: str | None = None,
+) -> Iterator[MeshPod]:
+    """deploy/sidecar.yaml's pod in `net`, joined to `istiod` as `<NAMESPACE>/<service_account>`: istio-init to
+    completion, the app on 8080, istio-proxy; yields once 15021 answers 200."""
+    docs = load_documents(SIDECAR_MANIFEST)
+    meta, spec = pod_template(next(d for d in docs if d["kind"] == "Deployment"))
+    identity = PodIdentity(
+        name=name,
+        namespace=NAMESPACE,
+        labels={**meta["labels"], "pod-template-hash": "7c9d8f6b5"},
+        annotations=dict(meta["annotations"]),
+        service_account=service_account,
+        pod_ip=net.pod_ip,
+        host_ip=net.client_ip,
+        node_cpus=2,
+    )
+    images = {"istio-init": image, "istio-proxy": image} if image is not None else {}
+    with Pod(
+        meta,
+        spec,
+        identity=identity,
+        netns=net.pod_ns,
+        configmaps={"istio-ca-root-cert": {"root-cert.pem": istiod.ca.root_pem.decode()}},
+        images=images,
+        service_account_tokens={"istio-ca": istiod.token(NAMESPACE, service_account)},
+        resolv_conf=resolv_conf,
+    ) as pod:
+        template = pod.path(ISTIO_BOOTSTRAP_TEMPLATE)
+        template.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(istio_source("tools/packaging/common/envoy_bootstrap.json"), template)
+        if resolv_conf is not None:
+            net.set_resolv_conf(resolv_conf)
+        code, output = pod.run_to_completion("istio-init", argv=[*pod.argv("istio-init"), *init_args])
+        assert code == 0, output
+        overrides = {
+            "PROXY_CONFIG": json.dumps({"discoveryAddress": istiod.discovery_address, "binaryPath": envoy_binary()}),
+            # Empty: Istio's agent then takes the CA address from discoveryAddress and applies ISTIOD_SAN to it,
+            # which it does not to an explicit CA_ADDR (pilot/cmd/pilot-agent/options/security.go).
+            "CA_ADDR": "",
+            "ISTIOD_SAN": ISTIOD_SAN,
+            **(proxy_env or {}),
+        }
+        with net.app([8080]):
+            proxy_started = time.monotonic()
+            proxy = pod.start("istio-proxy", env_overrides=overrides)
+            try:
+                ready_at = wait_ready(net, timeout=ready_timeout)
+            except AssertionError:
+                raise AssertionError(
+                    f"istio-proxy not ready: {proxy.log_text()[-4000:]}\nistiod: {istiod.log_text()[-3000:]}"
+                ) from None
+            try:
+                yield MeshPod(net, pod, istiod, proxy, proxy_started, ready_at)
+            finally:
+                if proxy.running():
+                    proxy.terminate(grace_s=5.0)

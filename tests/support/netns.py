@@ -45,7 +45,8 @@ POD_IP = "10.10.0.2"
 CLIENT_IP = "10.10.0.1"
 
 # The application: one asyncio process, several ports, HTTP/1.1 keep-alive, answers with what it saw.
-# `GET /sleep/<ms>` answers after <ms> milliseconds: a request that stays in flight (pod deletion scenarios).
+# `GET /sleep/<ms>` answers after <ms> milliseconds: a request that stays in flight (pod deletion scenarios);
+# `GET /headers` also echoes the request as it arrived.
 _APP_CODE = r"""
 import asyncio, re, sys
 
@@ -60,7 +61,11 @@ async def handle(reader, writer):
             slow = re.match(rb"GET /sleep/(\d+)", request)
             if slow:
                 await asyncio.sleep(int(slow.group(1)) / 1000)
-            writer.write(head + body)
+            if request.startswith(b"GET /headers"):
+                echoed = body + request  # what the peer (a sidecar) sent: x-forwarded-client-cert, say
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(echoed) + echoed)
+            else:
+                writer.write(head + body)
             await writer.drain()
             if b"connection: close" in request.lower():
                 break
@@ -448,14 +453,18 @@ def pod_network(prefix: str = "ipt") -> Iterator[PodNetwork]:
         yield pod
     finally:
         for ns in (pod.pod_ns, pod.client_ns):
-            # Anything still running inside (a test that failed mid-way) is killed before the namespace goes.
-            pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True, check=False).stdout
-            for pid in pids.split():
-                with suppress(ProcessLookupError, ValueError):
-                    os.kill(int(pid), 9)
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False, timeout=15)
-            shutil.rmtree(Path("/etc/netns") / ns, ignore_errors=True)
+            _delete_netns(ns)
         shutil.rmtree(pod.workdir, ignore_errors=True)
+
+
+def _delete_netns(ns: str) -> None:
+    """Kill anything still running inside (a test that failed mid-way), then remove the namespace."""
+    pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True, check=False).stdout
+    for pid in pids.split():
+        with suppress(ProcessLookupError, ValueError):
+            os.kill(int(pid), 9)
+    subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False, timeout=15)
+    shutil.rmtree(Path("/etc/netns") / ns, ignore_errors=True)
 
 
 class NetnsRunner:
@@ -472,3 +481,53 @@ class NetnsRunner:
 
     def which(self, name: str) -> str | None:
         return shutil.which(name)
+
+
+@contextmanager
+def mesh_network(prefix: str = "mpods", count: int = 2) -> Iterator[list[PodNetwork]]:
+    """`count` pod namespaces on one bridge in a node namespace (10.10.0.1): pod i is 10.10.0.<2+i>, and pods
+    reach each other. Each PodNetwork's "client" namespace is the node namespace (istiod runs there, kubelet's
+    probes come from there). Everything is removed on exit."""
+    token = secrets.token_hex(3)
+    node = f"{prefix}-node-{token}"
+    pods = [
+        PodNetwork(
+            pod_ns=f"{prefix}-p{i}-{token}",
+            client_ns=node,
+            workdir=Path(tempfile.mkdtemp(prefix=f"{prefix}-{token}-{i}-")),
+            pod_ip=f"10.10.0.{2 + i}",
+            client_ip=CLIENT_IP,
+            pod_if=f"vp{token}{i}",
+            client_if=f"vn{token}{i}",
+        )
+        for i in range(count)
+    ]
+    steps = [
+        ["ip", "netns", "add", node],
+        ["ip", "-n", node, "link", "add", "br0", "type", "bridge"],
+        ["ip", "-n", node, "addr", "add", f"{CLIENT_IP}/24", "dev", "br0"],
+        ["ip", "-n", node, "link", "set", "br0", "up"],
+        ["ip", "-n", node, "link", "set", "lo", "up"],
+    ]
+    for pod in pods:
+        pod.workdir.chmod(0o777)
+        steps += [
+            ["ip", "netns", "add", pod.pod_ns],
+            ["ip", "link", "add", pod.pod_if, "type", "veth", "peer", "name", pod.client_if],
+            ["ip", "link", "set", pod.pod_if, "netns", pod.pod_ns],
+            ["ip", "link", "set", pod.client_if, "netns", node],
+            ["ip", "-n", node, "link", "set", pod.client_if, "master", "br0"],
+            ["ip", "-n", node, "link", "set", pod.client_if, "up"],
+            ["ip", "-n", pod.pod_ns, "addr", "add", f"{pod.pod_ip}/24", "dev", pod.pod_if],
+            ["ip", "-n", pod.pod_ns, "link", "set", pod.pod_if, "up"],
+            ["ip", "-n", pod.pod_ns, "link", "set", "lo", "up"],
+        ]
+    try:
+        for step in steps:
+            subprocess.run(step, check=True, capture_output=True, timeout=15)
+        yield pods
+    finally:
+        for ns in [*(pod.pod_ns for pod in pods), node]:
+            _delete_netns(ns)
+        for pod in pods:
+            shutil.rmtree(pod.workdir, ignore_errors=True)
