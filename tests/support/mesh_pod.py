@@ -129,9 +129,13 @@ def sidecar_pod(
     ready_timeout: float = 90.0,
     init_args: Sequence[str] = (),
     resolv_conf: str | None = None,
+    token: str | None = None,
+    root_pem: bytes | None = None,
+    wait: bool = True,
 ) -> Iterator[MeshPod]:
     """deploy/sidecar.yaml's pod in `net`, joined to `istiod` as `<NAMESPACE>/<service_account>`: istio-init to
-    completion, the app on 8080, istio-proxy; yields once 15021 answers 200."""
+    completion, the app on 8080, istio-proxy; yields once 15021 answers 200 (at once with `wait=False`). `token`
+    and `root_pem` replace the projected token and the ConfigMap's root (what a broken cluster would mount)."""
     docs = load_documents(SIDECAR_MANIFEST)
     meta, spec = pod_template(next(d for d in docs if d["kind"] == "Deployment"))
     identity = PodIdentity(
@@ -150,9 +154,9 @@ def sidecar_pod(
         spec,
         identity=identity,
         netns=net.pod_ns,
-        configmaps={"istio-ca-root-cert": {"root-cert.pem": istiod.ca.root_pem.decode()}},
+        configmaps={"istio-ca-root-cert": {"root-cert.pem": (root_pem or istiod.ca.root_pem).decode()}},
         images=images,
-        service_account_tokens={"istio-ca": istiod.token(NAMESPACE, service_account)},
+        service_account_tokens={"istio-ca": token or istiod.token(NAMESPACE, service_account)},
         resolv_conf=resolv_conf,
     ) as pod:
         template = pod.path(ISTIO_BOOTSTRAP_TEMPLATE)
@@ -174,7 +178,7 @@ def sidecar_pod(
             proxy_started = time.monotonic()
             proxy = pod.start("istio-proxy", env_overrides=overrides)
             try:
-                ready_at = wait_ready(net, timeout=ready_timeout)
+                ready_at = wait_ready(net, timeout=ready_timeout) if wait else float("nan")
             except AssertionError:
                 raise AssertionError(
                     f"istio-proxy not ready: {proxy.log_text()[-4000:]}\nistiod: {istiod.log_text()[-3000:]}"

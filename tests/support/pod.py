@@ -280,6 +280,11 @@ class Pod:
         self.secrets[name] = dict(data)
         self._rewrite(lambda v: isinstance(v.get("secret"), Mapping) and v["secret"].get("secretName") == name)
 
+    def update_service_account_token(self, audience: str, token: str) -> None:
+        """kubelet refreshed the projected token of `audience` (atomically, by ..data swap)."""
+        self.service_account_tokens[audience] = token
+        self._rewrite(lambda v: "projected" in v)
+
     def update_configmap(self, name: str, data: Mapping[str, str]) -> None:
         self.configmaps[name] = dict(data)
         self._rewrite(lambda v: isinstance(v.get("configMap"), Mapping) and v["configMap"].get("name") == name)
