@@ -435,16 +435,11 @@ def pod_network(prefix: str = "ipt") -> Iterator[PodNetwork]:
     # uid 1337 (Envoy) writes its admin socket and logs here.
     pod.workdir.chmod(0o777)
     steps = [
-        ["ip", "netns", "add", pod.pod_ns],
         ["ip", "netns", "add", pod.client_ns],
-        ["ip", "link", "add", pod.pod_if, "type", "veth", "peer", "name", pod.client_if],
-        ["ip", "link", "set", pod.pod_if, "netns", pod.pod_ns],
+        *_pod_end(pod),
         ["ip", "link", "set", pod.client_if, "netns", pod.client_ns],
-        ["ip", "-n", pod.pod_ns, "addr", "add", f"{pod.pod_ip}/24", "dev", pod.pod_if],
         ["ip", "-n", pod.client_ns, "addr", "add", f"{pod.client_ip}/24", "dev", pod.client_if],
-        ["ip", "-n", pod.pod_ns, "link", "set", pod.pod_if, "up"],
         ["ip", "-n", pod.client_ns, "link", "set", pod.client_if, "up"],
-        ["ip", "-n", pod.pod_ns, "link", "set", "lo", "up"],
         ["ip", "-n", pod.client_ns, "link", "set", "lo", "up"],
     ]
     try:
@@ -455,6 +450,18 @@ def pod_network(prefix: str = "ipt") -> Iterator[PodNetwork]:
         for ns in (pod.pod_ns, pod.client_ns):
             _delete_netns(ns)
         shutil.rmtree(pod.workdir, ignore_errors=True)
+
+
+def _pod_end(pod: PodNetwork) -> list[list[str]]:
+    """The pod's namespace and its end of the veth pair, addressed and up (the other end is the caller's)."""
+    return [
+        ["ip", "netns", "add", pod.pod_ns],
+        ["ip", "link", "add", pod.pod_if, "type", "veth", "peer", "name", pod.client_if],
+        ["ip", "link", "set", pod.pod_if, "netns", pod.pod_ns],
+        ["ip", "-n", pod.pod_ns, "addr", "add", f"{pod.pod_ip}/24", "dev", pod.pod_if],
+        ["ip", "-n", pod.pod_ns, "link", "set", pod.pod_if, "up"],
+        ["ip", "-n", pod.pod_ns, "link", "set", "lo", "up"],
+    ]
 
 
 def _delete_netns(ns: str) -> None:
@@ -512,15 +519,10 @@ def mesh_network(prefix: str = "mpods", count: int = 2) -> Iterator[list[PodNetw
     for pod in pods:
         pod.workdir.chmod(0o777)
         steps += [
-            ["ip", "netns", "add", pod.pod_ns],
-            ["ip", "link", "add", pod.pod_if, "type", "veth", "peer", "name", pod.client_if],
-            ["ip", "link", "set", pod.pod_if, "netns", pod.pod_ns],
+            *_pod_end(pod),
             ["ip", "link", "set", pod.client_if, "netns", node],
             ["ip", "-n", node, "link", "set", pod.client_if, "master", "br0"],
             ["ip", "-n", node, "link", "set", pod.client_if, "up"],
-            ["ip", "-n", pod.pod_ns, "addr", "add", f"{pod.pod_ip}/24", "dev", pod.pod_if],
-            ["ip", "-n", pod.pod_ns, "link", "set", pod.pod_if, "up"],
-            ["ip", "-n", pod.pod_ns, "link", "set", "lo", "up"],
         ]
     try:
         for step in steps:
