@@ -108,6 +108,10 @@ def test_mutual_tls_between_two_pods_rotation_under_load_and_istiod_restart(tmp_
             client_net, istiod, name="client-5b8d7f6c4-q7w3e", service_account="client", proxy_env=ROTATING
         ) as client,
     ):  # fmt: skip
+        # Both pods ready, as a postStart hook sees it too.
+        for net in (client_net, server_net):
+            waited = net.pilot_agent("wait", "--timeoutSeconds", "10")
+            assert waited.returncode == 0, waited.stderr
         # 1. Client app -> client sidecar -> mTLS -> server sidecar -> server app, identities from the CA.
         status, body = app_request(client_net, server_net.pod_ip)
         assert status == 200, body
