@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import logging
 import struct
+import time
 from collections.abc import Sequence
 from typing import Protocol, cast
 
@@ -32,6 +33,7 @@ TCP_IDLE_TIMEOUT = 8.0
 # Replies queued in a UDP socket's user-space buffer (the kernel's is full) beyond this are dropped.
 UDP_SEND_BUFFER_LIMIT = 1 << 20
 _LENGTH = struct.Struct("!H")
+REFUSED_LOG_INTERVAL = 60.0
 
 
 class _DatagramTransport(Protocol):
@@ -93,6 +95,9 @@ class DnsServer:
         self._tcp_servers: list[asyncio.Server] = []
         self._forwards: set[asyncio.Task[None]] = set()
         self._connections: set[asyncio.Task[None]] = set()
+        # Queries answered SERVFAIL because max_pending_forwards were waiting, since the last log line about it.
+        self._refused = 0
+        self._refused_logged = -float("inf")
 
     async def start(self) -> None:
         """Serve on the sockets given (`sockets`), else bind them now. Raises AgentError(STARTUP_FAILED) when an
@@ -130,9 +135,18 @@ class DnsServer:
 
     def forward_udp(self, protocol: _UdpProtocol, data: bytes, query: Query, addr: tuple[str | int, ...]) -> None:
         if len(self._forwards) >= self.max_pending_forwards:
-            log.warning(
-                "dns proxy: %d queries already waiting for the upstream, answering SERVFAIL", len(self._forwards)
-            )
+            self._refused += 1
+            now = time.monotonic()
+            if now - self._refused_logged >= REFUSED_LOG_INTERVAL:
+                # Once a minute, with a count: an upstream outage under an application that retries refuses
+                # thousands of queries a second (upstream_failures_total counts each).
+                log.warning(
+                    "dns proxy: %d queries already waiting for the upstream: %d answered SERVFAIL at once since the"
+                    " last such line",
+                    len(self._forwards),
+                    self._refused,
+                )
+                self._refused, self._refused_logged = 0, now
             self.proxy.metrics.upstream_failures.inc()
             protocol.send(reply(data, query, SERVFAIL), addr)
             return
