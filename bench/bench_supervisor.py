@@ -43,7 +43,15 @@ from tests.supervisor.harness import make_cert
 
 
 def envoy_count(agent: subprocess.Popen[bytes]) -> int:
-    return sum(1 for p in psutil.Process(agent.pid).children() if "envoy" in p.name() and p.status() != "zombie")
+    """Running Envoy epochs (not `--mode validate` runs, which come and go, nor zombies)."""
+    count = 0
+    for child in psutil.Process(agent.pid).children():
+        try:
+            if "envoy" in child.name() and child.status() != "zombie" and "validate" not in child.cmdline():
+                count += 1
+        except psutil.NoSuchProcess:
+            continue  # a validation that just ended
+    return count
 
 
 def settle(agent: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
