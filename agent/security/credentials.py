@@ -15,6 +15,7 @@ from pathlib import Path
 import grpc
 import grpc.aio
 
+from agent.security.secrets import read_secret_file
 from agent.security.settings import TlsSettings, UpstreamSettings, os_root_file
 
 log = logging.getLogger("agent.security")
@@ -39,7 +40,7 @@ class CredentialsError(Exception):
 
 def _read(path: str, what: str) -> bytes:
     try:
-        return Path(path).read_bytes()
+        return read_secret_file(path)
     except OSError as exc:
         raise CredentialsError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
 
@@ -111,7 +112,7 @@ def call_metadata(upstream: UpstreamSettings) -> tuple[tuple[str, str], ...]:
     metadata = list(upstream.headers)
     if upstream.token_path:
         try:
-            token = Path(upstream.token_path).read_text().strip()
+            token = read_secret_file(upstream.token_path).decode(errors="replace").strip()
         except OSError as exc:
             log.debug("no token at %s: %s", upstream.token_path, exc)
             token = ""

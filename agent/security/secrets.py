@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from agent.files import FileTooLarge, NotARegularFile, read_bounded
 from agent.security import pki
 from agent.security.settings import FILE_RETRY_TOTAL
 
@@ -21,6 +22,16 @@ FILE_CERT_PREFIX = "file-cert:"
 FILE_ROOT_PREFIX = "file-root:"
 SYSTEM_ROOT = "file-root:system"
 SEPARATOR = "~"
+# The files behind `file-root:`/`file-cert:` names come from istiod's configuration (a DestinationRule's
+# caCertificates, say), not from the agent's: each is read bounded, only if it is a regular file, off the event loop.
+# `file-root:/dev/zero` used to read on the loop until the agent was OOM-killed, a FIFO hung it for good. An OS
+# bundle is ~200 KiB.
+MAX_SECRET_FILE = 4 * 1024 * 1024
+
+
+def read_secret_file(path: str) -> bytes:
+    """The file's bytes: at most MAX_SECRET_FILE, a regular file only (else an OSError naming it). Blocking."""
+    return read_bounded(Path(path), MAX_SECRET_FILE, regular_only=True)
 
 
 class SecretError(Exception):
@@ -67,7 +78,7 @@ def non_empty(*paths: str) -> bool:
     """Every file exists and is not empty (Istio's rootCertificateExist / keyCertificateExist)."""
     for path in paths:
         try:
-            if not Path(path).read_bytes():
+            if not read_secret_file(path):
                 return False
         except OSError:
             return False
@@ -82,7 +93,9 @@ async def _retrying(read: Callable[[], SecretItem], first_wait: float, total: fl
     wait = max(first_wait, 0.01)
     while True:
         try:
-            return read()
+            return await asyncio.to_thread(read)
+        except (NotARegularFile, FileTooLarge) as exc:  # not a half-written file: waiting will not help
+            raise SecretError(f"{what}: {exc.filename}: {exc.strerror}") from None
         except (OSError, pki.PkiError, SecretError) as exc:
             if loop.time() + wait > deadline:
                 raise SecretError(f"{what}: {getattr(exc, 'strerror', None) or exc}") from None
@@ -94,7 +107,7 @@ async def read_root(name: str, path: str, first_wait: float, total: float = FILE
     """Roots from `path`: certificates that do not parse are skipped, none valid is an error."""
 
     def read() -> SecretItem:
-        roots, errors = pki.valid_root_certs(Path(path).read_bytes())
+        roots, errors = pki.valid_root_certs(read_secret_file(path))
         if not roots:
             raise SecretError(f"failed to parse root certs from file {path}: {'; '.join(errors) or 'no certificate'}")
         return SecretItem(name, root_cert=roots)
@@ -108,8 +121,8 @@ async def read_key_pair(
     """A key and chain from files, once they match (the key may be written before the chain)."""
 
     def read() -> SecretItem:
-        chain = Path(chain_path).read_bytes()
-        key = Path(key_path).read_bytes()
+        chain = read_secret_file(chain_path)
+        key = read_secret_file(key_path)
         pki.check_key_pair(chain, key)
         expires = pki.not_after(chain).timestamp()
         return SecretItem(name, certificate_chain=chain, private_key=key, created=time.time(), expires=expires)

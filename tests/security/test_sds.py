@@ -238,3 +238,23 @@ async def test_a_request_before_the_server_is_attached_waits_for_it(short_dir: P
             assert_root(await stream.response(), mesh_ca)
     finally:
         await server.stop()
+
+
+@pytest.mark.parametrize(("make", "error"), [("device", "not a regular file"), ("huge", "larger than 4194304 bytes")])
+async def test_file_names_from_istiods_config_are_read_bounded(
+    rig: Rig, mesh_ca: MeshCa, short_dir: Path, make: str, error: str
+) -> None:
+    # `file-root:<path>` comes from istiod's config (a DestinationRule's caCertificates): `/dev/zero` was read on
+    # the event loop until the agent was OOM-killed, a FIFO blocked it for good. /dev/null and a sparse 64 MiB file
+    # take the same paths without the harm.
+    path = "/dev/null"
+    if make == "huge":
+        with (short_dir / "huge.pem").open("wb") as huge:
+            huge.truncate(64 * 1024 * 1024)
+        path = str(short_dir / "huge.pem")
+    stream = rig.open()
+    await stream.request([f"file-root:{path}"])
+    failed = await stream.error()
+    assert error in (failed.details() or "")
+    other = rig.open()  # the server keeps serving
+    assert_root(await other.request_response_ack(["ROOTCA"]), mesh_ca)
