@@ -88,6 +88,8 @@ class SecretCache:
         self._logged_ca_error = ""
         self._workload: SecretItem | None = None  # the CA-issued key, chain and root, until rotation
         self._rotation_at: float | None = None
+        # Certificates in a row that were due for renewal when issued (each doubles the wait before the next).
+        self._due_when_issued = 0
         self._rescheduled = asyncio.Event()
         self._root: bytes = b""  # the last root seen, to notice a new one
         self._csr_lock = asyncio.Lock()
@@ -211,6 +213,9 @@ class SecretCache:
             chain = await self.ca.sign(csr, s.ttl)
             certificate_chain = pki.concat_certs(chain)
             expires = pki.not_after(certificate_chain).timestamp()
+            # A chain for another key (a broken CA) would be NACKed by Envoy and kept until the next rotation,
+            # hours later: a failed CSR instead, retried with backoff.
+            pki.check_key_pair(certificate_chain, key)
         except (CaError, pki.PkiError) as exc:
             self.metrics.failed_outgoing_requests.labels("csr").inc()
             self.ca_error = exc if isinstance(exc, CaError) else CaError(f"the CA's answer: {exc}")
@@ -244,6 +249,20 @@ class SecretCache:
         if self._workload is not None:
             return  # already scheduled (two requests raced)
         delay = rotation_delay(item, self.settings.grace_ratio, self.settings.grace_jitter, self.clock(), self.rand)
+        if delay > 0:
+            self._due_when_issued = 0
+        else:
+            # Issued already expired or inside its renewal grace (a CA or node clock off, a TTL of a second):
+            # renewing at once would sign a key and call the CA in a loop (Istio does: one core and istiod
+            # hammered by every pod). Back off as for a failed CSR instead.
+            delay = min(PREWARM_FIRST_WAIT * 2**self._due_when_issued, PREWARM_MAX_WAIT)
+            self._due_when_issued += 1
+            log.error(
+                "istiod's CA issued a certificate already due for renewal (valid until %s): check the CA's and this"
+                " node's clocks; renewing in %.1fs",
+                time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(item.expires)),
+                delay,
+            )
         self._workload = item
         self._rotation_at = self.clock() + delay
         self._rescheduled.set()

@@ -7,6 +7,7 @@ import asyncio
 import datetime
 import os
 import random
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -136,6 +137,37 @@ async def test_rotation_issues_a_new_certificate_and_pushes_it(short_dir: Path, 
         assert serial_of(second.certificate_chain) != serial_of(first.certificate_chain)
         assert signer.calls == 2
         assert updates.queue.empty()  # same root: no ROOTCA push
+
+
+async def test_a_certificate_due_when_issued_is_renewed_with_backoff(short_dir: Path, mesh_ca: MeshCa) -> None:
+    # A 1 s certificate from a CA whose clock is a second behind: expired on arrival. Renewing at once (Istio's
+    # rotateTime is 0 then) signed a key and called the CA ~12 times a second, for as long as the CA was off.
+    signer = StubSigner(mesh_ca)
+    signer.ttl = 1
+    now = time.time() + 5  # the agent's clock: the CA's certificates are all expired by then
+    settings = settings_in(short_dir, grace_jitter=0.0)
+    cache = SecretCache(settings, signer, SecurityMetrics(CollectorRegistry()), clock=lambda: now)
+    waits = []
+    for _ in range(3):
+        item = await cache.generate("default")
+        assert item.expires < now and cache._rotation_at is not None
+        waits.append(cache._rotation_at - now)
+        cache._workload = None  # what rotation does
+    assert waits == [0.5, 1.0, 2.0]
+
+
+async def test_a_chain_for_another_key_is_a_failed_csr(short_dir: Path, mesh_ca: MeshCa) -> None:
+    # Served, Envoy would NACK it and keep nothing better until the next rotation, hours later.
+    class OtherKey(StubSigner):
+        async def sign(self, csr_pem: bytes, ttl_seconds: int) -> list[str]:
+            self.calls += 1
+            chain, _ = self.ca.workload(self.identity)
+            return [chain.decode()]
+
+    cache = make_cache(settings_in(short_dir), OtherKey(mesh_ca))
+    with pytest.raises(SecretError, match="private key does not match public key"):
+        await cache.generate("default")
+    assert cache.ca_error is not None
 
 
 async def test_a_new_root_pushes_rootca(short_dir: Path, mesh_ca: MeshCa) -> None:
