@@ -7,6 +7,7 @@ import signal
 import socket
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
@@ -30,11 +31,19 @@ from tests.support.envoy import free_port
 pytestmark = [pytest.mark.envoy]
 
 
+@dataclass
+class SlowUpstream:
+    port: int
+    arrived: asyncio.Event  # set when a request reached the application (through Envoy)
+
+
 @pytest.fixture
-async def slow_upstream() -> AsyncIterator[int]:
+async def slow_upstream() -> AsyncIterator[SlowUpstream]:
     """An application answering after 1.5 s, so a request is in flight when the shutdown starts."""
+    arrived = asyncio.Event()
 
     async def handler(_request: web.Request) -> web.Response:
+        arrived.set()
         await asyncio.sleep(1.5)
         return web.Response(text="slow")
 
@@ -46,7 +55,7 @@ async def slow_upstream() -> AsyncIterator[int]:
     site = web.TCPSite(runner, "127.0.0.1", port)
     await site.start()
     try:
-        yield port
+        yield SlowUpstream(port, arrived)
     finally:
         await runner.cleanup()
 
@@ -64,13 +73,13 @@ def _refused(port: int) -> bool:
     return False
 
 
-async def test_shutdown_drains_and_in_flight_request_completes(tmp_path: Path, slow_upstream: int) -> None:
+async def test_shutdown_drains_and_in_flight_request_completes(tmp_path: Path, slow_upstream: SlowUpstream) -> None:
     rig = Rig(tmp_path)
-    rig.write_input(bootstrap(rig.admin_port, rig.listener_port, upstream_port=slow_upstream))
+    rig.write_input(bootstrap(rig.admin_port, rig.listener_port, upstream_port=slow_upstream.port))
     async with supervised(rig, drain={"termination_drain": 2.0}) as run:
         await run.wait_epoch_live(0)
         request = asyncio.create_task(_get(rig.listener_port))
-        await asyncio.sleep(0.3)
+        await asyncio.wait_for(slow_upstream.arrived.wait(), 10)  # in flight, however busy the machine
         started = time.monotonic()
         run.lifecycle.request_shutdown("received signal: SIGTERM")
         assert run.lifecycle.not_ready_reason() is not None
@@ -96,19 +105,19 @@ async def test_second_shutdown_request_stops_at_once(tmp_path: Path) -> None:
         assert time.monotonic() - started < 3
 
 
-async def test_exit_on_zero_active_connections(tmp_path: Path, slow_upstream: int) -> None:
+async def test_exit_on_zero_active_connections(tmp_path: Path, slow_upstream: SlowUpstream) -> None:
     rig = Rig(tmp_path)
-    rig.write_input(bootstrap(rig.admin_port, rig.listener_port, upstream_port=slow_upstream))
+    rig.write_input(bootstrap(rig.admin_port, rig.listener_port, upstream_port=slow_upstream.port))
     drain = {"exit_on_zero_active_connections": True, "minimum_drain": 0.2, "poll_interval": 0.2}
     async with supervised(rig, drain=drain) as run:
         await run.wait_epoch_live(0)
         request = asyncio.create_task(_get(rig.listener_port))
-        await asyncio.sleep(0.3)
+        await asyncio.wait_for(slow_upstream.arrived.wait(), 10)  # in flight: the count must see its connection
         started = time.monotonic()
         run.lifecycle.request_shutdown("received signal: SIGTERM")
         assert await request == (200, "slow")
         assert await asyncio.wait_for(run.task, 10) == 0
-        # It waited for the connection (about 1.2 s left on it) and not much longer.
+        # It waited for the connection (about 1.5 s left on it) and not much longer.
         assert 0.9 < time.monotonic() - started < 5
 
 
