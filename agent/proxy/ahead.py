@@ -22,7 +22,7 @@ from collections.abc import Callable, Coroutine, Set
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-from agent.proxy.desired import DesiredState, DesiredStateFn
+from agent.proxy.desired import DesiredState, DesiredStateFn, render_off_loop
 from agent.proxy.launcher import Launcher, Verdict
 
 log = logging.getLogger("agent.proxy")
@@ -113,7 +113,7 @@ class ValidationAhead:
             if target is None:
                 return
             try:
-                state = await asyncio.to_thread(self.desired_state)
+                state = await render_off_loop(self.desired_state)
             except Exception as exc:
                 log.debug("validation ahead: the new contents do not render (yet): %s", exc)
                 continue

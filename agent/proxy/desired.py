@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -26,3 +29,34 @@ class DesiredState:
 # Re-reads and re-renders every source. May raise anything (a ConfigError for bad input; an OSError for a full
 # disk): the supervisor rejects the new configuration and the running Envoy keeps serving.
 DesiredStateFn = Callable[[], DesiredState]
+
+
+async def render_off_loop(desired_state: DesiredStateFn) -> DesiredState:
+    """desired_state() on a daemon thread of its own. A render runs the operator's template and reads files: one
+    that never returns (a template looping for ever, a hung mount) must not keep the agent from stopping. Awaiting
+    this can be cancelled (the thread is left to finish on its own), and the interpreter's exit does not wait for
+    the thread, where asyncio's default executor (asyncio.to_thread) would join it for ever."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[DesiredState] = loop.create_future()
+
+    def settle(result: DesiredState | None, error: BaseException | None) -> None:
+        if done.cancelled():
+            return
+        if error is not None:
+            done.set_exception(error)
+        else:
+            assert result is not None
+            done.set_result(result)
+
+    def work() -> None:
+        result: DesiredState | None = None
+        error: BaseException | None = None
+        try:
+            result = desired_state()
+        except BaseException as exc:  # handed to the awaiting task, which decides
+            error = exc
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
+            loop.call_soon_threadsafe(settle, result, error)
+
+    threading.Thread(target=work, name="render", daemon=True).start()
+    return await done

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 from agent.errors import AgentError, ExitCode
 from agent.proxy.ahead import Target, ValidationAhead
 from agent.proxy.budget import EnvoyCrashed, RestartBudget
-from agent.proxy.desired import DesiredState, DesiredStateFn
+from agent.proxy.desired import DesiredState, DesiredStateFn, render_off_loop
 from agent.proxy.events import (
     Applied,
     ChangeRequested,
@@ -170,9 +170,21 @@ class Epochs:
     async def _render(self) -> DesiredState | None:
         """The desired state, or None (logged, counted) when it cannot be rendered. Nothing outside the agent's
         control (file contents, env, disk) may end the supervisor: every error here rejects the new configuration
-        and the running epoch keeps serving. Off the event loop: rendering reads files and runs jinja2 (~0.15 s)."""
+        and the running epoch keeps serving. Off the event loop: rendering reads files and runs jinja2 (~0.15 s).
+        Raises _Stop when shutdown is requested before the render ends (it may never: an operator's template)."""
+        rendering = asyncio.ensure_future(render_off_loop(self._desired_state))
+        stopping = asyncio.ensure_future(self._lifecycle.wait_shutdown())
         try:
-            desired = await asyncio.to_thread(self._desired_state)
+            await asyncio.wait({rendering, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+        if not rendering.done():
+            # A render that does not end (a template looping for ever) must not hold up the drain and stop.
+            rendering.cancel()
+            log.warning("shutdown requested while the new configuration was still rendering: abandoned")
+            raise _Stop
+        try:
+            desired = rendering.result()
         except Exception as exc:
             self._metrics.config_errors.labels("render").inc()
             if isinstance(exc, AgentError):

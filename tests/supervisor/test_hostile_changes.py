@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 from pathlib import Path
 
 import pytest
 
-from tests.supervisor.agent_process import Agent, StartAgent
+from agent.bootstrap.render import default_template_path
+from tests.supervisor.agent_process import Agent, StartAgent, leftovers
 from tests.support.envoy import free_port, http_get, wait_until
 
 pytestmark = [pytest.mark.envoy]
@@ -68,3 +70,25 @@ def test_a_fifo_or_device_in_place_of_a_watched_file_does_not_hang_the_agent(sta
     swap(agent.config_dir.parent, lambda tmp: tmp.symlink_to("/dev/zero"))
     log_shows(agent, r"watched file \S+annotations is not a regular file.*\n(.*\n)*.*is not a regular file")
     assert ready(agent, "envoy_status") == 200
+
+
+def test_a_template_that_never_finishes_rendering_does_not_stop_the_shutdown(start_agent: StartAgent) -> None:
+    # The supervisor awaited the render of a changed template before it looked at anything else: SIGTERM was
+    # logged and then nothing (no drain, Envoy not stopped, the agent waiting for its render thread for ever).
+    template = default_template_path().read_text()
+
+    def prepare(work: Path) -> None:
+        (work / "tpl").mkdir()
+        (work / "tpl/bootstrap.json.j2").write_text(template)
+
+    agent = start_agent("--templateFile", "tpl/bootstrap.json.j2", prepare=prepare)
+    wait_until(lambda: ready(agent, "status") == 200)
+    endless = "{% for i in range(10**12) %}{% endfor %}" + template
+    (agent.config_dir.parent / "tpl/.new").write_text(endless)
+    os.replace(agent.config_dir.parent / "tpl/.new", agent.config_dir.parent / "tpl/bootstrap.json.j2")
+    log_shows(agent, r"files changed: \S+bootstrap.json.j2: reconciling")
+    assert ready(agent, "envoy_status") == 200  # the running Envoy keeps serving meanwhile
+    agent.proc.send_signal(signal.SIGTERM)
+    assert agent.wait() == 0, agent.stderr()[-3000:]
+    assert "abandoned" in agent.stderr()
+    assert leftovers(agent) == []
