@@ -34,6 +34,25 @@ facts = {
     "proxy_dir": [proxy_dir.st_uid, proxy_dir.st_gid, oct(proxy_dir.st_mode & 0o777)],
     "build_leftovers": [p for p in ("/src", "/wheelhouse", "/tmp/requirements.txt") if os.path.exists(p)],
 }
+# What every start loads must come compiled from the image (nothing can be written beside it at run time): Python's
+# bytecode for the agent and every runtime dependency the mesh side, DNS proxy and checks import, and jinja2's for
+# the packaged bootstrap template.
+import importlib.util, jinja2
+import agent.cli, agent.commands.proxy, agent.mesh.service, agent.dns.service, agent.bootstrap.render as render
+import grpc, cryptography.x509, dns.message, re2, google.protobuf.json_format, envoy.service.discovery.v3.ads_pb2
+facts["from_source"] = [
+    m.__file__ for m in list(sys.modules.values())
+    if (getattr(m, "__file__", None) or "").endswith(".py") and m.__file__.startswith("/opt/pilot-agent/")
+    and not os.path.exists(importlib.util.cache_from_source(m.__file__))
+]
+def compile(*args, **kwargs):
+    raise RuntimeError("compiled")
+jinja2.Environment.compile = compile
+try:
+    render._environment(render.PACKAGED_TEMPLATES).get_template(render.DEFAULT_TEMPLATE)
+    facts["template"] = "bytecode cache"
+except RuntimeError as exc:
+    facts["template"] = str(exc)
 try:
     open("/written-at-run-time", "w")
     facts["root"] = "writable"
@@ -68,6 +87,8 @@ def test_inside_the_image_as_istio_runs_it(image: BuiltImage, tmp_path: Path) ->
     assert facts["license"], "the installed package carries LICENSE"
     assert facts["build_leftovers"] == []
     assert facts["root"] == "Read-only file system"
+    assert facts["from_source"] == [], "modules without bytecode are compiled at every start"
+    assert facts["template"] == "bytecode cache", "the template's compiled form, written at build time, is readable"
 
 
 def test_the_images_envoy_is_the_pinned_one_and_the_agent_runs(image: BuiltImage, tmp_path: Path) -> None:
