@@ -46,9 +46,12 @@ CLIENT_IP = "10.10.0.1"
 
 # The application: one asyncio process, several ports, HTTP/1.1 keep-alive, answers with what it saw.
 # `GET /sleep/<ms>` answers after <ms> milliseconds: a request that stays in flight (pod deletion scenarios);
-# `GET /headers` also echoes the request as it arrived.
+# `GET /hold` answers once a `GET /release` came: in flight for as long as a test needs (`GET /held` answers how
+# many are held now); `GET /headers` also echoes the request as it arrived.
 _APP_CODE = r"""
 import asyncio, re, sys
+
+held = []  # one asyncio.Event per request held
 
 async def handle(reader, writer):
     peer = writer.get_extra_info("peername")
@@ -61,7 +64,16 @@ async def handle(reader, writer):
             slow = re.match(rb"GET /sleep/(\d+)", request)
             if slow:
                 await asyncio.sleep(int(slow.group(1)) / 1000)
-            if request.startswith(b"GET /headers"):
+            if request.startswith(b"GET /hold "):
+                held.append(asyncio.Event())
+                await held[-1].wait()
+            if request.startswith(b"GET /release "):
+                for event in held:
+                    event.set()
+                held.clear()
+            if request.startswith(b"GET /held "):
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%d" % (len(str(len(held))), len(held)))
+            elif request.startswith(b"GET /headers"):
                 echoed = body + request  # what the peer (a sidecar) sent: x-forwarded-client-cert, say
                 writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(echoed) + echoed)
             else:
