@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -21,69 +20,21 @@ import pytest
 
 from tests.conftest import require_root
 from tests.support.envoy import wait_until
-from tests.support.istiod import running_istiod
 from tests.support.mesh_pki import serial_of, uri_sans
-from tests.support.mesh_pod import sidecar_pod
-from tests.support.netns import PodNetwork, mesh_network
+from tests.support.mesh_pod import APP_UID, MESH_HOST, two_pods
+from tests.support.netns import PodNetwork
 
 pytestmark = [pytest.mark.istio, pytest.mark.envoy, pytest.mark.root, pytest.mark.netns, pytest.mark.slow]
 
-HOST = "server.mesh.test"
-APP_UID = 1000  # the application's uid: captured (istio-init exempts only the proxy's 1337)
 # 10-second certificates renewed at half their life: a rotation every ~5 s on each side.
 ROTATING = {"SECRET_TTL": "10s", "SECRET_GRACE_PERIOD_RATIO": "0.5", "SECRET_GRACE_PERIOD_RATIO_JITTER": "0"}
-
-
-def mesh_config(server_ip: str) -> str:
-    return f"""\
-apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {{name: server, namespace: default}}
-spec:
-  hosts: [{HOST}]
-  location: MESH_INTERNAL
-  resolution: STATIC
-  ports: [{{number: 8080, name: http, protocol: HTTP}}]
-  endpoints:
-  - {{address: {server_ip}, serviceAccount: server, labels: {{app: server, security.istio.io/tlsMode: istio}}}}
----
-apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {{name: server, namespace: default}}
-spec:
-  host: {HOST}
-  trafficPolicy: {{tls: {{mode: ISTIO_MUTUAL}}}}
----
-apiVersion: security.istio.io/v1
-kind: PeerAuthentication
-metadata: {{name: default, namespace: default}}
-spec: {{mtls: {{mode: STRICT}}}}
-"""
-
-
-_GET = r"""
-import http.client, sys
-conn = http.client.HTTPConnection(sys.argv[1], 8080, timeout=10)
-conn.request("GET", sys.argv[2], headers={"Host": sys.argv[3]})
-response = conn.getresponse()
-print(response.status)
-print(response.read().decode())
-"""
-
-
-def app_request(client: PodNetwork, server_ip: str, path: str = "/headers") -> tuple[int, str]:
-    """GET from the client application (in the client pod, as the application's uid: through its sidecar)."""
-    done = client.run([sys.executable, "-c", _GET, server_ip, path, HOST], uid=APP_UID, timeout=20)
-    assert done.returncode == 0, done.stderr
-    status, _, body = done.stdout.partition("\n")
-    return int(status), body
 
 
 class Load:
     """wrk from the client application through both sidecars, for as long as the block runs."""
 
     def __init__(self, client: PodNetwork, server_ip: str, seconds: int) -> None:
-        argv = ["wrk", "-t", "1", "-c", "4", "-d", f"{seconds}s", "-H", f"Host: {HOST}"]
+        argv = ["wrk", "-t", "1", "-c", "4", "-d", f"{seconds}s", "-H", f"Host: {MESH_HOST}"]
         argv.append(f"http://{server_ip}:8080/")
         self.process = subprocess.Popen(
             client.wrap(argv, uid=APP_UID), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
@@ -96,29 +47,17 @@ class Load:
 
 def test_mutual_tls_between_two_pods_rotation_under_load_and_istiod_restart(tmp_path: Path) -> None:
     require_root()
-    with (
-        mesh_network("mtls") as (client_net, server_net), running_istiod(
-            tmp_path, config={"mesh.yaml": mesh_config(server_net.pod_ip)}, netns=client_net.client_ns,
-            host=client_net.client_ip,
-        ) as istiod,
-        sidecar_pod(
-            server_net, istiod, name="server-6d4f9c7b8-x2k9p", service_account="server", proxy_env=ROTATING
-        ) as server,
-        sidecar_pod(
-            client_net, istiod, name="client-5b8d7f6c4-q7w3e", service_account="client", proxy_env=ROTATING
-        ) as client,
-    ):  # fmt: skip
+    with two_pods(tmp_path, proxy_env=ROTATING) as pods:
+        istiod, client, server = pods.istiod, pods.client, pods.server
+        client_net, server_net = client.net, server.net
         # Both pods ready, as a postStart hook sees it too.
         for net in (client_net, server_net):
             waited = net.pilot_agent("wait", "--timeoutSeconds", "10")
             assert waited.returncode == 0, waited.stderr
         # 1. Client app -> client sidecar -> mTLS -> server sidecar -> server app, identities from the CA.
-        status, body = app_request(client_net, server_net.pod_ip)
-        assert status == 200, body
-        xfcc = re.search(r"(?im)^x-forwarded-client-cert: (.*)$", body)
-        assert xfcc is not None, body
-        assert "By=spiffe://cluster.local/ns/default/sa/server" in xfcc.group(1)
-        assert "URI=spiffe://cluster.local/ns/default/sa/client" in xfcc.group(1)
+        xfcc = pods.client_certificate_seen()
+        assert "By=spiffe://cluster.local/ns/default/sa/server" in xfcc
+        assert "URI=spiffe://cluster.local/ns/default/sa/client" in xfcc
         assert uri_sans(server.workload_certificate()) == ["spiffe://cluster.local/ns/default/sa/server"]
 
         # 2. Rotation under load: both sides renew twice or more; no request fails, no Envoy restarts.
@@ -142,7 +81,7 @@ def test_mutual_tls_between_two_pods_rotation_under_load_and_istiod_restart(tmp_
 
         # 3. istiod restarts: the data plane keeps serving and the pods stay ready; Envoy reconnects.
         istiod.stop()
-        assert app_request(client_net, server_net.pod_ip, "/")[0] == 200
+        assert pods.app_request("/")[0] == 200
         assert client.status_port("/healthz/ready")[0] == server.status_port("/healthz/ready")[0] == 200
         istiod.start()
 
@@ -152,5 +91,5 @@ def test_mutual_tls_between_two_pods_rotation_under_load_and_istiod_restart(tmp_
             return line.endswith(" 2")
 
         wait_until(proxies_connected, timeout=60)  # both Envoys reconnected through their proxies
-        assert app_request(client_net, server_net.pod_ip, "/")[0] == 200
+        assert pods.app_request("/")[0] == 200
         assert client.status_port("/healthz/ready")[0] == server.status_port("/healthz/ready")[0] == 200
