@@ -1,10 +1,7 @@
 """The image, built once per test session from the Dockerfile (tests/support/image.py), and a runc runtime that
-runs deploy/no-control-plane.yaml's pilot-agent containers from it (tests/support/runc.py).
-
-Joining the mesh from the container (issue 16, item 4) plugs in here once the agent has its xDS proxy and SDS
-server: the same `runtime` runs deploy/sidecar.yaml's pod (`Pod(meta, spec, runtime=runtime, configmaps=
-{"istio-ca-root-cert": ...})`, its token and CA volumes bind-mounted like the others), with the standalone istiod
-listening on the node side of the veth (`net.client_ip`) and the pod's `DISCOVERY_ADDRESS`/`CA_ADDR` pointing there.
+runs the manifests' pilot-agent containers from it (tests/support/runc.py): deploy/no-control-plane.yaml's, and
+deploy/sidecar.yaml's joined to a real istiod (`tests/support/mesh_pod.py` `two_pods(..., runtime=runtime)`).
+Both manifests name the same image.
 """
 
 from __future__ import annotations
