@@ -247,17 +247,17 @@ def run(args: argparse.Namespace) -> int:
         check_config_dir(cfg)
         # Fail fast, before anything starts, on a template that does not render.
         first = render_desired_state(cfg, settings.watch.files)
-    status = None
-    if cfg.proxy.status_port > 0:
-        status = StatusSettings.from_env(
-            cfg.env,
-            status_port=cfg.proxy.status_port,
-            envoy_prometheus_port=cfg.envoy_prometheus_port,
-            proxy_type=cfg.proxy_type,
-            admin_port=cfg.proxy.proxy_admin_port,
-        )
-    # The mesh side's roots and credentials: a missing root is refused now, before Envoy starts (as Istio).
-    mesh = mesh_settings(cfg) if serves_sds(cfg) else None
+        status = None
+        if cfg.proxy.status_port > 0:
+            status = StatusSettings.from_env(
+                cfg.env,
+                status_port=cfg.proxy.status_port,
+                envoy_prometheus_port=cfg.envoy_prometheus_port,
+                proxy_type=cfg.proxy_type,
+                admin_port=cfg.proxy.proxy_admin_port,
+            )
+        # The mesh side's roots and credentials: a missing root is refused now, before Envoy starts (as Istio).
+        mesh = mesh_settings(cfg) if serves_sds(cfg) else None
     sockets = bind_status_sockets(status.listen_host, status.status_port) if status is not None else []
     dns: DnsStartup | None = None
     try:

@@ -60,7 +60,10 @@ def _headers(env: Environment, cluster_id: str, family: EnvPrefix) -> tuple[tupl
 
 
 def _exists(path: str) -> bool:
-    return Path(path).is_file()
+    try:
+        return Path(path).is_file()
+    except OSError:  # a name too long, say: as good as missing (Path.is_file raises for it)
+        return False
 
 
 def _required(path: str, what: str) -> str:

@@ -369,6 +369,8 @@ def test_bad_app_probers_are_one_config_error(probers: str, match: str) -> None:
         ([], {"ISTIO_BOOTSTRAP": "/dev/zero"}, "template /dev/zero: /dev/zero is larger than 16 MiB"),
         ([], {"ISTIO_KUBE_APP_PROBERS": '{"/app-health/a/readyz": {"tcpSocket": {"port": NaN}}}'}, "NaN is not valid"),
         (["--proxyComponentLogLevel", "nosuch:info"], {}, "'nosuch' is not one of Envoy's log components"),
+        # A path component over 255 bytes: Path.is_file() raises ENAMETOOLONG (was a traceback from the mesh side).
+        ([], {"XDS_ROOT_CA": "r" * 300}, "env XDS_ROOT_CA: " + "r" * 300 + ": does not exist"),
     ],
 )
 def test_start_up_refuses_with_exit_78_and_one_line(
