@@ -12,8 +12,9 @@ import sys
 from typing import Any
 
 from agent.bootstrap import bootstrap_path, render_bootstrap
+from agent.commands.proxy import startup_errors
 from agent.config import add_proxy_flags, flags_from_args, load_agent_config
-from agent.errors import ExitCode
+from agent.errors import ConfigError, ExitCode
 
 
 def register(subparsers: Any) -> None:
@@ -39,15 +40,20 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = load_agent_config(flags_from_args(args), os.environ)
-    if args.print_path:
-        print(bootstrap_path(cfg))
-        return ExitCode.OK
-    data = render_bootstrap(cfg)
+    # The same one-line rule as `proxy` for what goes wrong reading the inputs (a path too long, unreadable).
+    with startup_errors():
+        cfg = load_agent_config(flags_from_args(args), os.environ)
+        if args.print_path:
+            print(bootstrap_path(cfg))
+            return ExitCode.OK
+        data = render_bootstrap(cfg)
     if args.output == "-":
         sys.stdout.buffer.write(data)
         sys.stdout.buffer.flush()
-    else:
+        return ExitCode.OK
+    try:
         with open(args.output, "wb") as handle:
             handle.write(data)
+    except OSError as exc:
+        raise ConfigError("flag --output", args.output, f"cannot write it: {exc.strerror or exc}") from None
     return ExitCode.OK

@@ -363,10 +363,13 @@ def example_xds_dir() -> Path:
 
 
 def _check_local_xds_dir(directory: str, source: str) -> str:
-    path = example_xds_dir() if directory == EXAMPLE_XDS_DIR else Path(directory).resolve()
-    if not path.is_dir():
-        raise ConfigError(source, "", f"{directory!r} is not a directory")
-    for name in ("lds.yaml", "cds.yaml"):
-        if not (path / name).is_file():
-            raise ConfigError(source, name, f"missing {path / name} (the listeners and clusters Envoy loads)")
+    try:
+        path = example_xds_dir() if directory == EXAMPLE_XDS_DIR else Path(directory).resolve()
+        if not path.is_dir():
+            raise ConfigError(source, "", f"{directory!r} is not a directory")
+        for name in ("lds.yaml", "cds.yaml"):
+            if not (path / name).is_file():
+                raise ConfigError(source, name, f"missing {path / name} (the listeners and clusters Envoy loads)")
+    except OSError as exc:  # a name too long, a loop of symlinks: is_dir() and resolve() raise
+        raise ConfigError(source, "", f"{directory!r}: {exc.strerror or exc}") from None
     return str(path)

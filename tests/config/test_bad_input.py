@@ -400,3 +400,22 @@ def test_a_fifo_as_a_configuration_file_is_refused_not_waited_on(tmp_path: Path)
     assert done.returncode == ExitCode.CONFIG_ERROR
     assert done.stderr.strip().splitlines()[-1].endswith(f"cannot read {tmp_path / 'mesh'}: not a regular file")
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("argv", "line"),
+    [
+        (["--local-xds-dir", "x" * 300], "flag --local-xds-dir: '" + "x" * 300 + "': File name too long"),
+        (["-o", "/"], "flag --output: /: cannot write it: Is a directory"),
+    ],
+)
+def test_render_refuses_with_exit_78_and_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], argv: list[str], line: str
+) -> None:
+    # Were tracebacks: `render` read its inputs without `proxy`'s one-line rule, and wrote -o unguarded.
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PROXY_CONFIG", json.dumps({"configPath": str(tmp_path / "proxy")}))
+    assert main(["render", "sidecar", *argv]) == ExitCode.CONFIG_ERROR
+    err = capsys.readouterr().err
+    assert err.strip().endswith(line), err
+    assert len(err.strip().splitlines()) == 1, err
