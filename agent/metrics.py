@@ -76,3 +76,11 @@ class AgentMetrics:
             registry=r,
         )
         self.envoy_ready = Gauge("istio_agent_envoy_ready", "1 when the readiness probe passes, else 0.", registry=r)
+        # The no-control-plane mode (agent/local_xds.py): Envoy's verdict on each version of lds.yaml / cds.yaml.
+        self.local_xds_loads = Counter(
+            "istio_agent_local_xds_loads",
+            "Versions of the local xDS files (--local-xds-dir) Envoy was given, by file and result (accepted, "
+            "rejected, not_reloaded).",
+            ["file", "result"],
+            registry=r,
+        )

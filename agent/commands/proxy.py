@@ -374,6 +374,7 @@ async def _supervise(
     mesh_service: MeshService | None,
 ) -> int:
     # Imported here, after Envoy's exec, so that their cost (~0.2 s) overlaps Envoy's own start.
+    from agent.local_xds import LocalXds  # noqa: PLC0415 (lazy: loaded after Envoy's exec)
     from agent.proxy.admin import AdminClient  # noqa: PLC0415 (lazy: loaded after Envoy's exec)
     from agent.status.server import StatusServer  # noqa: PLC0415 (lazy: loaded after Envoy's exec)
 
@@ -384,6 +385,9 @@ async def _supervise(
     )
     # In start order; each one Envoy needs listening must bind before the exec above, as the status port does.
     services: list[Service] = []
+    local_xds = None
+    if cfg.local_xds_dir:
+        local_xds = LocalXds(Path(cfg.local_xds_dir), admin, metrics, debounce=settings.watch.debounce)
     if status_settings is not None:
         # With the DNS proxy: readiness waits for istiod's first name table; /debug/ndsz shows it. The mesh
         # side's probe comes before Envoy's: it says whether istiod or its CA fails.
@@ -399,10 +403,13 @@ async def _supervise(
             extra_probes=probes,
             upstream_probes=upstream,
             debug_views=views,
+            config_probe=local_xds,
         )
         services.append(status)
     if dns_service is not None:
         services.append(dns_service)
+    if local_xds is not None:
+        services.append(local_xds)
     if mesh_service is not None:
         # Started already (above, before the supervisor); stops first: readiness answers until the very end.
         services.append(mesh_service)

@@ -25,6 +25,7 @@ from agent.config import network
 from agent.config.downward import read_downward_api
 from agent.config.envvars import Environment, EnvVar, json_object
 from agent.config.flags import ProxyFlags, split_component_log
+from agent.config.local_xds import check_directory
 from agent.config.proxy_sources import assemble_proxy_config, pilot_san, resolve_statsd
 from agent.config.proxyconfig import ProxyConfig
 from agent.errors import ConfigError
@@ -367,9 +368,7 @@ def _check_local_xds_dir(directory: str, source: str) -> str:
         path = example_xds_dir() if directory == EXAMPLE_XDS_DIR else Path(directory).resolve()
         if not path.is_dir():
             raise ConfigError(source, "", f"{directory!r} is not a directory")
-        for name in ("lds.yaml", "cds.yaml"):
-            if not (path / name).is_file():
-                raise ConfigError(source, name, f"missing {path / name} (the listeners and clusters Envoy loads)")
+        check_directory(path, source)  # before Envoy starts: a broken file is 78 naming it, not a LIVE Envoy without it
     except OSError as exc:  # a name too long, a loop of symlinks: is_dir() and resolve() raise
         raise ConfigError(source, "", f"{directory!r}: {exc.strerror or exc}") from None
     return str(path)

@@ -199,11 +199,14 @@ class Readiness:
         admin: AdminClient,
         extra: Sequence[Probe] = (),
         upstream: Sequence[Probe] = (),
+        config_probe: Probe | None = None,
     ) -> Readiness:
         """Envoy's probes, then the agent's own (`extra`: the DNS proxy's name table), as Istio orders them; and
         whether Envoy still answers at all. `upstream` probes come first: while Envoy has no configuration they say
-        why (istiod unreachable or refusing the credentials) better than Envoy's "config not received"."""
-        probes = [*upstream, EnvoyConfigProbe(admin), EnvoyLiveProbe(admin), *extra]
+        why (istiod unreachable or refusing the credentials) better than Envoy's "config not received".
+        `config_probe` replaces the check that Envoy received its listeners and clusters from a control plane (the
+        no-control-plane mode names its files instead)."""
+        probes = [*upstream, config_probe or EnvoyConfigProbe(admin), EnvoyLiveProbe(admin), *extra]
         return cls(lifecycle, metrics, probes, responding=EnvoyResponding(admin))
 
     async def check(self) -> str | None:

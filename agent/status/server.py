@@ -73,14 +73,16 @@ class StatusServer:
         extra_probes: Sequence[Probe] = (),
         upstream_probes: Sequence[Probe] = (),
         debug_views: Mapping[str, Callable[[], str | None]] | None = None,
+        config_probe: Probe | None = None,
     ) -> None:
-        """`extra_probes` run after Envoy's in readiness, `upstream_probes` (the mesh side's) before them;
-        `debug_views` are loopback-only JSON endpoints ({path: body or None for 404 `{}`}), e.g. /debug/ndsz."""
+        """`extra_probes` run after Envoy's in readiness, `upstream_probes` (the mesh side's) before them,
+        `config_probe` replaces Envoy's config check (see Readiness.for_envoy); `debug_views` are loopback-only JSON
+        endpoints ({path: body or None for 404 `{}`}), e.g. /debug/ndsz."""
         self.settings = settings
         self.lifecycle = lifecycle
         self.metrics = metrics
         self.admin = admin
-        self.readiness = Readiness.for_envoy(lifecycle, metrics, admin, extra_probes, upstream_probes)
+        self.readiness = Readiness.for_envoy(lifecycle, metrics, admin, extra_probes, upstream_probes, config_probe)
         self.debug_views = dict(debug_views or {})
         if started_at is not None:
             self.readiness.started_at = started_at

@@ -1,0 +1,187 @@
+"""The no-control-plane mode's files (`--local-xds-dir`): checked before Envoy starts, and every reload reported.
+
+Envoy reads `lds.yaml` and `cds.yaml` itself (a filesystem subscription on the directory) and keeps what it had
+when a new version fails; its only report is a counter and a log line. The agent therefore:
+
+- checks each file before Envoy's first start (agent/config/local_xds.py): a broken file is exit 78 naming it,
+  not a LIVE Envoy with no listeners;
+- watches the directory and, after each real change of a file, waits for Envoy's verdict on that file (its
+  `update_attempt` / `update_success` / `update_rejected` / `update_failure` counters) and logs it with the reason
+  when it failed, counting it in `istio_agent_local_xds_loads_total{file, result}` (Envoy's first load too). A
+  change Envoy never looks at (an in-place edit: Envoy only reloads a file moved into the directory) is reported
+  with the fix;
+- serves readiness in place of Envoy's config probe: until both files have been accepted once, the reason names
+  the file that was not, and why.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from agent.config.local_xds import KINDS, XdsFileKind, check_file
+from agent.errors import ConfigError
+
+if TYPE_CHECKING:
+    from agent.metrics import AgentMetrics
+    from agent.proxy.admin import AdminClient
+    from agent.watch import ChangeSet
+
+log = logging.getLogger("agent.localxds")
+
+
+@dataclass(frozen=True)
+class Counts:
+    """Envoy's counters for one filesystem subscription."""
+
+    attempt: int = 0
+    success: int = 0
+    rejected: int = 0
+    failure: int = 0
+
+    @classmethod
+    def of(cls, stats: dict[str, int], prefix: str) -> Counts:
+        return cls(*(stats.get(f"{prefix}.update_{name}", 0) for name in ("attempt", "success", "rejected", "failure")))
+
+
+@dataclass
+class _FileState:
+    kind: XdsFileKind
+    path: Path
+    seen: Counts = field(default_factory=Counts)
+    problem: str | None = None  # why the current version is not loaded; None when it is (or not judged yet)
+
+
+class LocalXds:
+    """A supervisor service (start/run/stop) and the readiness probe of the local mode (passed/check/forget)."""
+
+    def __init__(
+        self,
+        directory: Path,
+        admin: AdminClient,
+        metrics: AgentMetrics,
+        *,
+        debounce: float = 0.1,
+        verdict_timeout: float = 2.0,
+        first_load_timeout: float = 60.0,
+    ) -> None:
+        self.directory = directory
+        self.admin = admin
+        self.metrics = metrics
+        self.debounce = debounce
+        self.verdict_timeout = verdict_timeout
+        self.first_load_timeout = first_load_timeout
+        self.files = {directory / kind.name: _FileState(kind, directory / kind.name) for kind in KINDS}
+        self.passed = False
+
+    # ---- the service ----
+
+    async def start(self) -> None:
+        log.info("local xDS: Envoy loads its listeners and clusters from %s", self.directory)
+
+    async def stop(self) -> None:
+        pass
+
+    async def run(self) -> None:
+        """Exit paths: only cancellation (the watcher stops with it)."""
+        from agent.watch import Watcher  # noqa: PLC0415 (lazy: watchdog loads after Envoy's exec)
+
+        changes: asyncio.Queue[ChangeSet] = asyncio.Queue()
+        watcher = Watcher({p: s.kind.name for p, s in self.files.items()}, changes.put_nowait, debounce=self.debounce)
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(watcher.run())
+            for state in self.files.values():
+                await self._judge(state, first=True)
+            while True:
+                change = await changes.get()
+                for path in change.changed:
+                    await self._judge(self.files[path])
+                for path in change.deleted:
+                    noun = self.files[path].kind.noun
+                    log.warning("local xDS: %s was deleted: Envoy keeps the %s it had", path, noun)
+
+    async def _counts(self, kind: XdsFileKind) -> Counts | None:
+        from agent.proxy.admin import AdminError  # noqa: PLC0415 (lazy: aiohttp loads after Envoy's exec)
+
+        try:
+            stats = await self.admin.stats(kind.stats_filter, timeout=1.0)
+        except AdminError:
+            return None
+        return Counts.of(stats, kind.stats_prefix)
+
+    async def _judge(self, state: _FileState, *, first: bool = False) -> None:
+        """Wait for Envoy's next attempt at this file (its first load, or the reload on the move that changed it),
+        then report the result."""
+        try:
+            check_file(state.path, state.kind)
+            problem = None
+        except ConfigError as exc:
+            problem = str(exc)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + (self.first_load_timeout if first else self.verdict_timeout)
+        delay = 0.02
+        while (counts := await self._counts(state.kind)) is None or counts.attempt == state.seen.attempt:
+            if loop.time() >= deadline:
+                if first:
+                    log.debug("local xDS: Envoy has not read %s yet", state.path)
+                    return
+                self._report(
+                    state,
+                    "not_reloaded",
+                    f"local xDS: {state.path} changed but Envoy did not reload it: Envoy reads a new version only "
+                    f"when it is moved into {self.directory} (write a new file, then mv it over {state.kind.name})",
+                )
+                return
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.25)
+        if counts.attempt < state.seen.attempt:
+            state.seen = Counts()  # a new Envoy (crash restart): its counters start again
+        accepted = counts.success > state.seen.success
+        state.seen = counts
+        if accepted:
+            state.problem = None
+            self._report(state, "accepted", f"local xDS: Envoy {'loaded' if first else 'reloaded'} {state.path}")
+        else:
+            state.problem = problem or "Envoy rejected it (its log line above says why)"
+            self._report(
+                state,
+                "rejected",
+                f"local xDS: {state.path} not loaded: {state.problem}; Envoy keeps the {state.kind.noun} it had",
+            )
+
+    def _report(self, state: _FileState, result: str, message: str) -> None:
+        self.metrics.local_xds_loads.labels(state.kind.name, result).inc()
+        (log.info if result == "accepted" else log.error)("%s", message)
+
+    # ---- the readiness probe (in place of Envoy's config probe) ----
+
+    def forget(self) -> None:
+        self.passed = False
+
+    async def check(self) -> None:
+        from agent.status.readiness import NotReady  # noqa: PLC0415 (lazy: the status server loads it)
+
+        if self.passed:
+            return
+        waiting = []
+        for state in self.files.values():
+            counts = await self._counts(state.kind)
+            if counts is None:
+                raise NotReady(f"local xDS files not loaded: Envoy's admin API does not answer ({self.admin.base_url})")
+            if counts.success > 0:
+                continue
+            if counts.attempt == 0:
+                waiting.append(f"{state.path} not read by Envoy yet")
+                continue
+            try:
+                check_file(state.path, state.kind)
+                why = state.problem or "Envoy rejected it (its log line says why)"
+            except ConfigError as exc:
+                why = str(exc)
+            waiting.append(f"{state.path} not loaded: {why}")
+        if waiting:
+            raise NotReady("local xDS file " + "; ".join(waiting))
+        self.passed = True

@@ -1,0 +1,80 @@
+"""Every version of a local xDS file gets Envoy's verdict in the agent's log and metrics; readiness names the file.
+
+The real agent and Envoy 1.40 (`pilot-agent proxy --local-xds-dir`); files are replaced the way the docs say (a new
+file moved over the old one), except where the test makes the mistake the agent must explain (an in-place edit).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.supervisor.agent_process import Agent, StartAgent
+from tests.support.envoy import direct_response_lds, http_get, wait_until
+
+pytestmark = pytest.mark.envoy
+
+
+def _replace(path: Path, text: str) -> None:
+    """Write a new version next to `path` and move it over `path`, as the docs tell users to."""
+    new = path.with_name(f".{path.name}.new")
+    new.write_text(text)
+    os.replace(new, path)
+
+
+def _loads(agent: Agent) -> dict[tuple[str, str], float]:
+    """istio_agent_local_xds_loads_total from the merged metrics on the status port: {(file, result): count}."""
+    _, body = http_get(f"http://127.0.0.1:{agent.ports['status']}/stats/prometheus")
+    counts = {}
+    for line in body.decode().splitlines():
+        if line.startswith("istio_agent_local_xds_loads_total{"):
+            labels, value = line.rsplit(" ", 1)
+            file = labels.split('file="')[1].split('"')[0]
+            result = labels.split('result="')[1].split('"')[0]
+            counts[(file, result)] = float(value)
+    return counts
+
+
+def _logged(agent: Agent, text: str) -> None:
+    wait_until(lambda: text in agent.stderr(), timeout=20)
+
+
+def test_each_reload_is_reported_with_its_result_and_a_bad_one_leaves_envoy_serving(start_agent: StartAgent) -> None:
+    agent = start_agent()
+    lds = agent.config_dir.parent / "xds" / "lds.yaml"
+    app = f"http://127.0.0.1:{agent.ports['app']}/"
+    _logged(agent, f"local xDS: Envoy loaded {lds}")
+    wait_until(lambda: http_get(f"http://127.0.0.1:{agent.ports['status']}/healthz/ready")[0] == 200)
+
+    _replace(lds, "resources: [ {broken\n")
+    _logged(agent, f"local xDS: {lds} not loaded: {lds}:2: not valid YAML")
+    assert "Envoy keeps the listeners it had" in agent.stderr()
+    assert _loads(agent)[("lds.yaml", "rejected")] == 1
+    assert http_get(app)[0] == 200  # the listener Envoy had still serves
+    assert http_get(f"http://127.0.0.1:{agent.ports['status']}/healthz/ready")[0] == 200
+
+    with lds.open("a") as edit:  # the trap: Envoy only reads a version moved into the directory
+        edit.write("# edited in place\n")
+    _logged(agent, f"local xDS: {lds} changed but Envoy did not reload it")
+    assert _loads(agent)[("lds.yaml", "not_reloaded")] == 1
+
+    _replace(lds, direct_response_lds(agent.ports["app"], body="second"))
+    _logged(agent, f"local xDS: Envoy reloaded {lds}")
+    assert _loads(agent)[("lds.yaml", "accepted")] == 2  # the first load and this one
+    wait_until(lambda: http_get(app) == (200, b"second"))
+
+
+def test_readiness_names_the_file_envoy_rejected_at_start(start_agent: StartAgent) -> None:
+    def reject_the_port(work: Path) -> None:
+        # Passes the agent's own check (well-formed, named); Envoy refuses it (port out of range).
+        (work / "xds" / "lds.yaml").write_text(direct_response_lds(80800))
+
+    agent = start_agent(prepare=reject_the_port)
+    lds = agent.config_dir.parent / "xds" / "lds.yaml"
+    _logged(agent, f"local xDS: {lds} not loaded: Envoy rejected it")
+    status, body = http_get(f"http://127.0.0.1:{agent.ports['status']}/healthz/ready")
+    assert status == 503
+    assert body.decode().startswith(f"local xDS file {lds} not loaded: Envoy rejected it"), body
+    assert _loads(agent)[("lds.yaml", "rejected")] == 1
