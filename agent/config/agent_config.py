@@ -24,11 +24,12 @@ from agent.config import env_settings as E
 from agent.config import network
 from agent.config.downward import read_downward_api
 from agent.config.envvars import Environment, EnvVar, json_object
-from agent.config.flags import ProxyFlags, split_component_log
+from agent.config.flags import PROXY_TYPES, ProxyFlags, split_component_log
 from agent.config.local_xds import check_directory
 from agent.config.proxy_sources import assemble_proxy_config, pilot_san, resolve_statsd
 from agent.config.proxyconfig import ProxyConfig
 from agent.errors import ConfigError
+from agent.versions import ISTIO_COMPAT_VERSION
 
 _T = TypeVar("_T")
 
@@ -36,10 +37,6 @@ log = logging.getLogger("agent.config")
 
 LABELS_PATH = "./etc/istio/pod/labels"
 ANNOTATIONS_PATH = "./etc/istio/pod/annotations"
-PROXY_TYPES = ("sidecar", "router", "waypoint", "ztunnel", "agentgateway")
-# The Istio release whose agent behaviour (bootstrap, metadata) this one reproduces; istiod gates features on
-# node metadata ISTIO_VERSION, so we report an Istio version rather than our package version.
-ISTIO_COMPAT_VERSION = "1.28.0"
 CREDENTIAL_SOCKET = "./var/run/secrets/credential-uds/socket"
 # ProxyConfig fields the running agent took at start: its own ports and sockets, Envoy's command line, the drain,
 # istiod's address. A changed file (the `proxy.istio.io/config` or `status.sidecar.istio.io/port` annotation, the

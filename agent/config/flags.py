@@ -5,8 +5,11 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
+from agent.config.durations import format_proto, parse_duration
 from agent.errors import ConfigError
 from agent.flag_values import non_negative_int_flag
+
+PROXY_TYPES = ("sidecar", "router", "waypoint", "ztunnel", "agentgateway")
 
 # Envoy's -l / --component-log-level levels ("warn" is Envoy's alias of "warning").
 ENVOY_LOG_LEVELS = frozenset({"trace", "debug", "info", "warning", "warn", "error", "critical", "off"})
@@ -42,13 +45,19 @@ class ProxyFlags:
     sts_port: int = 0
     token_manager_plugin: str = ""
     local_xds_dir: str = ""
+    termination_drain_duration: str = ""  # a Go duration overriding ProxyConfig terminationDrainDuration
     log_as_json: bool = False
 
 
 def add_proxy_flags(parser: argparse.ArgumentParser) -> None:
     """Add the proxy flags to `parser` (the `proxy` and `render` subcommands). Dest names are `proxy_*`-free."""
     parser.add_argument(
-        "proxy_type", nargs="?", default="sidecar", help="sidecar (default), router, waypoint, ztunnel, agentgateway"
+        "proxy_type",
+        nargs="?",
+        default="sidecar",
+        choices=PROXY_TYPES,
+        metavar="TYPE",
+        help=f"{', '.join(PROXY_TYPES)} (default: sidecar)",
     )
     parser.add_argument("--domain", default="", help="DNS domain; default ${POD_NAMESPACE}.svc.cluster.local")
     parser.add_argument(
@@ -78,7 +87,17 @@ def add_proxy_flags(parser: argparse.ArgumentParser) -> None:
         "--local-xds-dir",
         dest="local_xds_dir",
         default="",
-        help="run without a control plane: LDS/CDS from DIR/lds.yaml and DIR/cds.yaml (env ISTIO_LOCAL_XDS_DIR)",
+        metavar="DIR",
+        help="run without a control plane: LDS/CDS from DIR/lds.yaml and DIR/cds.yaml (env ISTIO_LOCAL_XDS_DIR); "
+        "@example is the bundled demo",
+    )
+    parser.add_argument(
+        "--termination-drain-duration",
+        dest="termination_drain_duration",
+        default="",
+        metavar="DURATION",
+        help="how long a shutdown (SIGTERM, Ctrl-C) drains before Envoy stops, e.g. 0s; overrides ProxyConfig "
+        "terminationDrainDuration (default 5s)",
     )
     # Istio's log flags are persistent (root) flags, so the injector passes them after `proxy sidecar`.
     # SUPPRESS keeps the root parser's value unless the flag is given here too.
@@ -108,8 +127,15 @@ def flags_from_args(args: argparse.Namespace) -> ProxyFlags:
         sts_port=sts_port,
         token_manager_plugin=getattr(args, "token_manager_plugin", d.token_manager_plugin),
         local_xds_dir=getattr(args, "local_xds_dir", d.local_xds_dir),
+        termination_drain_duration=_duration_flag(args, "termination_drain_duration", "--termination-drain-duration"),
         log_as_json=bool(getattr(args, "log_as_json", False)),
     )
+
+
+def _duration_flag(args: argparse.Namespace, dest: str, flag: str) -> str:
+    """A duration flag checked here (so errors name the flag) and passed on in its canonical form; "" when unset."""
+    text = getattr(args, dest, "") or ""
+    return format_proto(parse_duration(text, f"flag {flag}", "")) if text else ""
 
 
 def split_component_log(level: str, component_level: str) -> tuple[str, str]:

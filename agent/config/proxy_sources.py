@@ -88,6 +88,8 @@ def assemble_proxy_config(
         raw["concurrency"] = cpu_limit
     if flags.concurrency:
         raw["concurrency"] = flags.concurrency
+    if flags.termination_drain_duration:
+        raw["terminationDrainDuration"] = flags.termination_drain_duration
     if not raw.get("serviceCluster") and not raw.get("tracingServiceName"):
         raw["serviceCluster"] = flags.service_cluster
     if flags.template_file and not raw.get("customConfigFile"):

@@ -6,6 +6,7 @@ Every call has a timeout and raises AdminError (never aiohttp's own types) so ca
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from urllib.parse import quote
 
@@ -18,6 +19,10 @@ class AdminError(Exception):
 
 class AdminTimeout(AdminError):
     """The admin API did not answer within the timeout (Envoy stopped, or its main thread stuck)."""
+
+
+class AdminUnreachable(AdminError):
+    """Nothing accepted the connection (nothing listens on the port, or the host is unreachable)."""
 
 
 # server.state values (envoy/admin/v3/server_info.proto): LIVE=0, DRAINING=1, PRE_INITIALIZING=2, INITIALIZING=3.
@@ -46,6 +51,8 @@ class AdminClient:
                 return response.status, await response.read()
         except TimeoutError as exc:  # aiohttp's own timeouts (ServerTimeoutError, ...) are TimeoutErrors too
             raise AdminTimeout(f"{method} {url}: no answer within {timeout:g}s") from exc
+        except aiohttp.ClientConnectorError as exc:
+            raise AdminUnreachable(f"{method} {url}: {cannot_connect(exc)}") from exc
         except (aiohttp.ClientError, OSError, ValueError) as exc:  # ValueError: a malformed method
             raise AdminError(f"{method} {url}: {type(exc).__name__}: {exc}") from exc
 
@@ -107,6 +114,13 @@ class AdminClient:
         ]
         path = "/drain_listeners" + ("?" + "&".join(flags) if flags else "")
         await self._ok("POST", path)
+
+
+def cannot_connect(exc: aiohttp.ClientConnectorError) -> str:
+    """ "cannot connect to host:port (connection refused)": the kernel's words, not the library's."""
+    errno = exc.os_error.errno
+    why = os.strerror(errno).lower() if errno else "connection failed"
+    return f"cannot connect to {exc.host}:{exc.port} ({why})"
 
 
 def parse_stats(text: str) -> dict[str, int]:

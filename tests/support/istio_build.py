@@ -1,6 +1,7 @@
 """Istio itself as the yardstick: the one pinned Istio version, its module directory, and its binaries.
 
-`ISTIO_VERSION` is the only place the project names the Istio version it is compared with. From it:
+`ISTIO_VERSION` is the Istio version the project is compared with: the agent's own `agent.versions` pin (the one
+place it is named; `pilot-agent version` prints it). From it:
 
 - `module_dir()`: Istio's module source in the Go module cache (`go mod download -json istio.io/istio@<pin>`), where
   the conformance tests read Istio's golden files;
@@ -30,8 +31,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-ISTIO_MODULE = "istio.io/istio"
-ISTIO_VERSION = "v0.0.0-20260827124520-eed52ebb66ad"
+from agent.versions import ISTIO_MODULE, ISTIO_MODULE_VERSION
+
+ISTIO_VERSION = ISTIO_MODULE_VERSION
+
 PACKAGES = {
     "pilot-agent": f"{ISTIO_MODULE}/pilot/cmd/pilot-agent",
     "pilot-discovery": f"{ISTIO_MODULE}/pilot/cmd/pilot-discovery",
