@@ -29,7 +29,7 @@ class Lifecycle:
         """The first request starts the shutdown (readiness flips at once); a second one makes it immediate."""
         if self._shutdown.is_set():
             if not self._immediate.is_set():
-                log.warning("second shutdown request (%s): stopping now", cause)
+                log.info("second shutdown request (%s): stopping now", cause)
             self._immediate.set()
         else:
             log.info("shutdown requested: %s", cause)

@@ -20,7 +20,7 @@ import asyncio
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from agent.config.local_xds import KINDS, XdsFileKind, check_file
 from agent.errors import ConfigError
@@ -33,9 +33,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("agent.localxds")
 
 
-@dataclass(frozen=True)
-class Counts:
-    """Envoy's counters for one filesystem subscription."""
+class Counts(NamedTuple):
+    """Envoy's counters for one filesystem subscription (`<prefix>.update_<field>`)."""
 
     attempt: int = 0
     success: int = 0
@@ -44,7 +43,7 @@ class Counts:
 
     @classmethod
     def of(cls, stats: dict[str, int], prefix: str) -> Counts:
-        return cls(*(stats.get(f"{prefix}.update_{name}", 0) for name in ("attempt", "success", "rejected", "failure")))
+        return cls(*(stats.get(f"{prefix}.update_{name}", 0) for name in cls._fields))
 
 
 @dataclass
@@ -69,12 +68,10 @@ class LocalXds:
         first_load_timeout: float = 60.0,
     ) -> None:
         self.directory = directory
-        self.admin = admin
-        self.metrics = metrics
-        self.debounce = debounce
-        self.verdict_timeout = verdict_timeout
-        self.first_load_timeout = first_load_timeout
         self.files = {directory / kind.name: _FileState(kind, directory / kind.name) for kind in KINDS}
+        self.admin, self.metrics = admin, metrics
+        # Quiet time after a change; how long Envoy may take to read a new version, and to read the first one.
+        self.debounce, self.verdict_timeout, self.first_load_timeout = debounce, verdict_timeout, first_load_timeout
         self.passed = False
 
     # ---- the service ----

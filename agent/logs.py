@@ -1,4 +1,8 @@
-"""Logging set-up with Istio's flags: --log_output_level (scope:level,...) and --log_as_json."""
+"""Logging set-up with Istio's flags: --log_output_level (scope:level,...) and --log_as_json.
+
+The agent's lines have the shape of Istio's (`<time>\t<level>\t<scope>\t<message>`) and the level names of the
+Envoy lines they are interleaved with (Istio's bootstrap gives Envoy the same shape): `debug`, `info`, `warning`,
+`error`, `critical`, so one filter finds both (Istio's own agent writes `warn`)."""
 
 from __future__ import annotations
 
@@ -27,7 +31,7 @@ class IstioTextFormatter(logging.Formatter):
     """`<RFC3339 time>\t<level>\t<scope>\t<message>`, the shape of Istio's own agent log lines."""
 
     def format(self, record: logging.LogRecord) -> str:
-        level = "warn" if record.levelno == logging.WARNING else record.levelname.lower()
+        level = record.levelname.lower()  # Envoy's names: warning, critical
         scope = record.name.removeprefix("agent.").replace(".", "/") or "default"
         message = record.getMessage()
         if record.exc_info and record.levelno <= logging.DEBUG:
@@ -37,7 +41,7 @@ class IstioTextFormatter(logging.Formatter):
 
 class IstioJsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        level = "warn" if record.levelno == logging.WARNING else record.levelname.lower()
+        level = record.levelname.lower()
         return json.dumps(
             {
                 "time": _timestamp(record),
@@ -66,7 +70,11 @@ def configure(output_levels: str = "default:info", as_json: bool = False) -> Non
     handler.setFormatter(IstioJsonFormatter() if as_json else IstioTextFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(levels.pop("default", logging.INFO))
+    default = levels.pop("default", logging.INFO)
+    # `default` is the agent's own level; the libraries' never goes below info: at default:debug a reader wants
+    # the agent's decisions (readiness, renders, scrapes), not asyncio's selector or watchdog's inotify events.
+    root.setLevel(max(default, logging.INFO))
+    logging.getLogger("agent").setLevel(default)
     for scope, level in levels.items():
         logging.getLogger(f"agent.{scope}").setLevel(level)
     # aiohttp's access log is noise at info: every kubelet probe would be a line.

@@ -76,6 +76,8 @@ class WatchSettings:
     # A directory that never goes quiet (a writer every few ms) must not postpone a rotation for ever: the files
     # are hashed at the latest this long after the first event (None: max(1 s, 10 x debounce)).
     max_delay: float | None = None
+    # Missing directories are the normal case (no control plane, a laptop): say so at debug, not as a warning.
+    quiet_missing_dirs: bool = False
 
 
 class Supervisor:
@@ -163,6 +165,7 @@ class Supervisor:
                         debounce=self.watch.debounce,
                         max_delay=self.watch.max_delay,
                         on_changing=epochs.validate_ahead,
+                        missing_dir_level=logging.DEBUG if self.watch.quiet_missing_dirs else logging.WARNING,
                     )
                     background.append(tg.create_task(self.watcher.run()))
                 self.started.set()

@@ -96,8 +96,12 @@ class Watcher:
         debounce: float = 0.1,
         max_delay: float | None = None,
         on_changing: Callable[[], None] | None = None,
+        missing_dir_level: int = logging.WARNING,
     ) -> None:
+        """`missing_dir_level`: how loudly to say a watched file's directory does not exist (nothing will be seen
+        there until the agent restarts): a warning, or debug where that is the normal case (no control plane)."""
         self.files = {Path(p).absolute(): kind for p, kind in files.items()}
+        self.missing_dir_level = missing_dir_level
         self.on_change = on_change
         self.on_changing = on_changing
         # The contents `on_changing` was last called for, while a window is open.
@@ -137,7 +141,7 @@ class Watcher:
                 observer.schedule(handler, str(directory), recursive=False)
                 self._scheduled.add(directory)
             else:
-                log.warning("not watching %s: directory does not exist", directory)
+                log.log(self.missing_dir_level, "not watching %s: directory does not exist", directory)
 
     def directories(self) -> set[Path]:
         """Each file's directory, and the directory above any symlinked ancestor: in a Kubernetes volume an item

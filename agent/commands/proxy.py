@@ -190,6 +190,7 @@ def supervisor_settings(cfg: AgentConfig, binary: str) -> ProxySettings:
     watch = WatchSettings(
         watch_files(cfg, dependencies(cfg)),
         debounce=env[E.FILE_DEBOUNCE_DURATION],
+        quiet_missing_dirs=bool(cfg.local_xds_dir),
     )
     if template and not launch.hot_restart:
         log.info("hot restart disabled (ENVOY_DISABLE_HOT_RESTART): file changes apply at Envoy's next start")
@@ -226,6 +227,7 @@ def render_desired_state(cfg: AgentConfig, watched: Mapping[Path, str]) -> Desir
     if unwatched:
         log.warning("not watching %s: named after start; restart the agent to watch it", ", ".join(unwatched))
     deps = tuple((str(p), content_hash(p) or "") for p, kind in watched.items() if kind not in RENDER_INPUTS)
+    log.debug("bootstrap rendered: %d bytes, %d watched files hashed into the desired state", len(data), len(deps))
     return DesiredState(data, deps)
 
 
@@ -404,6 +406,7 @@ async def _supervise(
     # Imported here, after Envoy's exec, so that their cost (~0.2 s) overlaps Envoy's own start.
     from agent.local_xds import LocalXds  # noqa: PLC0415 (lazy: loaded after Envoy's exec)
     from agent.proxy.admin import AdminClient  # noqa: PLC0415 (lazy: loaded after Envoy's exec)
+    from agent.startup_line import StartupLine, settings_summary  # noqa: PLC0415 (lazy: after Envoy's exec)
     from agent.status.server import StatusServer  # noqa: PLC0415 (lazy: loaded after Envoy's exec)
 
     lifecycle = Lifecycle()
@@ -438,6 +441,8 @@ async def _supervise(
         services.append(dns_service)
     if local_xds is not None:
         services.append(local_xds)
+    summary = settings_summary(cfg, settings.launch, settings.drain.termination_drain)
+    services.append(StartupLine(admin, settings.launch.binary, summary))
     if mesh_service is not None:
         # Started already (above, before the supervisor); stops first: readiness answers until the very end.
         services.append(mesh_service)

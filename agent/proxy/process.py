@@ -1,8 +1,10 @@
 """One Envoy process (one hot-restart epoch): start it, copy its output, remember its last lines, report its exit.
 
 Envoy's stdout is the agent's stdout (inherited). Its stderr, where Envoy logs, is copied to the agent's stderr as it
-arrives, and the last lines are kept for the termination message. Envoy runs in its own process group so a Ctrl-C
-in a terminal reaches only the agent, which then drains Envoy instead of Envoy dying mid-request.
+arrives, whole lines at a time, by a thread of its own: whatever the event loop is doing (the agent's imports right
+after Envoy's exec, a large merge), Envoy's lines reach the log when Envoy writes them, in order with the agent's
+own. The last lines are kept for the termination message. Envoy runs in its own process group so a Ctrl-C in a
+terminal reaches only the agent, which then drains Envoy instead of Envoy dying mid-request.
 """
 
 from __future__ import annotations
@@ -12,8 +14,10 @@ import collections
 import contextlib
 import enum
 import logging
+import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -84,6 +88,7 @@ class EnvoyProcess:
         self._aborted = False
         self._started = 0.0
         self._collecting = False
+        self._copier: threading.Thread | None = None
 
     @property
     def pid(self) -> int:
@@ -97,20 +102,32 @@ class EnvoyProcess:
     async def start(self) -> None:
         """Exec Envoy. Raises OSError when the binary cannot be executed."""
         self._started = time.monotonic()
-        self._proc = await asyncio.create_subprocess_exec(
-            *self.argv, stdin=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, process_group=0
+        read_end, write_end = os.pipe()
+        try:
+            self._proc = await asyncio.create_subprocess_exec(
+                *self.argv, stdin=asyncio.subprocess.DEVNULL, stderr=write_end, process_group=0
+            )
+        except BaseException:
+            os.close(read_end)
+            raise
+        finally:
+            os.close(write_end)
+        sink = self._sink if self._sink is not None else sys.stderr.buffer
+        self._copier = threading.Thread(
+            target=copy_lines, args=(read_end, self._tail, sink), name=f"envoy-{self.epoch}-stderr", daemon=True
         )
+        self._copier.start()
         log.info("Envoy epoch %d started (pid %d)", self.epoch, self._proc.pid)
 
     async def run(self, on_exit: Callable[[EnvoyProcess], None] | None = None) -> ExitInfo:
-        """Copy stderr until EOF, wait for the exit, record it. Exit paths: returns the ExitInfo once Envoy exits;
-        if cancelled, kills Envoy first so no Envoy outlives its task."""
-        assert self._proc is not None
+        """Wait for the exit and the last of its output, record it. Exit paths: returns the ExitInfo once Envoy
+        exits; if cancelled, kills Envoy first so no Envoy outlives its task."""
+        assert self._proc is not None and self._copier is not None
         proc = self._proc
         self._collecting = True
         try:
-            await self._pump(proc)
             returncode = await proc.wait()
+            await asyncio.to_thread(self._copier.join, 5.0)  # its stderr's end: the tail is complete
         except asyncio.CancelledError:
             self.kill()
             await asyncio.shield(proc.wait())
@@ -130,10 +147,6 @@ class EnvoyProcess:
         if on_exit is not None:
             on_exit(self)
         return self.exit_info
-
-    async def _pump(self, proc: asyncio.subprocess.Process) -> None:
-        assert proc.stderr is not None
-        await keep_tail(proc.stderr, self._tail, copy_to=self._sink if self._sink is not None else sys.stderr.buffer)
 
     async def discard(self) -> bool:
         """Kill an Envoy whose exit nobody collects (start-up failed between its exec and its adoption by the
@@ -167,28 +180,67 @@ class EnvoyProcess:
                 async with asyncio.timeout(grace):
                     await self.exited.wait()
             except TimeoutError:
-                log.warning("Envoy epoch %d did not exit within %.1fs of SIGTERM: killing it", self.epoch, grace)
+                # With no grace (a second stop request: "now") the kill is what was asked for, not a surprise.
+                (log.warning if grace > 0 else log.info)(
+                    "Envoy epoch %d did not exit within %.1fs of SIGTERM: killing it", self.epoch, grace
+                )
                 self.kill()
                 await self.exited.wait()
         assert self.exit_info is not None
         return self.exit_info
 
 
+class _Lines:
+    """Splits output into lines, copying whole lines on and keeping the last non-blank ones (each cut to 1000
+    characters) in `tail`. Bounded memory whatever Envoy writes (one line of its usage text is kilobytes)."""
+
+    def __init__(self, tail: collections.deque[str], copy_to: BinaryIO | None) -> None:
+        self.tail = tail
+        self.copy_to = copy_to
+        self.partial = b""
+
+    def feed(self, chunk: bytes) -> None:
+        lines = (self.partial + chunk).split(b"\n")
+        self.partial = lines.pop()
+        if len(self.partial) > 65536:  # a line without end: pass it on rather than hold it
+            lines.append(self.partial)
+            self.partial = b""
+        self._emit(lines)
+
+    def finish(self) -> None:
+        if self.partial:
+            self._emit([self.partial])
+            self.partial = b""
+
+    def _emit(self, lines: list[bytes]) -> None:
+        if not lines:
+            return
+        if self.copy_to is not None:
+            try:
+                self.copy_to.write(b"".join(line + b"\n" for line in lines))
+                self.copy_to.flush()
+            except (OSError, ValueError):  # our stderr closed: keep draining so Envoy never blocks on a full pipe
+                pass
+        self.tail.extend(line.decode("utf-8", "replace")[:1000] for line in lines if line.strip())
+
+
+def copy_lines(fd: int, tail: collections.deque[str], copy_to: BinaryIO | None = None) -> None:
+    """Read the pipe `fd` to EOF (blocking: a thread's work), copying whole lines to `copy_to` as they arrive;
+    closes `fd`."""
+    lines = _Lines(tail, copy_to)
+    try:
+        while chunk := os.read(fd, 65536):
+            lines.feed(chunk)
+        lines.finish()
+    finally:
+        os.close(fd)
+
+
 async def keep_tail(
     stream: asyncio.StreamReader, tail: collections.deque[str], copy_to: BinaryIO | None = None
 ) -> None:
-    """Read `stream` to EOF, copying it to `copy_to` as it arrives and keeping its last non-blank lines (each cut to
-    1000 characters) in `tail`. Bounded memory whatever Envoy writes (one line of its usage text is kilobytes)."""
-    partial = b""
+    """copy_lines for an asyncio stream (a validation's output, read on the loop)."""
+    lines = _Lines(tail, copy_to)
     while chunk := await stream.read(65536):
-        if copy_to is not None:
-            try:
-                copy_to.write(chunk)
-                copy_to.flush()
-            except (OSError, ValueError):  # our stderr closed: keep draining so Envoy never blocks on a full pipe
-                pass
-        lines = (partial + chunk).split(b"\n")
-        partial = lines.pop()[-4096:]
-        tail.extend(line.decode("utf-8", "replace")[:1000] for line in lines if line.strip())
-    if partial.strip():
-        tail.append(partial.decode("utf-8", "replace")[:1000])
+        lines.feed(chunk)
+    lines.finish()

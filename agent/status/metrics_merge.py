@@ -187,7 +187,8 @@ class MetricsMerger:
     async def _merge(self, request: web.Request, slot: MergeSlot) -> web.StreamResponse:
         self.metrics.scrapes.inc()
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._timeout(request)
+        began = loop.time()
+        deadline = began + self._timeout(request)
         negotiated = negotiate(request.headers.get("Accept"))
         # identity: compressing on loopback only burns the sources' CPU and ours (a 10k-line prometheus_client
         # body costs more to gzip than to generate); the scraper's own Accept-Encoding applies to our answer only.
@@ -256,6 +257,12 @@ class MetricsMerger:
             if openmetrics:
                 await output.write(b"# EOF\n")
             await output.finish()
+            log.debug(
+                "merged scrape: agent, %s in %.1f ms (%s)",
+                ", ".join(u.kind if u.response is not None else f"{u.kind} left out" for u in upstreams) or "alone",
+                (loop.time() - began) * 1000,
+                content_type,
+            )
             # No write_eof() here: aiohttp finishes the response itself.
             return response
         except _ClientGone:

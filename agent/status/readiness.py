@@ -258,6 +258,7 @@ class Readiness:
             reason = reason or "Envoy was restarted during the readiness check"
         # Shutdown may have begun while we asked Envoy: it wins (readiness flips at the first SIGTERM).
         reason = self.lifecycle.not_ready_reason() or reason
+        log.debug("readiness evaluated: %s", reason or "ready")
         self._record(reason)
         return reason
 
