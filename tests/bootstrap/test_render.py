@@ -217,7 +217,6 @@ def test_render_command_prints_bootstrap(tmp_path: Path) -> None:
     ("argv", "env", "expected"),
     [
         (["render"], {"PROXY_CONFIG": "drainDuration: 5x"}, "env PROXY_CONFIG: drainDuration: invalid duration"),
-        (["render", "gateway"], {}, "argument proxy type: gateway: invalid proxy Type"),
         (["render"], {"ISTIO_METAJSON_LABELS": "nope"}, "env ISTIO_METAJSON_LABELS: not valid JSON"),
         (["render", "--templateFile", "/nonexistent.j2"], {}, "template /nonexistent.j2: template file not found"),
     ],
