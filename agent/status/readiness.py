@@ -198,6 +198,7 @@ class Readiness:
         metrics: AgentMetrics,
         admin: AdminClient,
         extra: Sequence[Probe] = (),
+        *,
         upstream: Sequence[Probe] = (),
         config_probe: Probe | None = None,
     ) -> Readiness:

@@ -82,7 +82,9 @@ class StatusServer:
         self.lifecycle = lifecycle
         self.metrics = metrics
         self.admin = admin
-        self.readiness = Readiness.for_envoy(lifecycle, metrics, admin, extra_probes, upstream_probes, config_probe)
+        self.readiness = Readiness.for_envoy(
+            lifecycle, metrics, admin, extra_probes, upstream=upstream_probes, config_probe=config_probe
+        )
         self.debug_views = dict(debug_views or {})
         if started_at is not None:
             self.readiness.started_at = started_at
