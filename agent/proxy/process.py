@@ -88,7 +88,7 @@ class EnvoyProcess:
         self._aborted = False
         self._started = 0.0
         self._collecting = False
-        self._copier: threading.Thread | None = None
+        self._output_done = asyncio.Event()  # the stderr copier reached EOF: the tail is complete
 
     @property
     def pid(self) -> int:
@@ -113,21 +113,28 @@ class EnvoyProcess:
         finally:
             os.close(write_end)
         sink = self._sink if self._sink is not None else sys.stderr.buffer
-        self._copier = threading.Thread(
-            target=copy_lines, args=(read_end, self._tail, sink), name=f"envoy-{self.epoch}-stderr", daemon=True
-        )
-        self._copier.start()
+        loop = asyncio.get_running_loop()
+
+        def copy() -> None:
+            copy_lines(read_end, self._tail, sink)
+            with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits any more
+                loop.call_soon_threadsafe(self._output_done.set)
+
+        threading.Thread(target=copy, name=f"envoy-{self.epoch}-stderr", daemon=True).start()
         log.info("Envoy epoch %d started (pid %d)", self.epoch, self._proc.pid)
 
     async def run(self, on_exit: Callable[[EnvoyProcess], None] | None = None) -> ExitInfo:
         """Wait for the exit and the last of its output, record it. Exit paths: returns the ExitInfo once Envoy
         exits; if cancelled, kills Envoy first so no Envoy outlives its task."""
-        assert self._proc is not None and self._copier is not None
+        assert self._proc is not None
         proc = self._proc
         self._collecting = True
         try:
             returncode = await proc.wait()
-            await asyncio.to_thread(self._copier.join, 5.0)  # its stderr's end: the tail is complete
+            # Its stderr's end (at once, unless something Envoy started still holds the pipe).
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(5.0):
+                    await self._output_done.wait()
         except asyncio.CancelledError:
             self.kill()
             await asyncio.shield(proc.wait())
