@@ -1,12 +1,32 @@
 """The agent's own Prometheus metrics, in an explicit registry built at start-up (nothing registered at import).
 
 Names carry Istio's `istio_agent_` prefix. The supervisor, the watcher and the status server each record into the
-one AgentMetrics instance they are given; the status server exposes `registry` first in the merged scrape.
+one AgentMetrics instance they are given; the status server exposes `registry` first in the merged scrape, written
+as Istio's agent writes its own (agent/status/agent_section.py).
+
+Naming rule (docs/reference.md#metrics): a metric Istio's agent also has carries exactly Istio's name, type and
+labels; a counter whose Istio name has no `_total` is an `UnsuffixedCounter`. A metric only this agent has follows
+Prometheus' conventions: a counter's series end in `_total` (a plain `Counter`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, ProcessCollector
+from prometheus_client.metrics_core import Metric
+
+
+class UnsuffixedCounter(Counter):
+    """A counter whose series is its name as declared, without the `_total` prometheus_client appends: Istio's
+    exporter (`WithoutCounterSuffixes`) writes `istio_agent_xds_proxy_requests`, and dashboards query that.
+    Declare it with Istio's name (which then never ends in `_total`: prometheus_client would strip it)."""
+
+    def collect(self) -> Iterable[Metric]:
+        for metric in super().collect():
+            total = metric.name + "_total"
+            metric.samples = [sample._replace(name=metric.name) for sample in metric.samples if sample.name == total]
+            yield metric
 
 
 class AgentMetrics:
@@ -18,14 +38,14 @@ class AgentMetrics:
         self.startup_duration = Gauge(
             "istio_agent_startup_duration_seconds", "Seconds from agent start to the first ready Envoy.", registry=r
         )
-        self.scrapes = Counter("istio_agent_scrapes", "Merged metrics scrapes served.", registry=r)
+        self.scrapes = Counter("istio_agent_scrapes_total", "Merged metrics scrapes served.", registry=r)
         self.scrapes_rejected = Counter(
             "istio_agent_scrapes_rejected",
             "Merged scrapes answered 503 because the maximum number of merges was already running.",
             registry=r,
         )
         self.scrape_failures = Counter(
-            "istio_agent_scrape_failures",
+            "istio_agent_scrape_failures_total",
             "Sources left out of a merged scrape, by source type (agent, envoy, application).",
             ["type"],
             registry=r,

@@ -7,13 +7,9 @@ import re
 from pathlib import Path
 
 import pytest
-from prometheus_client import CollectorRegistry
 
-from agent.dns.metrics import DnsMetrics
 from agent.errors import ExitCode
-from agent.metrics import AgentMetrics
-from agent.security.metrics import SecurityMetrics
-from agent.xds.metrics import XdsMetrics
+from tests.support.agent_metrics import declared_families
 
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE = REPO / "docs" / "reference.md"
@@ -44,7 +40,7 @@ def test_every_relative_link_and_anchor_resolves(page: Path) -> None:
     assert broken == []
 
 
-def _table(section: str) -> list[list[str]]:
+def reference_table(section: str) -> list[list[str]]:
     """The rows (cells) of the first table under the reference's `## <section>` heading."""
     rows: list[list[str]] = []
     current = ""
@@ -59,21 +55,12 @@ def _table(section: str) -> list[list[str]]:
 
 
 def test_every_agent_metric_is_in_the_reference_once() -> None:
-    registry = CollectorRegistry()
-    AgentMetrics(registry)
-    XdsMetrics(registry)
-    SecurityMetrics(registry)
-    DnsMetrics(registry)
-    exposed = {
-        family.name + ("_total" if family.type == "counter" else "")
-        for family in registry.collect()
-        if not family.name.startswith("istio_agent_process_")
-    }
-    documented = [re.findall(r"`([^`]+)`", row[0])[0] for row in _table("Metrics")]
+    exposed = {name for name in declared_families() if not name.startswith("istio_agent_process_")}
+    documented = [re.findall(r"`([^`]+)`", row[0])[0] for row in reference_table("Metrics")]
     assert sorted(set(documented) - {"istio_agent_process_*"}) == sorted(exposed)
     assert len(documented) == len(set(documented))
 
 
 def test_every_exit_code_is_in_the_reference_once() -> None:
-    documented = [row[1].strip("`") for row in _table("Exit codes") if row[1]]
+    documented = [row[1].strip("`") for row in reference_table("Exit codes") if row[1]]
     assert sorted(documented) == sorted(code.name for code in ExitCode)

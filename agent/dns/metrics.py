@@ -11,14 +11,14 @@ UPSTREAM_DURATION_BUCKETS = (0.001, 0.005, 0.01, 0.1, 1.0, 5.0)
 
 class DnsMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
-        self.requests = Counter("istio_agent_dns_requests", "Total number of DNS requests.", registry=registry)
+        self.requests = Counter("istio_agent_dns_requests_total", "Total number of DNS requests.", registry=registry)
         self.upstream_requests = Counter(
-            "istio_agent_dns_upstream_requests",
+            "istio_agent_dns_upstream_requests_total",
             "Total number of DNS requests forwarded to upstream.",
             registry=registry,
         )
         self.upstream_failures = Counter(
-            "istio_agent_dns_upstream_failures", "Total number of DNS failures.", registry=registry
+            "istio_agent_dns_upstream_failures_total", "Total number of DNS failures.", registry=registry
         )
         self.upstream_duration = Histogram(
             "istio_agent_dns_upstream_request_duration_seconds",

@@ -31,10 +31,9 @@ from dataclasses import dataclass
 import aiohttp
 import yarl
 from aiohttp import web
-from prometheus_client import exposition as text_exposition
-from prometheus_client.openmetrics import exposition as om_exposition
 
 from agent.metrics import AgentMetrics
+from agent.status.agent_section import AgentSection
 from agent.status.exposition import (
     TEXT_ACCEPT,
     FamilyFilter,
@@ -136,6 +135,7 @@ class MetricsMerger:
         self.settings = settings
         self.metrics = metrics
         self.slots = slots or MergeSlots()
+        self._agent = AgentSection(metrics.registry)
         self._envoy: aiohttp.ClientSession | None = None
         self._apps: aiohttp.ClientSession | None = None
         # Envoy's families' claims, computed once per family (exposition.FamilyFilter.pass_block).
@@ -295,24 +295,13 @@ class MetricsMerger:
         upstream.response = response
 
     def _agent_section(self, openmetrics: bool) -> tuple[bytes, set[bytes]] | None:
-        """The agent's registry, encoded, and the names it claims; None (counted) if a collector fails."""
+        """The agent's registry, encoded as Istio's agent writes it, and the names it claims; None (counted) if a
+        collector fails."""
         try:
-            if openmetrics:
-                body = om_exposition.generate_latest(self.metrics.registry)  # type: ignore[no-untyped-call]
-            else:
-                body = text_exposition.generate_latest(self.metrics.registry)
+            return self._agent.encode(openmetrics)
         except Exception as exc:  # a broken custom collector must not cost Envoy's and the app's metrics
             self._fail("agent", f"{type(exc).__name__}: {exc}")
             return None
-        filt = FamilyFilter(frozenset(), openmetrics, validate=False)
-        out: list[bytes] = []
-        # prometheus_client's output is well formed: one block, passed as it is (its `# EOF` goes, as in feed()).
-        if filt.take_block(body.removesuffix(b"# EOF\n"), out):
-            return b"".join(out), filt.new_claims
-        filt.feed(body.split(b"\n"), out)
-        filt.finish(out)
-        out.append(b"")
-        return b"\n".join(out), filt.new_claims
 
     async def _stream(
         self,

@@ -97,7 +97,7 @@ async def test_outage_is_retried_then_reported(istiod: FakeIstiod, short_dir: Pa
     assert len(sleep.waits) == ATTEMPTS - 1
     for wait, expected in zip(sleep.waits, (0.1, 0.2, 0.4, 0.8), strict=True):  # 100 ms doubling, 10% jitter
         assert expected * 0.9 <= wait <= expected * 1.1
-    assert ca.metrics.registry.get_sample_value("istio_agent_num_outgoing_retries_total", {"request_type": "csr"}) == 4
+    assert ca.metrics.registry.get_sample_value("istio_agent_num_outgoing_retries", {"request_type": "csr"}) == 4
     istiod.ca_failure = None
     assert len(await ca.sign(csr(), 3600)) == 3
     await ca.close()

@@ -148,8 +148,8 @@ async def test_bytes_pass_through_both_ways(rig: Rig, protocol: str) -> None:
     ack = request(CLUSTER, protocol, response_nonce="n1")
     await envoy.write(ack)
     assert await stream.request() == ack
-    assert rig.metric("istio_agent_xds_proxy_requests_total") == 2
-    assert rig.metric("istio_agent_xds_proxy_responses_total") == 1
+    assert rig.metric("istio_agent_xds_proxy_requests") == 2
+    assert rig.metric("istio_agent_xds_proxy_responses") == 1
     # What istiod sees: the headers, and the token read from its file for this stream.
     assert stream.metadata["clusterid"] == "Kubernetes" and stream.metadata["custom"] == "header"
     assert stream.metadata["authorization"] == "Bearer token-1"
@@ -253,7 +253,7 @@ async def test_istiod_refusing_the_token_reaches_envoy_and_readiness(rig: Rig) -
     assert (await status_of(envoy), await envoy.details()) == refused
     reason = rig.proxy.not_ready_reason()
     assert reason is not None and reason.startswith("istiod refused the credentials: UNAUTHENTICATED")
-    assert rig.metric("istio_agent_istiod_connection_terminations_total", {"type": "error"}) == 1
+    assert rig.metric("istio_agent_istiod_connection_terminations", {"type": "error"}) == 1
     # Fixed (a new token): the next stream works and readiness forgets the failure once istiod answers.
     rig.upstream.refuse = None
     envoy, stream = await connected(rig)
@@ -272,7 +272,7 @@ async def test_istiod_unreachable(short_dir: Path) -> None:
         reason = rig.proxy.not_ready_reason()
         assert reason is not None and reason.startswith("istiod unreachable: UNAVAILABLE")
         assert f"127.0.0.1:{port} (plaintext)" in reason
-        assert rig.metric("istio_agent_istiod_connection_terminations_total", {"type": "error"}) == 1
+        assert rig.metric("istio_agent_istiod_connection_terminations", {"type": "error"}) == 1
 
 
 async def test_wrong_root_then_the_fixed_file_applies_without_restart(short_dir: Path, mesh_ca: MeshCa) -> None:
@@ -300,7 +300,7 @@ async def test_missing_root_file_is_a_connection_failure(short_dir: Path) -> Non
     async with fake_upstream() as upstream, running_rig(short_dir, upstream, tls=tls) as rig:
         envoy = await open_failing(rig)
         assert await status_of(envoy) == grpc.StatusCode.UNAVAILABLE
-        assert rig.metric("istio_agent_istiod_connection_failures_total") == 1
+        assert rig.metric("istio_agent_istiod_connection_failures") == 1
         assert "cannot read root certificate" in (rig.proxy.not_ready_reason() or "")
 
 
