@@ -9,8 +9,9 @@ prometheus_client's own encoders would write differently:
   `_total` to every counter; `agent.metrics.UnsuffixedCounter` marks the counters whose Istio name has none.
 * no `_created` series (prometheus_client writes one beside every counter and histogram);
 * no family without samples (promhttp leaves out a family with no metric; prometheus_client writes its HELP/TYPE);
-* numbers, and a histogram's `le` labels, as Go writes them (`1`, `le="0.005"`, `1.929003008e+09`), where
+* numbers, and a histogram's `le` labels in text, as Go writes them (`1`, `le="0.005"`, `1.929003008e+09`), where
   prometheus_client writes `1.0` and `le="1.0"`: a query or a recording rule on `le="1"` finds the same series.
+  (OpenMetrics keeps its canonical `le="1.0"`; Prometheus 3 reads both spellings as one.)
 
 OpenMetrics (when the scrape negotiates it): OpenMetrics requires a counter's samples to end in `_total`, so a
 counter written without it is typed `unknown` there: its series keeps Istio's name, which is what queries see
@@ -88,25 +89,26 @@ class AgentSection:
 
 
 def _sample_line(sample: Sample, openmetrics: bool) -> str:
-    number = _openmetrics_float if openmetrics else go_float
     if sample.labels:
         pairs = ",".join(
-            f'{key}="{go_float(float(value)) if key == "le" and not openmetrics else _label_value(value)}"'
+            f'{key}="{_bound(value, openmetrics) if key == "le" else _label_value(value)}"'
             for key, value in sorted(sample.labels.items())
         )
-        line = f"{sample.name}{{{pairs}}} {number(sample.value)}"
+        line = f"{sample.name}{{{pairs}}} {go_float(sample.value)}"
     else:
-        line = f"{sample.name} {number(sample.value)}"
+        line = f"{sample.name} {go_float(sample.value)}"
     if sample.timestamp is not None:
         seconds = float(sample.timestamp)
-        line += f" {_openmetrics_float(seconds)}" if openmetrics else f" {int(seconds * 1000)}"
+        line += f" {go_float(seconds)}" if openmetrics else f" {int(seconds * 1000)}"
     return line + "\n"
 
 
-def _openmetrics_float(value: float) -> str:
-    """prometheus_client's OpenMetrics spelling (`1.0`, `le="1.0"`): what OpenMetrics parsers expect."""
-    text: str = floatToGoString(value)  # type: ignore[no-untyped-call]
-    return text
+def _bound(value: str, openmetrics: bool) -> str:
+    """A histogram bucket's `le`: as Go writes it in text (`1`), in OpenMetrics' canonical form there (`1.0`)."""
+    if openmetrics:
+        text: str = floatToGoString(value)  # type: ignore[no-untyped-call]
+        return text
+    return go_float(float(value))
 
 
 def _label_value(value: str) -> str:
