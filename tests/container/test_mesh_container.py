@@ -36,7 +36,7 @@ def test_the_image_joins_the_mesh_and_two_pods_talk_over_mutual_tls(runtime: Run
             # proxy's socket in /etc/istio/proxy).
             assert "outbound|8080||server.mesh.test" in pod.cluster_names()
             metrics = pod.status_port("/stats/prometheus")[1]
-            assert (prometheus_value(metrics, "istio_agent_xds_proxy_responses_total") or 0) > 0
+            assert (prometheus_value(metrics, "istio_agent_xds_proxy_responses") or 0) > 0
             # The workload certificate Envoy holds came over SDS from the agent, which had it signed by istiod's CA
             # for the pod's service account (the token's).
             [leaf, *_] = x509.load_pem_x509_certificates(pod.workload_certificate())
