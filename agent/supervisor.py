@@ -19,6 +19,7 @@ gets that coroutine run as a task of the TaskGroup from its start until just bef
 from __future__ import annotations
 
 import asyncio
+import importlib
 import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -40,6 +41,11 @@ if TYPE_CHECKING:
     from agent.metrics import AgentMetrics
 
 log = logging.getLogger("agent.supervisor")
+
+
+def _load(*modules: str) -> None:
+    for module in modules:
+        importlib.import_module(module)
 
 
 class Service(Protocol):
@@ -151,6 +157,9 @@ class Supervisor:
                     await service.start()
                     work = tg.create_task(service.run()) if isinstance(service, LongRunning) else None
                     started.append((service, work))
+                # What the restart policy and the watcher need, loaded on a worker thread: the status server, just
+                # started, answers kubelet meanwhile instead of waiting for these imports on the event loop.
+                await asyncio.to_thread(_load, "tenacity", *(("watchdog.observers",) if self.watch else ()))
                 if self.signals:
                     dispatcher.install()
                     background.append(tg.create_task(dispatcher.run()))

@@ -389,6 +389,8 @@ class Epochs:
         epoch = Epoch(process, state)
         self._register(epoch)
         self._adopted = epoch
+        # It runs: readiness need not wait for this loop's own start (its render, its imports) to ask Envoy.
+        self._lifecycle.envoy_up()
 
     def _register(self, epoch: Epoch) -> None:
         self._running[epoch.number] = epoch

@@ -246,13 +246,16 @@ class Readiness:
         if reason is not None and self.lifecycle.envoy_down_reason is not None:
             self._forget_all()
         if reason is None:
-            try:
-                for probe in self.probes:
-                    await probe.check()
-                if self.responding is not None:
-                    await self.responding.check()
-            except NotReady as exc:
-                reason = str(exc)
+            # All at once (each is one admin request at most): the first to fail, in probe order, is the reason.
+            checks = [probe.check() for probe in self.probes]
+            if self.responding is not None:
+                checks.append(self.responding.check())
+            for outcome in await asyncio.gather(*checks, return_exceptions=True):
+                if isinstance(outcome, NotReady):
+                    reason = str(outcome)
+                    break
+                if isinstance(outcome, BaseException):
+                    raise outcome
         if self.lifecycle.envoy_starts != start:
             # Envoy was cold-started while we asked the previous one: its answers say nothing about the new one.
             self._forget_facts_of_a_previous_envoy()
