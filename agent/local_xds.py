@@ -87,7 +87,9 @@ class LocalXds:
         from agent.watch import Watcher  # noqa: PLC0415 (lazy: watchdog loads after Envoy's exec)
 
         changes: asyncio.Queue[ChangeSet] = asyncio.Queue()
-        watcher = Watcher({p: s.kind.name for p, s in self.files.items()}, changes.put_nowait, debounce=self.debounce)
+        files = {p: s.kind.name for p, s in self.files.items()}
+        # This service reports each change itself (with Envoy's verdict): the watcher's own lines would repeat it.
+        watcher = Watcher(files, changes.put_nowait, debounce=self.debounce, change_level=logging.DEBUG)
         async with asyncio.TaskGroup() as tg:
             tg.create_task(watcher.run())
             for state in self.files.values():
@@ -97,8 +99,14 @@ class LocalXds:
                 for path in change.changed:
                     await self._judge(self.files[path])
                 for path in change.deleted:
-                    noun = self.files[path].kind.noun
-                    log.warning("local xDS: %s was deleted: Envoy keeps the %s it had", path, noun)
+                    kind = self.files[path].kind
+                    log.warning(
+                        "local xDS: %s was deleted: Envoy keeps the %s it had, but a new Envoy (after a crash) "
+                        "cannot start without it: put it back (write it elsewhere, then mv it to %s)",
+                        path,
+                        kind.noun,
+                        kind.name,
+                    )
 
     async def _counts(self, kind: XdsFileKind) -> Counts | None:
         from agent.proxy.admin import AdminError  # noqa: PLC0415 (lazy: aiohttp loads after Envoy's exec)
@@ -142,12 +150,12 @@ class LocalXds:
             state.problem = None
             self._report(state, "accepted", f"local xDS: Envoy {'loaded' if first else 'reloaded'} {state.path}")
         else:
-            state.problem = problem or "Envoy rejected it (its log line above says why)"
-            self._report(
-                state,
-                "rejected",
-                f"local xDS: {state.path} not loaded: {state.problem}; Envoy keeps the {state.kind.noun} it had",
-            )
+            # Also the readiness reason (an HTTP body): it points at the log, not at "the line above".
+            state.problem = problem or "Envoy rejected it (Envoy's `Filesystem config update` line in the log says why)"
+            why = problem or "Envoy rejected it (its log line above says why)"
+            noun = state.kind.noun
+            kept = f"Envoy runs without its {noun} until a version loads" if first else f"Envoy keeps the {noun} it had"
+            self._report(state, "rejected", f"local xDS: {state.path} not loaded: {why}; {kept}")
 
     def _report(self, state: _FileState, result: str, message: str) -> None:
         self.metrics.local_xds_loads.labels(state.kind.name, result).inc()
@@ -175,7 +183,7 @@ class LocalXds:
                 continue
             try:
                 check_file(state.path, state.kind)
-                why = state.problem or "Envoy rejected it (its log line says why)"
+                why = state.problem or "Envoy rejected it (Envoy's `Filesystem config update` line in the log says why)"
             except ConfigError as exc:
                 why = str(exc)
             waiting.append(f"{state.path} not loaded: {why}")

@@ -97,11 +97,15 @@ class Watcher:
         max_delay: float | None = None,
         on_changing: Callable[[], None] | None = None,
         missing_dir_level: int = logging.WARNING,
+        change_level: int | None = None,
     ) -> None:
         """`missing_dir_level`: how loudly to say a watched file's directory does not exist (nothing will be seen
-        there until the agent restarts): a warning, or debug where that is the normal case (no control plane)."""
+        there until the agent restarts): a warning, or debug where that is the normal case (no control plane).
+        `change_level`: the level of the lines about a changed or deleted file (default: info and warning), debug
+        where `on_change` reports each change itself."""
         self.files = {Path(p).absolute(): kind for p, kind in files.items()}
         self.missing_dir_level = missing_dir_level
+        self.change_level = change_level
         self.on_change = on_change
         self.on_changing = on_changing
         # The contents `on_changing` was last called for, while a window is open.
@@ -232,10 +236,13 @@ class Watcher:
             self.hashes[path] = new
             if new is None:
                 deleted.append(path)
-                log.warning("watched file %s was deleted: Envoy keeps its current configuration", path)
+                level = logging.WARNING if self.change_level is None else self.change_level
+                log.log(level, "watched file %s was deleted: Envoy keeps its current configuration", path)
             else:
                 changed.append(path)
-                log.info("watched file %s changed", path)
+                log.log(
+                    logging.INFO if self.change_level is None else self.change_level, "watched file %s changed", path
+                )
             if self.metrics is not None:
                 self.metrics.file_changes.labels(self.files[path]).inc()
         if not changed and not deleted:

@@ -65,6 +65,15 @@ def test_each_reload_is_reported_with_its_result_and_a_bad_one_leaves_envoy_serv
     assert _loads(agent)[("lds.yaml", "accepted")] == 2  # the first load and this one
     wait_until(lambda: http_get(app) == (200, b"second"))
 
+    # A deleted file: Envoy keeps serving; one line says what a restarted Envoy would need, not two.
+    cds = lds.with_name("cds.yaml")
+    cds.unlink()
+    _logged(agent, f"local xDS: {cds} was deleted: Envoy keeps the clusters it had, but a new Envoy")
+    assert "put it back" in agent.stderr()
+    assert f"watched file {cds} was deleted" not in agent.stderr()
+    assert f"watched file {lds} changed" not in agent.stderr()  # the agent's own verdict lines say it
+    assert http_get(app) == (200, b"second")
+
 
 def test_readiness_names_the_file_envoy_rejected_at_start(start_agent: StartAgent) -> None:
     def reject_the_port(work: Path) -> None:
@@ -74,7 +83,9 @@ def test_readiness_names_the_file_envoy_rejected_at_start(start_agent: StartAgen
     agent = start_agent(prepare=reject_the_port)
     lds = agent.config_dir.parent / "xds" / "lds.yaml"
     _logged(agent, f"local xDS: {lds} not loaded: Envoy rejected it")
+    assert "Envoy runs without its listeners until a version loads" in agent.stderr()  # it had none to keep
     status, body = http_get(f"http://127.0.0.1:{agent.ports['status']}/healthz/ready")
     assert status == 503
     assert body.decode().startswith(f"local xDS file {lds} not loaded: Envoy rejected it"), body
+    assert "Filesystem config update" in body.decode() and "above" not in body.decode(), body  # read with curl
     assert _loads(agent)[("lds.yaml", "rejected")] == 1
