@@ -4,6 +4,8 @@ Envoy's exec loads without the libraries only needed afterwards, so their import
 
 from __future__ import annotations
 
+import os
+import ssl
 import subprocess
 import sys
 
@@ -42,3 +44,26 @@ def test_istio_iptables_imports_none_of_the_agents_heavier_libraries() -> None:
 def test_agent_config_loads_its_names_on_first_use() -> None:
     # agent/config/__init__.py defers its imports so env_settings stays cheap; every exported name still resolves.
     assert all(getattr(agent.config, name) is not None for name in agent.config.__all__)
+
+
+def _aiohttp_import_probe(env: dict[str, str]) -> list[str]:
+    probe = (
+        "import os, ssl\n"
+        "import agent.aiohttp_import\n"
+        "import aiohttp.connector as c\n"
+        "for context in (c._SSL_CONTEXT_VERIFIED, c._SSL_CONTEXT_UNVERIFIED):\n"
+        "    print(context.cert_store_stats()['x509'])\n"
+        "print(os.environ.get('SSL_CERT_FILE', '<unset>'))\n"
+        "print(ssl.create_default_context().cert_store_stats()['x509'] > 0)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], check=True, capture_output=True, text=True, env=env)
+    return result.stdout.split()
+
+
+def test_aiohttp_is_imported_without_the_system_ca_bundle_and_the_environment_is_restored() -> None:
+    # The agent's aiohttp contexts never verify a server (admin and scrapes are plain HTTP, app probes ssl=False):
+    # the bundle, ~30 ms of parsing per context at import, is not read; a context made afterwards reads it.
+    env = {k: v for k, v in os.environ.items() if k != "SSL_CERT_FILE"}
+    bundle = ssl.get_default_verify_paths().openssl_cafile
+    assert _aiohttp_import_probe(env) == ["0", "0", "<unset>", "True"]
+    assert _aiohttp_import_probe({**env, "SSL_CERT_FILE": bundle}) == ["0", "0", bundle, "True"]

@@ -403,7 +403,9 @@ async def _supervise(
     dns_service: DnsService | None,
     mesh_service: MeshService | None,
 ) -> int:
-    # Imported here, after Envoy's exec, so that their cost (~0.2 s) overlaps Envoy's own start.
+    # Imported here, after Envoy's exec, so that their cost (~0.2 s) overlaps Envoy's own start. aiohttp first, on
+    # the agent's terms (no system CA bundle: see the module).
+    import agent.aiohttp_import  # noqa: F401, PLC0415 (lazy: loaded after Envoy's exec)
     from agent.local_xds import LocalXds  # noqa: PLC0415 (lazy: loaded after Envoy's exec)
     from agent.proxy.admin import AdminClient  # noqa: PLC0415 (lazy: loaded after Envoy's exec)
     from agent.startup_line import StartupLine, settings_summary  # noqa: PLC0415 (lazy: after Envoy's exec)
