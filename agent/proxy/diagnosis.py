@@ -40,7 +40,8 @@ def diagnose_start_failure(output: Sequence[str], context: StartContext) -> str 
         if port == context.admin_port:
             return (
                 f"Envoy cannot start: its admin port {address}:{port} is already in use on this host (another "
-                "Envoy, or another agent's); set ProxyConfig proxyAdminPort to a free port"
+                "Envoy, or another agent's); set ProxyConfig proxyAdminPort to a free port "
+                "(e.g. PROXY_CONFIG='{proxyAdminPort: 16000}')"
             )
         return (
             f"Envoy cannot start: {address}:{port}, where its bootstrap listens, is already in use by another "
