@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from agent import IMPORTED_AT
 from agent.lifecycle import Lifecycle
 from agent.metrics import AgentMetrics
 from agent.proxy.admin import SERVER_STATES, AdminClient, AdminError, AdminTimeout
@@ -34,18 +35,30 @@ CONFIG_FILTER = r"^(cluster_manager\.cds|listener_manager\.lds)\.(update_success
 LIVE_FILTER = r"^(server\.state|listener_manager\.workers_started)$"
 
 
-def process_start_monotonic() -> float:
+# Longer than any interpreter takes from its exec to the agent's first import (even on a loaded machine): a process
+# that old at that import was started by a parent that later exec'd the agent.
+EXEC_GAP = 5.0
+
+
+def process_start_monotonic(imported_at: float = IMPORTED_AT, exec_gap: float = EXEC_GAP) -> float:
     """This process's start on the monotonic clock (the kernel's start time, converted once).
 
     From /proc/self/stat (clock ticks since boot) against CLOCK_BOOTTIME, not psutil's create_time(): that adds the
     boot time from /proc/stat `btime`, whole seconds, so the start came out up to 1 s early (0.57 s on the
-    development VM) and istio_agent_startup_duration_seconds that much too long."""
+    development VM) and istio_agent_startup_duration_seconds that much too long.
+
+    The kernel's start is the fork, not the exec: a shell that runs the agent last (`sh -c 'setup && exec
+    pilot-agent'`, or bash running the last command of `a && b` in place, as the README's Quick start does) hands
+    down its own start, and the setup's minutes were counted as the agent's start-up. Istio measures from its own
+    exec (a Go package variable), so when the kernel's start is more than `exec_gap` before the agent's first
+    import (`imported_at`), that import is the start."""
     try:
         ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
         age = time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, IndexError, AttributeError):
         age = 0.0  # not Linux: measure from the first call instead
-    return time.monotonic() - max(age, 0.0)
+    started = time.monotonic() - max(age, 0.0)
+    return imported_at if imported_at - started > exec_gap else started
 
 
 class NotReady(Exception):
