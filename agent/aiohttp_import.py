@@ -4,31 +4,30 @@ import of a long-running agent (`pilot-agent proxy` does, right after Envoy's ex
 aiohttp builds two default client `SSLContext`s when it is imported (aiohttp/connector.py), each loading the
 system CA bundle: ~30 ms of OpenSSL parsing apiece on the critical path to readiness and ~1.9 MiB kept for good.
 The agent never verifies a server with them: it talks to Envoy's admin port and the application over plain HTTP,
-and its HTTPS application probes are unverified (`ssl=False`, as kubelet's). So OpenSSL is pointed at an empty
-file (`SSL_CERT_FILE`, read by OpenSSL when a context loads its default paths) for the length of the import, and the
-variable is put back as it was. The contexts keep the CA directory lookup (lazy, by hash), which costs nothing
-until a certificate is verified. Code that verifies servers builds its own context (`ssl.create_default_context()`
-after this import reads the bundle as usual). Nothing else runs on another thread during the import: the
-agent's worker threads only render, validate and import tenacity/watchdog at that point.
+and its HTTPS application probes are unverified (`ssl=False`, as kubelet's). So for the length of the import
+`ssl.SSLContext.set_default_verify_paths` (what `create_default_context()` and aiohttp call to load the bundle) does
+nothing, and is put back after: aiohttp's two default contexts hold no CA at all, so a request verified with them
+fails closed. Code that verifies servers builds its own context after this import (the bundle loads as usual; the
+xDS proxy and the CA client use gRPC's own TLS). Only this interpreter's classes change, not the process
+environment: C code on other threads (gRPC reads its environment) sees nothing of it.
 """
 
 from __future__ import annotations
 
-import os
-
-_VARIABLE = "SSL_CERT_FILE"
+import ssl
 
 
 def _import_without_ca_bundle() -> None:
-    saved = os.environ.get(_VARIABLE)
-    os.environ[_VARIABLE] = os.devnull
+    context_class = ssl.SSLContext
+    context_class.set_default_verify_paths = _no_default_paths  # type: ignore[method-assign]
     try:
         import aiohttp.connector  # noqa: F401, PLC0415 (the import is the point)
     finally:
-        if saved is None:
-            del os.environ[_VARIABLE]
-        else:
-            os.environ[_VARIABLE] = saved
+        del context_class.set_default_verify_paths  # the C base class's method shows through again
+
+
+def _no_default_paths(self: ssl.SSLContext) -> None:
+    del self
 
 
 _import_without_ca_bundle()
