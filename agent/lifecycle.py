@@ -22,6 +22,7 @@ class Lifecycle:
         self._skip_drain = False
         self._envoy_down_reason: str | None = "Envoy has not been started yet"
         self._envoy_starts = 0
+        self._next_envoy_start = asyncio.Event()  # set (and replaced) at each cold start
 
     # ---- shutdown ----
 
@@ -69,6 +70,8 @@ class Lifecycle:
     def envoy_started(self) -> None:
         """A cold start of Envoy (first start, crash restart, recovery of a wedged hot-restart family)."""
         self._envoy_starts += 1
+        self._next_envoy_start.set()
+        self._next_envoy_start = asyncio.Event()
 
     def envoy_up(self) -> None:
         self._envoy_down_reason = None
@@ -85,6 +88,12 @@ class Lifecycle:
     def envoy_starts(self) -> int:
         """Envoy cold starts so far. A reader caching what it verified about Envoy (config received) must verify
         again when it changes: the new Envoy knows nothing yet, even if no probe happened to land while it was down."""
+        return self._envoy_starts
+
+    async def wait_envoy_start(self, after: int) -> int:
+        """Wait until Envoy has been cold-started more than `after` times; the new count."""
+        while self._envoy_starts <= after:
+            await self._next_envoy_start.wait()
         return self._envoy_starts
 
     def not_ready_reason(self) -> str | None:

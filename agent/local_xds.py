@@ -26,6 +26,9 @@ from agent.config.local_xds import KINDS, XdsFileKind, check_file
 from agent.errors import ConfigError
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from agent.lifecycle import Lifecycle
     from agent.metrics import AgentMetrics
     from agent.proxy.admin import AdminClient
     from agent.watch import ChangeSet
@@ -51,6 +54,7 @@ class _FileState:
     kind: XdsFileKind
     path: Path
     seen: Counts = field(default_factory=Counts)
+    seen_start: int = 0  # the Envoy (Lifecycle.envoy_starts) whose counters `seen` holds
     problem: str | None = None  # why the current version is not loaded; None when it is (or not judged yet)
 
 
@@ -66,8 +70,12 @@ class LocalXds:
         debounce: float = 0.1,
         verdict_timeout: float = 2.0,
         first_load_timeout: float = 60.0,
+        lifecycle: Lifecycle | None = None,
     ) -> None:
+        """`lifecycle` tells this service when Envoy is cold-started again (a crash restart): the new Envoy reads
+        both files at its start, its counters start from zero, and its verdict is reported as the first one's."""
         self.directory = directory
+        self.lifecycle = lifecycle
         self.files = {directory / kind.name: _FileState(kind, directory / kind.name) for kind in KINDS}
         self.admin, self.metrics = admin, metrics
         # Quiet time after a change; how long Envoy may take to read a new version, and to read the first one.
@@ -86,17 +94,34 @@ class LocalXds:
         """Exit paths: only cancellation (the watcher stops with it)."""
         from agent.watch import Watcher  # noqa: PLC0415 (lazy: watchdog loads after Envoy's exec)
 
-        changes: asyncio.Queue[ChangeSet] = asyncio.Queue()
+        # Changes of the files (with the Envoy start current when they came), and Envoy's cold starts (their
+        # count), judged one at a time in their order.
+        events: asyncio.Queue[tuple[int, ChangeSet] | int] = asyncio.Queue()
         files = {p: s.kind.name for p, s in self.files.items()}
         # This service reports each change itself (with Envoy's verdict): the watcher's own lines would repeat it.
-        watcher = Watcher(files, changes.put_nowait, debounce=self.debounce, change_level=logging.DEBUG)
+        watcher = Watcher(
+            files,
+            lambda change: events.put_nowait((self._envoy_start(), change)),
+            debounce=self.debounce,
+            change_level=logging.DEBUG,
+        )
         async with asyncio.TaskGroup() as tg:
             tg.create_task(watcher.run())
-            for state in self.files.values():
-                await self._judge(state, first=True)
+            if self.lifecycle is not None:
+                tg.create_task(_follow_envoy_starts(self.lifecycle, events.put_nowait))
+            await self._judge_first_loads()
             while True:
-                change = await changes.get()
+                event = await events.get()
+                if isinstance(event, int):
+                    await self._judge_first_loads()
+                    continue
+                came_at, change = event
                 for path in change.changed:
+                    if came_at != self._envoy_start():
+                        # Envoy was cold-started since: the new one read this version at its start, and the
+                        # verdict on that start (queued after this change) is the one to report.
+                        log.debug("local xDS: %s changed before Envoy's restart: judged with its start", path)
+                        continue
                     await self._judge(self.files[path])
                 for path in change.deleted:
                     kind = self.files[path].kind
@@ -107,6 +132,12 @@ class LocalXds:
                         kind.noun,
                         kind.name,
                     )
+
+    async def _judge_first_loads(self) -> None:
+        """Envoy's verdict on each file as the current Envoy read it at its start (unless judged already)."""
+        for state in self.files.values():
+            if state.seen_start != self._envoy_start() or self._envoy_start() == 0:
+                await self._judge(state, first=True)
 
     async def _counts(self, kind: XdsFileKind) -> Counts | None:
         from agent.proxy.admin import AdminError  # noqa: PLC0415 (lazy: aiohttp loads after Envoy's exec)
@@ -128,10 +159,20 @@ class LocalXds:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + (self.first_load_timeout if first else self.verdict_timeout)
         delay = 0.02
-        while (counts := await self._counts(state.kind)) is None or counts.attempt == state.seen.attempt:
+        began = self._envoy_start()
+        while (counts := await self._counts(state.kind)) is None or counts.attempt == self._before(
+            state, counts
+        ).attempt:
+            if first and self._envoy_start() != began:
+                return  # a newer Envoy: its start is judged next
             if loop.time() >= deadline:
                 if first:
                     log.debug("local xDS: Envoy has not read %s yet", state.path)
+                    return
+                if counts is None or state.seen_start != self._envoy_start():
+                    # No Envoy answers, or not the one seen before: it is being restarted. No in-place edit; the
+                    # next Envoy reads the file at its start, and that verdict is reported then.
+                    log.info("local xDS: %s changed while Envoy was restarting: the new Envoy reads it", state.path)
                     return
                 self._report(
                     state,
@@ -142,10 +183,8 @@ class LocalXds:
                 return
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.25)
-        if counts.attempt < state.seen.attempt:
-            state.seen = Counts()  # a new Envoy (crash restart): its counters start again
-        accepted = counts.success > state.seen.success
-        state.seen = counts
+        accepted = counts.success > self._before(state, counts).success
+        state.seen, state.seen_start = counts, self._envoy_start()
         if accepted:
             state.problem = None
             self._report(state, "accepted", f"local xDS: Envoy {'loaded' if first else 'reloaded'} {state.path}")
@@ -156,6 +195,16 @@ class LocalXds:
             noun = state.kind.noun
             kept = f"Envoy runs without its {noun} until a version loads" if first else f"Envoy keeps the {noun} it had"
             self._report(state, "rejected", f"local xDS: {state.path} not loaded: {why}; {kept}")
+
+    def _envoy_start(self) -> int:
+        return self.lifecycle.envoy_starts if self.lifecycle is not None else 0
+
+    def _before(self, state: _FileState, now: Counts) -> Counts:
+        """This Envoy's counters for the file before the change: zero for a new Envoy (a crash restart), whose
+        counters start again and may climb back to the old values (which would hide its attempt)."""
+        if state.seen_start != self._envoy_start() or now.attempt < state.seen.attempt:
+            return Counts()
+        return state.seen
 
     def _report(self, state: _FileState, result: str, message: str) -> None:
         self.metrics.local_xds_loads.labels(state.kind.name, result).inc()
@@ -190,3 +239,11 @@ class LocalXds:
         if waiting:
             raise NotReady("local xDS file " + "; ".join(waiting))
         self.passed = True
+
+
+async def _follow_envoy_starts(lifecycle: Lifecycle, report: Callable[[int], None]) -> None:
+    """Report each cold start of Envoy after the current one (a crash restart, a recovery): its count."""
+    seen = lifecycle.envoy_starts
+    while True:
+        seen = await lifecycle.wait_envoy_start(seen)
+        report(seen)

@@ -420,7 +420,9 @@ async def _supervise(
     services: list[Service] = []
     local_xds = None
     if cfg.local_xds_dir:
-        local_xds = LocalXds(Path(cfg.local_xds_dir), admin, metrics, debounce=settings.watch.debounce)
+        local_xds = LocalXds(
+            Path(cfg.local_xds_dir), admin, metrics, debounce=settings.watch.debounce, lifecycle=lifecycle
+        )
     if status_settings is not None:
         # With the DNS proxy: readiness waits for istiod's first name table; /debug/ndsz shows it. The mesh
         # side's probe comes before Envoy's: it says whether istiod or its CA fails.

@@ -7,11 +7,12 @@ file moved over the old one), except where the test makes the mistake the agent 
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import pytest
 
-from tests.supervisor.agent_process import Agent, StartAgent
+from tests.supervisor.agent_process import Agent, StartAgent, ready, wait_for_envoy
 from tests.support.envoy import direct_response_lds, http_get, wait_until
 
 pytestmark = pytest.mark.envoy
@@ -89,3 +90,30 @@ def test_readiness_names_the_file_envoy_rejected_at_start(start_agent: StartAgen
     assert body.decode().startswith(f"local xDS file {lds} not loaded: Envoy rejected it"), body
     assert "Filesystem config update" in body.decode() and "above" not in body.decode(), body  # read with curl
     assert _loads(agent)[("lds.yaml", "rejected")] == 1
+
+
+def test_a_crash_restarted_envoy_gets_its_own_verdicts(start_agent: StartAgent) -> None:
+    """A file deleted, then Envoy killed: each restart fails until the file is back. The file moved back in while
+    Envoy restarts is no edit in place; the new Envoy's load of it is reported, and its next reload judged."""
+    agent = start_agent()
+    lds = agent.config_dir.parent / "xds" / "lds.yaml"
+    cds = lds.with_name("cds.yaml")
+    app = f"http://127.0.0.1:{agent.ports['app']}/"
+    _logged(agent, f"local xDS: Envoy loaded {cds}")
+    wait_until(lambda: ready(agent))
+
+    cds.unlink()
+    _logged(agent, f"local xDS: {cds} was deleted")
+    os.kill(wait_for_envoy(agent), signal.SIGKILL)
+    _logged(agent, f"'{cds}' does not exist")  # Envoy's own line: a new Envoy cannot start without it
+    _replace(cds, "resources: []\n")
+    # The new Envoy's load of each file (it read both at its start) is reported, as the first Envoy's was.
+    wait_until(lambda: all(agent.stderr().count(f"local xDS: Envoy loaded {f}") == 2 for f in (lds, cds)), timeout=30)
+    wait_until(lambda: ready(agent))
+    assert "did not reload it" not in agent.stderr()
+    assert http_get(app)[0] == 200
+
+    _replace(lds, direct_response_lds(80800))  # Envoy refuses it: judged against the new Envoy's counters
+    _logged(agent, f"local xDS: {lds} not loaded: Envoy rejected it")
+    assert f"local xDS: Envoy reloaded {lds}" not in agent.stderr()
+    assert http_get(app)[0] == 200
