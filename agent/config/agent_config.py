@@ -364,7 +364,13 @@ def _check_local_xds_dir(directory: str, source: str) -> str:
     try:
         path = example_xds_dir() if directory == EXAMPLE_XDS_DIR else Path(directory).resolve()
         if not path.is_dir():
-            raise ConfigError(source, "", f"{directory!r} is not a directory")
+            given = Path(directory)
+            if given.is_symlink():  # `cp -r` of the checkout's examples/local copies the link, not the files
+                link = os.readlink(given)
+                hint = " (copy the demo with `cp -rL examples/local DIR`)" if link.endswith("examples/local") else ""
+                raise ConfigError(source, "", f"{directory!r} is a symlink to {link!r}, which is not a directory{hint}")
+            what = "does not exist" if not path.exists() else "is not a directory"
+            raise ConfigError(source, "", f"{directory!r} {what}")
         check_directory(path, source)  # before Envoy starts: a broken file is 78 naming it, not a LIVE Envoy without it
     except OSError as exc:  # a name too long, a loop of symlinks: is_dir() and resolve() raise
         raise ConfigError(source, "", f"{directory!r}: {exc.strerror or exc}") from None

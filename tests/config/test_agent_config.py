@@ -171,8 +171,14 @@ def test_local_xds_dir_needs_both_files(tmp_path: Path) -> None:
     (tmp_path / "x" / "lds.yaml").write_text("resources: []\n")
     with pytest.raises(ConfigError, match=r"flag --local-xds-dir: cds.yaml: missing"):
         load(tmp_path, {}, ProxyFlags(local_xds_dir=str(tmp_path / "x")))
-    with pytest.raises(ConfigError, match=r"env ISTIO_LOCAL_XDS_DIR: .* is not a directory"):
+    with pytest.raises(ConfigError, match=r"env ISTIO_LOCAL_XDS_DIR: .*nope' does not exist"):
         load(tmp_path, {"ISTIO_LOCAL_XDS_DIR": str(tmp_path / "nope")})
+    with pytest.raises(ConfigError, match=r"env ISTIO_LOCAL_XDS_DIR: .*lds.yaml' is not a directory"):
+        load(tmp_path, {"ISTIO_LOCAL_XDS_DIR": str(tmp_path / "x" / "lds.yaml")})
+    # `cp -r examples/local my-xds` in a checkout copies the relative link, which points nowhere from there.
+    (tmp_path / "my-xds").symlink_to("../agent/examples/local")
+    with pytest.raises(ConfigError, match=r"my-xds' is a symlink to '../agent/examples/local', .* `cp -rL examples"):
+        load(tmp_path, {}, ProxyFlags(local_xds_dir=str(tmp_path / "my-xds")))
     assert load(tmp_path, {}, ProxyFlags(local_xds_dir="@example")).local_xds_dir == str(example_xds_dir())
 
 
