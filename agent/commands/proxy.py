@@ -46,7 +46,7 @@ from agent.proxy.argv import LaunchSettings
 from agent.proxy.binary import find_envoy
 from agent.proxy.desired import DesiredState, DesiredStateFn
 from agent.proxy.events import SupervisionSettings
-from agent.proxy.launcher import BootstrapWriteError, EnvoyExecError, EnvoyLauncher, start_envoy
+from agent.proxy.launcher import BootstrapWriteError, EnvoyExecError, EnvoyLauncher, check_admin_port, start_envoy
 from agent.proxy.process import EnvoyProcess
 from agent.proxy.shm import SegmentIdentity, remove_segment, segment_identity, shared_memory_unusable
 from agent.status.listen import bind_status_sockets
@@ -288,6 +288,9 @@ def run(args: argparse.Namespace) -> int:
             )
         # The mesh side's roots and credentials: a missing root is refused now, before Envoy starts (as Istio).
         mesh = mesh_settings(cfg) if serves_sds(cfg) else None
+        if not cfg.custom_config_file and cfg.proxy.proxy_admin_port > 0:
+            # Before anything starts: another agent's Envoy on this admin port would answer ours (agent/proxy/launcher).
+            check_admin_port(cfg.proxy.proxy_admin_port)
     sockets = bind_status_sockets(status.listen_host, status.status_port) if status is not None else []
     dns: DnsStartup | None = None
     try:

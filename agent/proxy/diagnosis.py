@@ -32,17 +32,22 @@ _SHM_CLASH = re.compile(r"cannot open shared memory region (?P<name>\S+) check u
 _OWN_BASE_ID = "give this agent its own ENVOY_BASE_ID (any number another Envoy on this host does not use)"
 
 
+def admin_port_in_use(address: str, port: int) -> str:
+    """The cause and the fix when Envoy's admin port is taken (found by Envoy, or by the agent before the exec)."""
+    return (
+        f"Envoy cannot start: its admin port {address}:{port} is already in use on this host (another "
+        "Envoy, or another agent's); set ProxyConfig proxyAdminPort to a free port "
+        "(e.g. PROXY_CONFIG='{proxyAdminPort: 16000}', or the pod annotation proxy.istio.io/config)"
+    )
+
+
 def diagnose_start_failure(output: Sequence[str], context: StartContext) -> str | None:
     """The cause and the fix when `output` (Envoy's last lines) shows a known start-up failure, else None."""
     text = "\n".join(output)
     if match := _PORT_IN_USE.search(text):
         address, port = match["address"], int(match["port"])
         if port == context.admin_port:
-            return (
-                f"Envoy cannot start: its admin port {address}:{port} is already in use on this host (another "
-                "Envoy, or another agent's); set ProxyConfig proxyAdminPort to a free port "
-                "(e.g. PROXY_CONFIG='{proxyAdminPort: 16000}')"
-            )
+            return admin_port_in_use(address, port)
         return (
             f"Envoy cannot start: {address}:{port}, where its bootstrap listens, is already in use by another "
             "process on this host"

@@ -532,6 +532,7 @@ class Epochs:
         deadline = time.monotonic() + self.settings.live_timeout
         interval = 0.02
         answered = False
+        foreign = False
         exited = epoch.process.exited
         while True:
             if exited.is_set():
@@ -544,13 +545,30 @@ class Epochs:
             except EnvoyUnresponsive:
                 live = None
             if live == epoch.number:
-                return LiveWait.LIVE
+                if await self._owns_admin(epoch):
+                    return LiveWait.LIVE
+                if not foreign and not exited.is_set():
+                    foreign = True
+                    log.warning(
+                        "another process answers LIVE on Envoy's admin port, not Envoy epoch %d itself (pid %d "
+                        "does not listen there): waiting for its own answer",
+                        epoch.number,
+                        epoch.process.pid,
+                    )
             if time.monotonic() >= deadline:
                 return LiveWait.NOT_LIVE if answered else LiveWait.UNRESPONSIVE
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(interval):
                     await exited.wait()
             interval = min(0.25, interval * 1.25)
+
+    async def _owns_admin(self, epoch: Epoch) -> bool:
+        """The LIVE answer on the admin port is the epoch's own. Another agent's Envoy on this host with the same
+        proxyAdminPort answers LIVE too, while ours is about to fail to bind the port: counted LIVE, that failure
+        would be a crash (a crash loop) instead of the start-up failure it is. Once seen, known for the epoch."""
+        if not epoch.owns_admin:
+            epoch.owns_admin = await self._launcher.serves_admin(epoch.process)
+        return epoch.owns_admin
 
     async def stop_all(self, grace: float) -> None:
         """Stop every epoch (SIGTERM, SIGKILL after `grace`), remove their files and the shared memory segment."""

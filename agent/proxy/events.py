@@ -38,6 +38,8 @@ class Epoch:
     state: DesiredState
     # LIVE once its child took over: it drains and exits on its own (--parent-shutdown-time-s).
     retiring: bool = False
+    # Seen listening on the admin port itself: its LIVE answers are its own, not another Envoy's on this host.
+    owns_admin: bool = False
 
     @property
     def number(self) -> int:

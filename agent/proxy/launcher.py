@@ -13,18 +13,20 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import errno
 import logging
 import shlex
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 
-from agent.errors import AgentError
+from agent.errors import AgentError, ExitCode
 from agent.files import remove_file, write_atomic, write_error
 from agent.proxy.argv import LaunchSettings, envoy_argv, validate_argv
 from agent.proxy.desired import DesiredState
-from agent.proxy.diagnosis import StartContext, diagnose_start_failure, envoy_error
+from agent.proxy.diagnosis import StartContext, admin_port_in_use, diagnose_start_failure, envoy_error
 from agent.proxy.process import EnvoyProcess, ExitInfo, keep_tail
 from agent.proxy.shm import SegmentIdentity, remove_segment, segment_identity
 
@@ -124,6 +126,11 @@ class Launcher(Protocol):
         admin API does not answer in time."""
         ...
 
+    async def serves_admin(self, envoy: EnvoyHandle) -> bool:
+        """Whether `envoy` is the process listening on the admin port: a LIVE answer there may come from another
+        agent's Envoy on the same host (the same proxyAdminPort), while `envoy` itself is about to fail to bind it."""
+        ...
+
     async def drain_listeners(self, *, inbound_only: bool) -> None:
         """Start a graceful drain of the listeners. Raises EnvoyUnreachable."""
         ...
@@ -147,6 +154,35 @@ class Launcher(Protocol):
     def own_pids(self) -> set[int]:
         """Pids of helper processes running now (validations), which the orphan reaper must leave alone."""
         ...
+
+
+def check_admin_port(port: int, host: str = "127.0.0.1") -> None:
+    """Before epoch 0 is exec'd: raise AgentError(STARTUP_FAILED) when something listens on the admin port already.
+    Another agent's Envoy there would answer the agent's admin client as if it were ours ("LIVE"), then ours fails to
+    bind and the agent crash-loops on it. One bind (SO_REUSEADDR, as Envoy's: a port left in TIME_WAIT is free)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise AgentError(admin_port_in_use(host, port), ExitCode.STARTUP_FAILED) from None
+            # Anything else (no such address in this namespace, ...) is Envoy's to report when it binds.
+
+
+def listens_on(pid: int, port: int) -> bool:
+    """Whether process `pid` holds a TCP socket listening on `port` (any address). True when /proc does not tell
+    (not permitted): the check is a safeguard, not a new way to fail. False when the process is gone."""
+    import psutil  # noqa: PLC0415 (lazy: only once an epoch answers LIVE)
+
+    try:
+        sockets = psutil.Process(pid).net_connections("tcp")
+    except psutil.NoSuchProcess:
+        return False
+    except (psutil.AccessDenied, OSError):
+        log.debug("cannot list the sockets of pid %d: trusting the admin port's answer", pid, exc_info=True)
+        return True
+    return any(s.status == psutil.CONN_LISTEN and s.laddr and s.laddr.port == port for s in sockets)
 
 
 async def start_envoy(
@@ -238,6 +274,11 @@ class EnvoyLauncher:
             return await self.admin.live_epoch(timeout=self.admin_timeout)
         except AdminTimeout as exc:
             raise EnvoyUnresponsive(str(exc)) from None
+
+    async def serves_admin(self, envoy: EnvoyHandle) -> bool:
+        # On the loop: psutil reads /proc/<pid>/fd and /proc/net/tcp (1 - 3 ms), once per epoch going LIVE; a hop to
+        # a worker thread costs more than that on a busy start (the GIL).
+        return listens_on(envoy.pid, self.admin.port)
 
     async def drain_listeners(self, *, inbound_only: bool) -> None:
         from agent.proxy.admin import AdminError  # noqa: PLC0415 (lazy: see the module docstring)

@@ -15,6 +15,7 @@ import contextlib
 import enum
 import logging
 import os
+import re
 import signal
 import sys
 import threading
@@ -197,14 +198,39 @@ class EnvoyProcess:
         return self.exit_info
 
 
+# [2026-12-02 04:26:34.088][22393][critical][main] ...: an error Envoy logs, and may then print again bare.
+_ERROR_LINE = re.compile(rb"^\[[^\]]*\]\[\d+\]\[(?:critical|error)\]")
+_LOG_LINE = re.compile(rb"^\[[^\]]*\]\[\d+\]\[")
+
+
 class _Lines:
     """Splits output into lines, copying whole lines on and keeping the last non-blank ones (each cut to 1000
-    characters) in `tail`. Bounded memory whatever Envoy writes (one line of its usage text is kilobytes)."""
+    characters) in `tail`. Bounded memory whatever Envoy writes (one line of its usage text is kilobytes).
+
+    Each Envoy error once: Envoy logs a start-up failure (`[critical] error ... initializing config`), then prints
+    the exception again on a bare line (`cannot bind '127.0.0.1:15000': Address already in use`). A bare line that
+    repeats words of the error just logged is dropped."""
 
     def __init__(self, tail: collections.deque[str], copy_to: BinaryIO | None) -> None:
         self.tail = tail
         self.copy_to = copy_to
         self.partial = b""
+        # The last error Envoy logged, with its continuation lines (a message may hold newlines).
+        self.last_error = b""
+
+    def _repeats_an_error(self, line: bytes) -> bool:
+        if _ERROR_LINE.match(line):
+            self.last_error = line
+            return False
+        if _LOG_LINE.match(line):
+            self.last_error = b""
+            return False
+        text = line.strip()
+        if len(text) >= 16 and text in self.last_error:
+            return True
+        if self.last_error and len(self.last_error) < 65536:
+            self.last_error += b"\n" + line
+        return False
 
     def feed(self, chunk: bytes) -> None:
         lines = (self.partial + chunk).split(b"\n")
@@ -220,6 +246,7 @@ class _Lines:
             self.partial = b""
 
     def _emit(self, lines: list[bytes]) -> None:
+        lines = [line for line in lines if not self._repeats_an_error(line)]
         if not lines:
             return
         if self.copy_to is not None:

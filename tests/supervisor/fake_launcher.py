@@ -22,7 +22,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agent.proxy.desired import DesiredState
-from agent.proxy.launcher import BootstrapWriteError, EnvoyExecError, EnvoyUnreachable, EnvoyUnresponsive, Verdict
+from agent.proxy.launcher import (
+    BootstrapWriteError,
+    EnvoyExecError,
+    EnvoyHandle,
+    EnvoyUnreachable,
+    EnvoyUnresponsive,
+    Verdict,
+)
 from agent.proxy.process import ExitInfo
 
 _pids = itertools.count(4_000_000)
@@ -108,6 +115,8 @@ class FakeLauncher:
     # Raised by start() instead of starting (a full disk, a missing binary).
     start_error: BootstrapWriteError | EnvoyExecError | None = None
     known_failure: str | None = None
+    # Another agent's Envoy on the same admin port answers LIVE at epoch 0 (whatever ours do).
+    foreign_live: bool = False
     calls: list[str] = field(default_factory=list)
     started: list[FakeEnvoy] = field(default_factory=list)
     _recorded: asyncio.Event = field(default_factory=asyncio.Event)
@@ -151,12 +160,15 @@ class FakeLauncher:
             raise EnvoyUnresponsive("no answer within 0.5s")
         live = [envoy.epoch for envoy in self.started if envoy.live]
         if not live:
-            return None
+            return 0 if self.foreign_live else None
         if not self.parents_linger:
             for parent in self.started:
                 if parent.running and parent.epoch < max(live):
                     parent.crash(0)
         return max(live)
+
+    async def serves_admin(self, envoy: EnvoyHandle) -> bool:
+        return isinstance(envoy, FakeEnvoy) and envoy.live
 
     async def drain_listeners(self, *, inbound_only: bool) -> None:
         self.record("drain inbound" if inbound_only else "drain")

@@ -250,6 +250,22 @@ async def test_a_known_start_failure_exits_73_with_the_fix_at_once(tmp_path: Pat
     assert (tmp_path / "termination-log").read_text().startswith(fix)
 
 
+async def test_a_live_answer_from_another_envoy_on_the_admin_port_is_not_ours(tmp_path: Path) -> None:
+    """Another agent's Envoy on the same proxyAdminPort answers LIVE while ours has not bound the port yet (and
+    will fail to): that is not our epoch going LIVE, so our Envoy's exit is still judged as a start-up failure."""
+    fix = "Envoy cannot start: its admin port 127.0.0.1:15000 is already in use; set ProxyConfig proxyAdminPort"
+    launcher = FakeLauncher(behaviours={b"good": Behaviour(live=False)}, known_failure=fix, foreign_live=True)
+    async with supervised(tmp_path, launcher) as run:
+        await run.logs.wait_for("another process answers LIVE on Envoy's admin port, not Envoy epoch 0")
+        launcher.newest.crash(1)
+        with pytest.raises(AgentError) as info:
+            await run.exit_code()
+    assert info.value.exit_code == ExitCode.STARTUP_FAILED and str(info.value) == fix
+    assert not any("is LIVE" in line for line in run.logs.messages)
+    assert sum("another process answers LIVE" in line for line in run.logs.messages) == 1
+    assert run.delays == [] and launcher.calls.count("start 0") == 1
+
+
 async def test_a_bootstrap_envoy_rejects_exits_78_with_envoys_own_words(tmp_path: Path) -> None:
     output = ("some earlier line", CRITICAL + "error initializing configuration 'x.json': bad port")
     launcher = FakeLauncher(behaviours={b"good": Behaviour(exits_with=1, invalid=True, output=output)})

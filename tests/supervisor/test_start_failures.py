@@ -8,6 +8,7 @@ A customConfigFile in YAML is handed to Envoy with its own extension, so Envoy p
 
 from __future__ import annotations
 
+import json
 import re
 import socket
 import time
@@ -17,8 +18,8 @@ import pytest
 
 from agent.errors import ExitCode
 from agent.proxy.shm import shm_path
-from tests.supervisor.agent_process import Agent, StartAgent, leftovers, only_lines
-from tests.support.envoy import admin_ready, free_port, new_base_id, running_envoy, wait_until
+from tests.supervisor.agent_process import Agent, StartAgent, leftovers, only_lines, ready
+from tests.support.envoy import admin_ready, envoy_binary, free_port, new_base_id, running_envoy, wait_until
 
 pytestmark = [pytest.mark.envoy]
 
@@ -84,7 +85,75 @@ def test_admin_port_in_use_exits_73_naming_proxy_admin_port(start_agent: StartAg
     assert took < FAST, took
     last = only_lines(err)[-1]
     assert f"its admin port 127.0.0.1:{port} is already in use" in last and "proxyAdminPort" in last, last
-    assert_one_envoy_start_and_no_leftovers(agent, err)
+    # Found before Envoy's exec: no Envoy started, so none of its errors to print.
+    assert "Envoy command" not in err and "Traceback" not in err, err[-3000:]
+    assert leftovers(agent) == []
+
+
+def first_agent_up(start_agent: StartAgent) -> Agent:
+    """The first of two agents on one host, up and serving. The second gets its own base id and status ports
+    (start_agent's) but the first one's proxyAdminPort, as a user who moved only the status ports."""
+    first = start_agent()
+    wait_until(lambda: ready(first) or first.proc.poll() is not None, timeout=30)
+    assert ready(first), first.stderr()[-3000:]
+    return first
+
+
+def assert_the_first_agent_still_serves(first: Agent) -> None:
+    assert first.proc.poll() is None and ready(first), first.stderr()[-3000:]
+    assert "Traceback" not in first.stderr()
+
+
+def test_a_second_agent_on_the_same_admin_port_exits_73_before_starting_envoy(start_agent: StartAgent) -> None:
+    """Its admin client would reach the first agent's Envoy: found before the exec (the port is taken)."""
+    first = first_agent_up(start_agent)
+    port = first.ports["admin"]
+    second = start_agent(proxy_config={"proxyAdminPort": port})
+    code, took, err = exit_of(second)
+    assert code == ExitCode.STARTUP_FAILED, err[-3000:]
+    assert took < FAST, took
+    last = only_lines(err)[-1]
+    assert f"its admin port 127.0.0.1:{port} is already in use" in last and "proxyAdminPort" in last, last
+    assert "Envoy command" not in err and "Traceback" not in err and "is LIVE" not in err, err[-3000:]
+    assert leftovers(second) == []
+    assert_the_first_agent_still_serves(first)
+
+
+def test_another_envoys_live_answer_on_the_admin_port_is_not_taken_for_ours(start_agent: StartAgent) -> None:
+    """When the check before the exec cannot see the clash (a customConfigFile: its admin port is Envoy's to bind),
+    the second agent's Envoy starts, and the first one's Envoy answers LIVE on the shared admin port. That answer is
+    not our epoch 0 going LIVE: our Envoy's failure to bind the port is the start-up failure it is (exit 73 with the
+    fix, Envoy's error printed once), not a crash after LIVE and a crash loop.
+
+    Envoy binds its admin port about 0.1 s after its exec, usually before the agent's first poll; under load it may
+    be later, as it was when this was found. To make that order certain, Envoy is exec'd (by a shell wrapper as
+    binaryPath) only once the agent has logged what it made of the first answer on the admin port."""
+    first = first_agent_up(start_agent)
+    port = first.ports["admin"]
+
+    def prepare(work: Path) -> None:
+        address = {"socket_address": {"address": "127.0.0.1", "port_value": port}}
+        (work / "custom.json").write_text(json.dumps({"admin": {"address": address}}))
+        wrapper = work / "envoy"
+        wrapper.write_text(
+            "#!/bin/sh\n"
+            f"while ! grep -q 'answers LIVE\\|is LIVE' {work / 'stderr'}; do sleep 0.01; done\n"
+            f'exec {envoy_binary()} "$@"\n'
+        )
+        wrapper.chmod(0o755)
+
+    config = {"proxyAdminPort": port, "customConfigFile": "custom.json", "binaryPath": "./envoy"}
+    second = start_agent(proxy_config=config, prepare=prepare)
+    code, took, err = exit_of(second)
+    assert code == ExitCode.STARTUP_FAILED, err[-3000:]
+    assert took < FAST, took
+    last = only_lines(err)[-1]
+    assert f"its admin port 127.0.0.1:{port} is already in use" in last and "proxyAdminPort" in last, last
+    assert "another process answers LIVE on Envoy's admin port, not Envoy epoch 0" in err, err[-3000:]
+    assert "is LIVE" not in err and "restarting Envoy" not in err, err[-3000:]
+    assert err.count(f"cannot bind '127.0.0.1:{port}'") == 1, err[-3000:]
+    assert_one_envoy_start_and_no_leftovers(second, err)
+    assert_the_first_agent_still_serves(first)
 
 
 def test_another_envoy_on_the_base_id_exits_73_naming_envoy_base_id(start_agent: StartAgent, tmp_path: Path) -> None:

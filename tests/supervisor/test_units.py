@@ -3,6 +3,7 @@ atomic writer, the diagnosis of Envoy's start failures, the shared-memory cleanu
 
 from __future__ import annotations
 
+import collections
 import errno
 import os
 import signal
@@ -17,7 +18,7 @@ from agent.files import remove_file, write_atomic
 from agent.pid1 import OrphanReaper, zombie_children
 from agent.proxy.admin import active_connections
 from agent.proxy.diagnosis import StartContext, diagnose_start_failure, envoy_error
-from agent.proxy.process import ExitInfo
+from agent.proxy.process import ExitInfo, copy_lines
 from agent.proxy.shm import remove_segment, segment_identity, shm_path
 from agent.proxy.termination import MAX_BYTES, termination_message, write_termination_log
 
@@ -156,6 +157,31 @@ def test_envoy_error_is_envoys_own_message() -> None:
         "(--drain-time-s) -- Couldn't read argument value"
     )
     assert envoy_error(()) == "no output"
+
+
+def test_an_error_envoy_logs_and_prints_again_bare_is_copied_once(tmp_path: Path) -> None:
+    """Envoy's output on an admin port in use, as it writes it: the critical line (its message holds a newline),
+    then the exception again on a bare line. The bare repeat is dropped; other bare lines are kept."""
+    output = (
+        b"[2026-12-02 07:46:18.761][7247][critical][main] [source/server/server.cc:449] error `cannot bind "
+        b"'127.0.0.1:24570': Address already in use` initializing config 'goo.gle/debugonly    \n"
+        b"  /tmp/agent1/proxy/envoy-rev0.json'\n"
+        b"cannot bind '127.0.0.1:24570': Address already in use\n"
+        b"[2026-12-02 07:46:18.762][7247][info][main] [source/server/server.cc:1] exiting\n"
+        b"cannot bind '127.0.0.1:24570': Address already in use\n"
+    )
+    read_end, write_end = os.pipe()
+    os.write(write_end, output)
+    os.close(write_end)
+    tail: collections.deque[str] = collections.deque(maxlen=20)
+    with (tmp_path / "copy").open("wb") as sink:
+        copy_lines(read_end, tail, sink)
+    copied = (tmp_path / "copy").read_text().splitlines()
+    assert copied == [line.decode() for line in output.splitlines() if line][:2] + copied[2:]
+    assert len(copied) == 4 and copied[2].startswith("[2026-12-02 07:46:18.762]"), copied
+    # Not after another log line: that one is no repeat.
+    assert copied[3] == "cannot bind '127.0.0.1:24570': Address already in use"
+    assert list(tail) == copied
 
 
 # ---- the family's shared memory is removed only when it is ours ----
