@@ -27,6 +27,9 @@ class ExitCode(enum.IntEnum):
     ENVOY_NOT_FOUND = 72
     # A port the agent must bind (status port) is already in use, or another start-up resource failed.
     STARTUP_FAILED = 73
+    # A part of the running agent (status server, xDS proxy, SDS, DNS proxy, local xDS, file watcher) failed
+    # unexpectedly; Envoy was drained and stopped as on any shutdown.
+    SERVICE_FAILED = 74
     # Insufficient privileges for the requested operation (istio-iptables not run as root).
     NOT_PERMITTED = 77
     # Bad configuration input: env var, file, flag, annotation. The one-line message names source and field.
@@ -59,3 +62,14 @@ class ConfigError(AgentError):
 
 class EnvoyNotFoundError(AgentError):
     exit_code = ExitCode.ENVOY_NOT_FOUND
+
+
+def describe_error(exc: BaseException) -> str:
+    """An unexpected exception as one line for an operator: an AgentError's own message, an OSError's file and the
+    kernel's words, else the type and message (the traceback goes to the debug log, not here)."""
+    if isinstance(exc, AgentError):
+        return str(exc)
+    if isinstance(exc, OSError) and exc.filename is not None:
+        return f"{exc.filename}: {exc.strerror or exc}"
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

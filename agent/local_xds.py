@@ -61,6 +61,8 @@ class _FileState:
 class LocalXds:
     """A supervisor service (start/run/stop) and the readiness probe of the local mode (passed/check/forget)."""
 
+    name = "local xDS"
+
     def __init__(
         self,
         directory: Path,

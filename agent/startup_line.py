@@ -37,6 +37,8 @@ def settings_summary(cfg: AgentConfig, launch: LaunchSettings, termination_drain
 class StartupLine:
     """A supervisor service: logs the start-up line once Envoy's admin API answers (at most `wait` seconds)."""
 
+    name = "start-up line"
+
     def __init__(self, admin: AdminClient, binary: str, summary: str, *, wait: float = 10.0) -> None:
         self.admin = admin
         self.binary = binary

@@ -13,7 +13,10 @@ find listening), signal dispatcher, orphan reaper (PID 1 only), file watcher, th
 4. stop the watcher, the reaper, the signal dispatcher, then the services in reverse order; return the exit code.
 
 A service is anything with `start()` and `stop()` (the Service protocol); one that also has `run()` (LongRunning)
-gets that coroutine run as a task of the TaskGroup from its start until just before its stop.
+gets that coroutine run as a task of the TaskGroup from its start until just before its stop. A `run()` (or the
+watcher's, the reaper's, the signal dispatcher's) that raises is not a traceback: the agent shuts down as on SIGTERM
+(drain, stop Envoy, stop the services) and run() raises AgentError naming the part and the cause (SERVICE_FAILED,
+or the AgentError's own code). A service names itself in that line with a `name` attribute (else its class name).
 """
 
 from __future__ import annotations
@@ -21,12 +24,12 @@ from __future__ import annotations
 import asyncio
 import importlib
 import logging
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-from agent.errors import AgentError, ExitCode
+from agent.errors import AgentError, ExitCode, describe_error
 from agent.lifecycle import Lifecycle
 from agent.pid1 import OrphanReaper, SignalDispatcher, is_pid1
 from agent.proxy.desired import DesiredState, DesiredStateFn
@@ -48,6 +51,12 @@ def _load(*modules: str) -> None:
         importlib.import_module(module)
 
 
+def service_name(service: object) -> str:
+    """How the log names a service: its `name` attribute ("status server", "DNS proxy"), else its class name."""
+    name = getattr(service, "name", None)
+    return name if isinstance(name, str) and name else type(service).__name__
+
+
 class Service(Protocol):
     """A part of the agent that serves beside Envoy (the status server; the xDS proxy, SDS server, DNS proxy)."""
 
@@ -61,7 +70,7 @@ class Service(Protocol):
 @runtime_checkable
 class LongRunning(Protocol):
     async def run(self) -> None:
-        """Work until cancelled (a refresh loop, an upstream connection). An exception ends the agent."""
+        """Work until cancelled (a refresh loop, an upstream connection). An exception shuts the agent down."""
 
 
 @dataclass(frozen=True)
@@ -124,6 +133,8 @@ class Supervisor:
         self.watcher: Watcher | None = None
         self.reaper: OrphanReaper | None = None
         self.started = asyncio.Event()
+        # The first long-running part that failed (raised out of its run()): the agent shuts down and reports it.
+        self.failure: AgentError | None = None
 
     async def run(self) -> int:
         """Exit paths: 0 after a requested shutdown; ENVOY_RESTART_BUDGET_EXHAUSTED, or with the exit policy OK /
@@ -155,17 +166,19 @@ class Supervisor:
             try:
                 for service in self.services:
                     await service.start()
-                    work = tg.create_task(service.run()) if isinstance(service, LongRunning) else None
+                    work = None
+                    if isinstance(service, LongRunning):
+                        work = tg.create_task(self._guarded(service_name(service), service.run()))
                     started.append((service, work))
                 # What the restart policy and the watcher need, loaded on a worker thread: the status server, just
                 # started, answers kubelet meanwhile instead of waiting for these imports on the event loop.
                 await asyncio.to_thread(_load, "tenacity", *(("watchdog.observers",) if self.watch else ()))
                 if self.signals:
                     dispatcher.install()
-                    background.append(tg.create_task(dispatcher.run()))
+                    background.append(tg.create_task(self._guarded("signal dispatcher", dispatcher.run())))
                 if self.reap:
                     self.reaper = OrphanReaper(epochs.own_pids)
-                    background.append(tg.create_task(self.reaper.run()))
+                    background.append(tg.create_task(self._guarded("orphan reaper", self.reaper.run())))
                 if self.watch is not None:
                     self.watcher = Watcher(
                         self.watch.files,
@@ -176,7 +189,7 @@ class Supervisor:
                         on_changing=epochs.validate_ahead,
                         missing_dir_level=logging.DEBUG if self.watch.quiet_missing_dirs else logging.WARNING,
                     )
-                    background.append(tg.create_task(self.watcher.run()))
+                    background.append(tg.create_task(self._guarded("file watcher", self.watcher.run())))
                 self.started.set()
                 result = await epochs.run()
                 if result is None:
@@ -197,11 +210,25 @@ class Supervisor:
                         work.cancel()
                         await asyncio.wait([work])
                     await service.stop()
+        error = error or self.failure
         if error is not None:
             raise error
         if code in (None, 0):
             log.info("Agent has successfully terminated")
         return code
+
+    async def _guarded(self, name: str, work: Coroutine[Any, Any, None]) -> None:
+        """Run a long-running part. If it raises, shut down as on SIGTERM (Envoy drains and stops, the services
+        stop) and remember why, for run() to raise: one line naming the part, never a traceback and exit 1."""
+        try:
+            await work
+        except Exception as exc:  # any bug in a part ends the agent cleanly, with its name
+            if self.failure is None:
+                code = exc.exit_code if isinstance(exc, AgentError) else ExitCode.SERVICE_FAILED
+                self.failure = AgentError(f"{name} failed: {describe_error(exc)}", code)
+            log.debug("%s failed", name, exc_info=True)
+            if not self.lifecycle.shutting_down:  # a second request would cut a drain already under way short
+                self.lifecycle.request_shutdown(f"{name} failed")
 
     def _on_files_changed(self, changes: ChangeSet) -> None:
         if changes.changed and self.epochs is not None:

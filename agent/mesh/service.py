@@ -29,6 +29,8 @@ log = logging.getLogger("agent.mesh")
 class MeshService:
     """A supervisor service (agent.supervisor.Service, LongRunning) built after Envoy's exec on `listeners`."""
 
+    name = "SDS server and xDS proxy"
+
     def __init__(self, settings: MeshSettings, listeners: MeshListeners, registry: CollectorRegistry) -> None:
         self.settings = settings
         self.listeners = listeners

@@ -30,7 +30,7 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
-from agent.errors import AgentError, ExitCode
+from agent.errors import AgentError, ExitCode, describe_error
 from agent.proxy.ahead import Target, ValidationAhead
 from agent.proxy.budget import EnvoyCrashed, RestartBudget
 from agent.proxy.desired import DesiredState, DesiredStateFn, render_off_loop
@@ -187,13 +187,7 @@ class Epochs:
             desired = rendering.result()
         except Exception as exc:
             self._metrics.config_errors.labels("render").inc()
-            if isinstance(exc, AgentError):
-                reason = str(exc)
-            elif isinstance(exc, OSError) and exc.filename is not None:
-                reason = f"{exc.filename}: {exc.strerror}"
-            else:
-                reason = f"{type(exc).__name__}: {exc}"
-            log.error("new configuration rejected, Envoy keeps its current one: %s", reason)
+            log.error("new configuration rejected, Envoy keeps its current one: %s", describe_error(exc))
             log.debug("rendering failed", exc_info=True)
             return None
         self._note_desired(desired)

@@ -60,6 +60,8 @@ def _refused_unless_local_post(request: web.Request) -> web.Response | None:
 
 
 class StatusServer:
+    name = "status server"
+
     def __init__(
         self,
         settings: StatusSettings,

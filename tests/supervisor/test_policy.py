@@ -105,6 +105,19 @@ class LongRunningService(RecordingService):
             self.calls.append(f"{self.name} run cancelled")
 
 
+@dataclass
+class FailingService(RecordingService):
+    """Its run() raises `error` once `breaks` is set (a bug in a refresh loop, a socket that died)."""
+
+    error: Exception = field(default_factory=lambda: RuntimeError("boom"))
+    breaks: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def run(self) -> None:
+        await self.breaks.wait()
+        self.calls.append(f"{self.name} raises")
+        raise self.error
+
+
 @asynccontextmanager
 async def supervised(
     tmp: Path,
@@ -542,6 +555,40 @@ async def test_exit_on_zero_active_connections_waits_until_idle(tmp_path: Path) 
         assert await run.exit_code() == 0
     assert launcher.calls.count("connections?") == 3
     assert launcher.calls.index("drain") < launcher.calls.index("connections?") < launcher.calls.index("stop 0")
+
+
+@pytest.mark.parametrize(
+    ("error", "code", "line"),
+    [
+        (RuntimeError("upstream stream reset"), ExitCode.SERVICE_FAILED, "RuntimeError: upstream stream reset"),
+        (
+            OSError(errno.EMFILE, "Too many open files", "/var/run/x"),
+            ExitCode.SERVICE_FAILED,
+            "/var/run/x: Too many open files",
+        ),
+        (ConfigError("lds.yaml", "resources", "not a list"), ExitCode.CONFIG_ERROR, "lds.yaml: resources: not a list"),
+    ],
+)
+async def test_a_service_whose_run_raises_drains_and_stops_envoy_and_exits_with_one_line(
+    tmp_path: Path, error: Exception, code: ExitCode, line: str
+) -> None:
+    launcher = FakeLauncher()
+    failing = FailingService("xds proxy", launcher.calls, error=error)
+    services = (RecordingService("status", launcher.calls), failing)
+    async with supervised(tmp_path, launcher, drain={"proxy_type": "sidecar"}, services=services) as run:
+        await run.logs.wait_for("Envoy epoch 0 is LIVE")
+        failing.breaks.set()
+        with pytest.raises(AgentError) as info:
+            await run.exit_code()
+    assert info.value.exit_code == code
+    assert str(info.value) == f"xds proxy failed: {line}"
+    assert "shutdown requested: xds proxy failed" in run.logs.messages
+    # As on SIGTERM: drain, Envoy stopped, then the services in reverse order.
+    order = [call for call in launcher.calls if call in ("xds proxy raises", "drain inbound", "stop 0")]
+    assert order == ["xds proxy raises", "drain inbound", "stop 0"]
+    stops = [call for call in launcher.calls if call.endswith(" stop")]
+    assert stops == ["xds proxy stop", "status stop"]
+    assert launcher.calls.index("stop 0") < launcher.calls.index("xds proxy stop")
 
 
 async def test_a_service_that_cannot_listen_stops_the_agent_before_envoy(tmp_path: Path) -> None:
