@@ -19,6 +19,7 @@ import pytest
 from tests.conftest import require_root
 from tests.dns.compare import normalized, query_wire
 from tests.dns.processes import wait_ready
+from tests.support.envoy import wait_until
 from tests.support.mesh_pod import PYTHON_AGENT, MeshPod, istio_agent_image, istiod_sidecar_pod
 from tests.support.pod import Image
 
@@ -104,7 +105,16 @@ def agent_pod(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathF
         yield mesh
 
 
+def endpoint_known(mesh: MeshPod) -> bool:
+    """Envoy holds the ServiceEntry's endpoint, healthy. Readiness does not wait for it: a ServiceEntry's endpoints
+    come by EDS, which istiod may push after Envoy's first LDS/CDS (on a loaded machine, after readiness), and a
+    request before that is Envoy's 503."""
+    status, body = mesh.envoy_admin("/clusters")
+    return status == 200 and f"outbound|9080||{HOST}::10.10.0.1:9080::health_flags::healthy" in body
+
+
 def test_service_entry_host_resolves_and_is_reached_through_envoy(agent_pod: MeshPod) -> None:
+    wait_until(lambda: endpoint_known(agent_pod), timeout=30)
     result = resolve(agent_pod, HOST, 9080)
     assert result["addresses"] == [VIP]
     assert result.get("status") == 200, result

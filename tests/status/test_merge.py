@@ -157,6 +157,10 @@ def _slow_app(delay_before: float, delay_during: float) -> object:
 
 @pytest.mark.parametrize(("before", "during"), [(30.0, 0.0), (0.0, 30.0)], ids=["never-answers", "stalls-mid-body"])
 async def test_slow_application_is_cut_at_the_scrape_timeout(stack: EnvoyStack, before: float, during: float) -> None:
+    """Prometheus's 1 s: the agent gives the application 0.75 s (a margin to write the answer), then answers with
+    what it has. Not the application's 30 s, nor the agent's 10 s default when Prometheus names no timeout: the upper
+    bound tells those apart with room for a loaded machine (a 1.5 s bound failed under load); the lower one shows the
+    agent did wait its budget."""
     with raw_http_server(_slow_app(before, during)) as app_port:
         settings = settings_for(stack, scrape_targets=(ScrapeTarget(app_port, "/metrics"),))
         async with running_agent(settings) as agent:
@@ -164,7 +168,8 @@ async def test_slow_application_is_cut_at_the_scrape_timeout(stack: EnvoyStack, 
             status, body, _ = await agent.get("/metrics", headers={"X-Prometheus-Scrape-Timeout-Seconds": "1"})
             elapsed = time.monotonic() - started
             assert agent.failures("application") == 1
-    assert status == 200 and elapsed < 1.5
+    assert status == 200
+    assert 0.75 <= elapsed < 0.75 + 2.0 < settings.default_scrape_timeout, elapsed
     check_valid(body)
     assert b"envoy_server_live" in body and b"slow_two" not in body
     # What arrived before the stall is kept: complete lines only.

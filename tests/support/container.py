@@ -23,7 +23,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 KUBELET_MIN_GRACE_S = 2.0
@@ -74,6 +74,8 @@ class Termination:
     signal: int | None
     killed: bool  # the harness had to SIGKILL it (the grace period ran out)
     seconds: float  # from the start of termination (preStop included) to exit
+    # From the SIGTERM to the exit (what the container did with the signal, without its preStop hook's run).
+    after_sigterm: float = 0.0
 
 
 class RunningContainer:
@@ -166,6 +168,7 @@ class RunningContainer:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.exec(pre_stop, timeout=grace_s)
         remaining = max(grace_s - (time.monotonic() - start), min_grace_s)
+        sigterm_at = time.monotonic()
         self.signal(signal.SIGTERM)
         killed = False
         try:
@@ -174,7 +177,8 @@ class RunningContainer:
             killed = True
             self.signal(signal.SIGKILL)
             self._popen.wait(timeout=10)
-        return self._decode_exit(self._popen.returncode, start, killed)
+        termination = self._decode_exit(self._popen.returncode, start, killed)
+        return replace(termination, after_sigterm=time.monotonic() - sigterm_at)
 
     def kill(self) -> None:
         if self.running():
