@@ -81,8 +81,11 @@ def test_a_template_that_never_finishes_rendering_does_not_stop_the_shutdown(sta
         (work / "tpl").mkdir()
         (work / "tpl/bootstrap.json.j2").write_text(template)
 
-    agent = start_agent("--templateFile", "tpl/bootstrap.json.j2", prepare=prepare)
+    agent = start_agent("--templateFile", "tpl/bootstrap.json.j2", "--log_output_level=proxy:debug", prepare=prepare)
     wait_until(lambda: ready(agent, "status") == 200)
+    # Settled: the reconcile that follows epoch 0's start has rendered. (Swapped before that render, the endless
+    # template is what the render reads, and no change is ever reconciled: this wait is not a sleep's guess.)
+    log_shows(agent, r"reconcile step \(after a start\): unchanged")
     endless = "{% for i in range(10**12) %}{% endfor %}" + template
     (agent.config_dir.parent / "tpl/.new").write_text(endless)
     os.replace(agent.config_dir.parent / "tpl/.new", agent.config_dir.parent / "tpl/bootstrap.json.j2")
