@@ -46,7 +46,14 @@ from agent.proxy.argv import LaunchSettings
 from agent.proxy.binary import find_envoy
 from agent.proxy.desired import DesiredState, DesiredStateFn
 from agent.proxy.events import SupervisionSettings
-from agent.proxy.launcher import BootstrapWriteError, EnvoyExecError, EnvoyLauncher, check_admin_port, start_envoy
+from agent.proxy.launcher import (
+    BootstrapWriteError,
+    EnvoyExecError,
+    EnvoyLauncher,
+    check_admin_port,
+    check_listener_ports,
+    start_envoy,
+)
 from agent.proxy.process import EnvoyProcess
 from agent.proxy.shm import SegmentIdentity, remove_segment, segment_identity, shared_memory_unusable
 from agent.status.listen import bind_status_sockets
@@ -252,6 +259,14 @@ def desired_state_fn(start: AgentConfig, watched: Mapping[Path, str], first: Des
     return desired_state
 
 
+def envoy_listener_settings(cfg: AgentConfig) -> dict[int, tuple[str, str]]:
+    """Envoy's own listeners that another agent's Envoy on this host would share (port: (what, its setting))."""
+    return {
+        cfg.envoy_status_port: ("readiness listener", "ENVOY_STATUS_PORT"),
+        cfg.envoy_prometheus_port: ("Prometheus listener", "ENVOY_PROMETHEUS_PORT"),
+    }
+
+
 @contextlib.contextmanager
 def startup_errors() -> Iterator[None]:
     """Nothing outside the agent's control ends it with a traceback: at start-up, an unexpected error reading the
@@ -288,9 +303,12 @@ def run(args: argparse.Namespace) -> int:
             )
         # The mesh side's roots and credentials: a missing root is refused now, before Envoy starts (as Istio).
         mesh = mesh_settings(cfg) if serves_sds(cfg) else None
-        if not cfg.custom_config_file and cfg.proxy.proxy_admin_port > 0:
-            # Before anything starts: another agent's Envoy on this admin port would answer ours (agent/proxy/launcher).
-            check_admin_port(cfg.proxy.proxy_admin_port)
+        if not cfg.custom_config_file:
+            # Before anything starts: another agent's Envoy on this admin port would answer ours, and on these two
+            # listener ports it would share them with ours (agent/proxy/launcher).
+            if cfg.proxy.proxy_admin_port > 0:
+                check_admin_port(cfg.proxy.proxy_admin_port)
+            check_listener_ports(first.bootstrap, envoy_listener_settings(cfg))
     sockets = bind_status_sockets(status.listen_host, status.status_port) if status is not None else []
     dns: DnsStartup | None = None
     try:

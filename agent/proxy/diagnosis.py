@@ -41,6 +41,17 @@ def admin_port_in_use(address: str, port: int) -> str:
     )
 
 
+def listener_port_in_use(what: str, address: str, port: int, setting: str) -> str:
+    """The cause and the fix when one of Envoy's own listeners (readiness, Prometheus) would share its port with
+    another Envoy's (found by the agent before the exec: Envoy itself would start, SO_REUSEPORT)."""
+    example = port + 1000 if port + 1000 <= 65535 else port - 1000
+    return (
+        f"Envoy not started: its {what} {address}:{port} is already in use on this host (another agent's Envoy? "
+        "Envoy would share the port with it, and requests to it would reach either one); set "
+        f"{setting} to a free port (e.g. {setting}={example})"
+    )
+
+
 def diagnose_start_failure(output: Sequence[str], context: StartContext) -> str | None:
     """The cause and the fix when `output` (Envoy's last lines) shows a known start-up failure, else None."""
     text = "\n".join(output)

@@ -119,6 +119,32 @@ def test_a_second_agent_on_the_same_admin_port_exits_73_before_starting_envoy(st
     assert_the_first_agent_still_serves(first)
 
 
+def test_a_second_agent_on_the_same_readiness_or_prometheus_port_exits_73_before_starting_envoy(
+    start_agent: StartAgent,
+) -> None:
+    """A user who moved the status port, the admin port and the base id but not ENVOY_STATUS_PORT (then not
+    ENVOY_PROMETHEUS_PORT): Envoy binds its listeners with SO_REUSEPORT, so the second Envoy would start and share
+    the first one's 0.0.0.0:15021 (probes answering for either agent). Found before the exec: one line naming the
+    setting, no Envoy started, the first agent untouched."""
+    first = first_agent_up(start_agent)
+    clashes = [
+        ("ENVOY_STATUS_PORT", first.ports["envoy_status"], free_port(), "readiness listener"),
+        ("ENVOY_PROMETHEUS_PORT", free_port(), first.ports["prom"], "Prometheus listener"),
+    ]
+    for setting, status, prom, what in clashes:
+        port = status if setting == "ENVOY_STATUS_PORT" else prom
+        second = start_agent(ENVOY_STATUS_PORT=str(status), ENVOY_PROMETHEUS_PORT=str(prom))
+        code, took, err = exit_of(second)
+        assert code == ExitCode.STARTUP_FAILED, err[-3000:]
+        assert took < FAST, took
+        last = only_lines(err)[-1]
+        assert f"its {what} 0.0.0.0:{port} is already in use on this host" in last, last
+        assert f"set {setting} to a free port (e.g. {setting}=" in last, last
+        assert "Envoy command" not in err and "Traceback" not in err, err[-3000:]
+        assert leftovers(second) == []
+    assert_the_first_agent_still_serves(first)
+
+
 def test_another_envoys_live_answer_on_the_admin_port_is_not_taken_for_ours(start_agent: StartAgent) -> None:
     """When the check before the exec cannot see the clash (a customConfigFile: its admin port is Envoy's to bind),
     the second agent's Envoy starts, and the first one's Envoy answers LIVE on the shared admin port. That answer is

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import collections
 import errno
+import json
 import os
 import signal
+import socket
 import stat
 import subprocess
 import tempfile
@@ -18,6 +20,7 @@ from agent.files import remove_file, write_atomic
 from agent.pid1 import OrphanReaper, zombie_children
 from agent.proxy.admin import active_connections
 from agent.proxy.diagnosis import StartContext, diagnose_start_failure, envoy_error
+from agent.proxy.launcher import port_taken, static_listener_addresses
 from agent.proxy.process import ExitInfo, copy_lines
 from agent.proxy.shm import remove_segment, segment_identity, shm_path
 from agent.proxy.termination import MAX_BYTES, termination_message, write_termination_log
@@ -220,3 +223,28 @@ def test_write_atomic_under_a_file_says_not_a_directory(tmp_path: Path) -> None:
     with pytest.raises(NotADirectoryError) as info:
         write_atomic(tmp_path / "config" / "proxy" / "envoy-rev0.json", b"{}")
     assert info.value.filename == str(tmp_path / "config")
+
+
+def test_the_listener_addresses_checked_before_the_exec_are_the_bootstraps_own() -> None:
+    def listener(address: str, port: int, extra: str | None = None) -> dict[str, object]:
+        head: dict[str, object] = {"address": {"socket_address": {"address": address, "port_value": port}}}
+        if extra is not None:
+            head["additional_addresses"] = [{"address": {"socket_address": {"address": extra, "port_value": port}}}]
+        return head
+
+    listeners = [listener("127.0.0.1", 15090), listener("::", 15021, extra="0.0.0.0"), listener("0.0.0.0", 8080)]
+    bootstrap = json.dumps({"static_resources": {"listeners": listeners}}).encode()
+    found = static_listener_addresses(bootstrap, [15021, 15090, 0])
+    assert found == [("127.0.0.1", 15090), ("::", 15021), ("0.0.0.0", 15021)]
+    assert static_listener_addresses(b"static_resources: {}", [15021]) == []  # YAML from a custom template
+
+
+def test_a_port_another_envoy_listens_on_with_so_reuseport_is_taken() -> None:
+    with socket.socket() as envoys:  # as Envoy binds its listeners
+        envoys.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        envoys.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        envoys.bind(("0.0.0.0", 0))
+        envoys.listen()
+        port = envoys.getsockname()[1]
+        assert port_taken("0.0.0.0", port) and port_taken("127.0.0.1", port)
+    assert not port_taken("0.0.0.0", port)
