@@ -12,6 +12,8 @@ import stat
 from dataclasses import dataclass
 
 from agent.mesh.settings import FILES_SOCKET, MeshSettings
+from agent.security.key_worker import KeyWorker
+from agent.security.pki import PkiError
 from agent.security.uds import STREAM, UNARY, SocketError, UnixGrpcServer, remove_socket, socket_is_healthy
 
 log = logging.getLogger("agent.mesh")
@@ -44,16 +46,20 @@ def sds_listener(socket_path: str) -> UnixGrpcServer:
 @dataclass
 class MeshListeners:
     """The sockets Envoy dials, listening. `serve_only_files`: another identity provider owns the SDS socket;
-    ours serves only file certificates, on Istio's files socket."""
+    ours serves only file certificates, on Istio's files socket. `key_ahead`: with a CA, the worker already making
+    the workload key (agent.security.key_worker), for the secret cache's first CSR."""
 
     sds: UnixGrpcServer
     xds: UnixGrpcServer | None
     serve_only_files: bool
+    key_ahead: KeyWorker | None = None
 
     async def stop(self) -> None:
         for listener in (self.xds, self.sds):
             if listener is not None:
                 await listener.stop()
+        if self.key_ahead is not None:
+            await self.key_ahead.close()
 
 
 async def listen(settings: MeshSettings) -> MeshListeners:
@@ -82,7 +88,22 @@ async def listen(settings: MeshSettings) -> MeshListeners:
         except SocketError:
             await sds.stop()
             raise
-    return MeshListeners(sds, xds, serve_only_files)
+    return MeshListeners(sds, xds, serve_only_files, await _key_ahead(settings, serve_only_files))
+
+
+async def _key_ahead(settings: MeshSettings, serve_only_files: bool) -> KeyWorker | None:
+    """With a CA: the workload key is asked for now, so it is made on another core while the agent and Envoy
+    start (the cache uses it unless certificate files turn out to be served instead). None on any failure: the
+    cache then starts its own worker and reports the error."""
+    if settings.ca is None or serve_only_files:
+        return None
+    worker = KeyWorker()
+    try:
+        await worker.request_csr(settings.cache.identity, settings.cache.key_options)
+    except PkiError:
+        await worker.close()
+        return None
+    return worker
 
 
 def _is_socket(path: str) -> bool:

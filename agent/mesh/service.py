@@ -42,7 +42,8 @@ class MeshService:
         else:
             log.info("Workload is using file mounted certificates. Skipping connecting to CA")
         self.prewarm = ca is not None
-        self.cache = SecretCache(settings.cache, ca, security_metrics)
+        self.cache = SecretCache(settings.cache, ca, security_metrics, key_ahead=listeners.key_ahead)
+        listeners.key_ahead = None  # the cache's now: it ends it
         self.sds = SdsServer(self.cache, listeners.sds)
         self.xds: XdsProxy | None = None
         if settings.xds is not None and listeners.xds is not None:

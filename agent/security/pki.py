@@ -1,24 +1,25 @@
 """Keys, CSRs and certificates (Istio's security/pkg/pki/util), with `cryptography`.
 
-Pure functions over PEM bytes. Key generation is CPU work (an RSA 2048 key takes tens of milliseconds): callers on
-the event loop run `generate_csr` in a thread.
+Pure functions over PEM bytes. Key generation is CPU work (an RSA 2048 key takes tens of milliseconds). The PEM
+text functions (pem_blocks, concat_certs, merge_roots) need no `cryptography`, and importing this module does not
+load it: the functions that parse or make keys and certificates import it when called. The CA path of the agent
+calls those in a short-lived worker (agent.security.key_worker), so the long-running agent never loads it there
+(~10 MiB resident, ~60 ms of import).
 """
 
 from __future__ import annotations
 
 import datetime
 import re
-
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.x509.oid import NameOID
+from typing import TYPE_CHECKING
 
 from agent.security.settings import KeyOptions
 
+if TYPE_CHECKING:
+    from cryptography import x509
+
 # Istio's MinimumRsaKeySize.
 MINIMUM_RSA_KEY_SIZE = 2048
-CURVES = {"P256": ec.SECP256R1, "P384": ec.SECP384R1}
 
 _PEM_BLOCK = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----\r?\n.*?-----END \1-----\r?\n?", re.DOTALL)
 
@@ -31,11 +32,17 @@ def generate_csr(identity: str, options: KeyOptions) -> tuple[bytes, bytes]:
     """A new private key and a CSR for it, as Istio's GenCSR makes them: subject `O=` (one empty organization), a
     critical subjectAltName holding the URI `identity`. Returns (csr PEM, key PEM): PKCS#1 `RSA PRIVATE KEY` / SEC1
     `EC PRIVATE KEY`, or PKCS#8 with `options.pkcs8`."""
+    from cryptography import x509  # noqa: PLC0415 (see the module's docstring)
+    from cryptography.hazmat.primitives import hashes, serialization  # noqa: PLC0415
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa  # noqa: PLC0415
+    from cryptography.x509.oid import NameOID  # noqa: PLC0415
+
     key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
     if options.ecc_signature_algorithm:
         if options.ecc_signature_algorithm != "ECDSA":
             raise PkiError(f"unsupported EC signature algorithm {options.ecc_signature_algorithm!r} (only ECDSA)")
-        key = ec.generate_private_key(CURVES.get(options.ecc_curve, ec.SECP256R1)())
+        curve = ec.SECP384R1() if options.ecc_curve == "P384" else ec.SECP256R1()
+        key = ec.generate_private_key(curve)
     else:
         if options.rsa_key_size < MINIMUM_RSA_KEY_SIZE:
             raise PkiError(
@@ -76,6 +83,8 @@ def concat_certs(pems: list[str]) -> bytes:
 
 def leaf_certificate(chain_pem: bytes) -> x509.Certificate:
     """The first certificate of a PEM chain; PkiError if there is none or it does not parse."""
+    from cryptography import x509  # noqa: PLC0415 (see the module's docstring)
+
     blocks = pem_blocks(chain_pem)
     if not blocks:
         raise PkiError("no certificate found in the PEM data")
@@ -93,6 +102,9 @@ def not_after(chain_pem: bytes) -> datetime.datetime:
 def valid_root_certs(pem: bytes) -> tuple[bytes, list[str]]:
     """Istio's ParseRootCerts: the certificates of `pem` that parse, re-encoded, and an error per one that does not
     (a root with a negative serial, say, is skipped rather than failing the whole bundle)."""
+    from cryptography import x509  # noqa: PLC0415 (see the module's docstring)
+    from cryptography.hazmat.primitives import serialization  # noqa: PLC0415
+
     valid: list[bytes] = []
     errors: list[str] = []
     for block in pem_blocks(pem):
@@ -110,6 +122,8 @@ def valid_root_certs(pem: bytes) -> tuple[bytes, list[str]]:
 def check_key_pair(chain_pem: bytes, key_pem: bytes) -> None:
     """Go's tls.X509KeyPair check: the chain's leaf parses and the key is the private half of its public key.
     Raises PkiError naming what is wrong."""
+    from cryptography.hazmat.primitives import serialization  # noqa: PLC0415 (see the module's docstring)
+
     leaf = leaf_certificate(chain_pem)
     try:
         key = serialization.load_pem_private_key(key_pem, password=None)

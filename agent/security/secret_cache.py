@@ -26,6 +26,7 @@ from typing import Protocol
 from agent.files import write_atomic
 from agent.security import pki
 from agent.security.caclient import CaError
+from agent.security.key_worker import KeyWorker
 from agent.security.metrics import SecurityMetrics
 from agent.security.secrets import (
     ROOT,
@@ -73,8 +74,12 @@ class SecretCache:
         *,
         clock: Callable[[], float] = time.time,
         rand: random.Random | None = None,
+        key_ahead: KeyWorker | None = None,
     ) -> None:
+        """`key_ahead`: a key worker already asked for this identity's key (agent.mesh.listen), for the first CSR;
+        ended once `default` is served, used or not."""
         self.settings = settings
+        self._key_ahead = key_ahead
         self.ca = ca
         self.metrics = metrics
         self.clock = clock
@@ -105,6 +110,8 @@ class SecretCache:
         item = await self._from_files(name)
         if item is None:
             item = await self._from_ca(name)
+        if name == WORKLOAD:
+            await self._drop_key_ahead()  # used by the CSR, or not needed: files are served
         if name in (WORKLOAD, ROOT):
             self._output(item)
         return item
@@ -201,21 +208,28 @@ class SecretCache:
         return SecretItem(name, item.certificate_chain, item.private_key, created=item.created, expires=item.expires)
 
     async def _sign(self) -> SecretItem:
+        started = time.monotonic()
+        # The key is made, and the signed chain checked, by a worker process (cryptography stays out of the agent).
+        worker, self._key_ahead = self._key_ahead or KeyWorker(), None
+        try:
+            return await self._sign_with(worker, started)
+        finally:
+            await worker.close()
+
+    async def _sign_with(self, worker: KeyWorker, started: float) -> SecretItem:
         assert self.ca is not None
         s = self.settings
-        started = time.monotonic()
         try:
-            csr, key = await asyncio.to_thread(pki.generate_csr, s.identity, s.key_options)
+            csr, key = await worker.generate_csr(s.identity, s.key_options)
         except pki.PkiError as exc:
             raise SecretError(f"failed to generate key and certificate for CSR: {exc}") from None
         self.metrics.outgoing_requests.labels("csr").inc()
         try:
             chain = await self.ca.sign(csr, s.ttl)
             certificate_chain = pki.concat_certs(chain)
-            expires = pki.not_after(certificate_chain).timestamp()
             # A chain for another key (a broken CA) would be NACKed by Envoy and kept until the next rotation,
             # hours later: a failed CSR instead, retried with backoff.
-            pki.check_key_pair(certificate_chain, key)
+            expires = await worker.check_issued(certificate_chain, key)
         except (CaError, pki.PkiError) as exc:
             self.metrics.failed_outgoing_requests.labels("csr").inc()
             self.ca_error = exc if isinstance(exc, CaError) else CaError(f"the CA's answer: {exc}")
@@ -333,6 +347,12 @@ class SecretCache:
             except OSError as exc:
                 log.error("error when output the resource %s to %s: %s", item.name, path, exc)
 
+    async def _drop_key_ahead(self) -> None:
+        worker, self._key_ahead = self._key_ahead, None
+        if worker is not None:
+            await worker.close()
+
     async def close(self) -> None:
+        await self._drop_key_ahead()
         if self.ca is not None:
             await self.ca.close()

@@ -19,6 +19,7 @@ from prometheus_client import CollectorRegistry
 
 from agent.security import pki
 from agent.security.caclient import CaError
+from agent.security.key_worker import KeyWorker
 from agent.security.metrics import SecurityMetrics
 from agent.security.secret_cache import SecretCache, rotation_delay
 from agent.security.secrets import SecretError, SecretItem
@@ -217,6 +218,39 @@ async def test_unknown_names_and_no_ca(short_dir: Path) -> None:
 
 
 # -- files -------------------------------------------------------------------------------------------------------
+
+
+async def test_a_key_asked_for_ahead_signs_the_first_csr(short_dir: Path, mesh_ca: MeshCa) -> None:
+    options = KeyOptions(ecc_signature_algorithm="ECDSA")
+    ahead = KeyWorker()
+    await ahead.request_csr(IDENTITY, options)
+    process = ahead._process
+    assert process is not None
+    cache = SecretCache(
+        settings_in(short_dir, key_options=options), StubSigner(mesh_ca), SecurityMetrics(CollectorRegistry()),
+        key_ahead=ahead,
+    )  # fmt: skip
+    item = await cache.generate("default")
+    pki.check_key_pair(item.certificate_chain, item.private_key)
+    assert process.returncode == 0  # the worker asked ahead made this key, then ended
+    await cache.close()
+
+
+async def test_a_key_asked_for_ahead_ends_when_files_are_served(short_dir: Path, mesh_ca: MeshCa) -> None:
+    settings = settings_in(short_dir)
+    chain, key = mesh_ca.workload(IDENTITY)
+    write_atomically(Path(settings.cert_chain_file), chain)
+    write_atomically(Path(settings.key_file), key)
+    ahead = KeyWorker()
+    await ahead.request_csr(IDENTITY, settings.key_options)
+    process = ahead._process
+    assert process is not None
+    signer = StubSigner(mesh_ca)
+    cache = SecretCache(settings, signer, SecurityMetrics(CollectorRegistry()), key_ahead=ahead)
+    async with running(cache):
+        assert (await cache.generate("default")).certificate_chain == chain
+        assert signer.calls == 0
+        assert process.returncode is not None  # not left running for a CSR that never comes
 
 
 async def test_etc_certs_are_served_and_watched(short_dir: Path, mesh_ca: MeshCa) -> None:

@@ -1,0 +1,104 @@
+"""The key worker (agent.security.key_worker): the workload key, its CSR and the check of the signed chain made in a
+short-lived process, so the agent never loads cryptography on the CA path. The real worker process each time."""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import signal
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+from agent.security import pki
+from agent.security.key_worker import KeyWorker
+from agent.security.settings import KeyOptions
+from tests.support.mesh_pki import MeshCa
+
+IDENTITY = "spiffe://cluster.local/ns/shop/sa/reviews"
+
+
+async def test_the_worker_makes_the_key_and_csr_and_checks_the_signed_chain() -> None:
+    worker = KeyWorker()
+    try:
+        csr_pem, key_pem = await worker.generate_csr(IDENTITY, KeyOptions(rsa_key_size=2048))
+        csr = x509.load_pem_x509_csr(csr_pem)
+        assert csr.is_signature_valid
+        san = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+        assert san.critical and san.value.get_values_for_type(x509.UniformResourceIdentifier) == [IDENTITY]
+        key = serialization.load_pem_private_key(key_pem, None)
+        assert isinstance(key, rsa.RSAPrivateKey) and key.key_size == 2048
+        assert key_pem.startswith(b"-----BEGIN RSA PRIVATE KEY-----")  # PKCS#1, Istio's default
+
+        ca = MeshCa()
+        chain = pki.concat_certs(ca.issue(csr_pem, [IDENTITY], 3600))
+        assert await worker.check_issued(chain, key_pem) == pki.not_after(chain).timestamp()
+        other_chain, _ = ca.workload(IDENTITY)  # another key's certificate: what a broken CA would answer
+        with pytest.raises(pki.PkiError, match="private key does not match public key"):
+            await worker.check_issued(other_chain, key_pem)
+    finally:
+        await worker.close()
+
+
+async def test_a_key_asked_for_ahead_is_the_one_the_csr_gets() -> None:
+    worker = KeyWorker()
+    try:
+        options = KeyOptions(ecc_signature_algorithm="ECDSA", ecc_curve="P384", pkcs8=True)
+        await worker.request_csr(IDENTITY, options)
+        csr_pem, key_pem = await worker.generate_csr(IDENTITY, options)
+        key = serialization.load_pem_private_key(key_pem, None)
+        assert isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name == "secp384r1"
+        assert key_pem.startswith(b"-----BEGIN PRIVATE KEY-----")  # PKCS#8
+        public = serialization.PublicFormat.SubjectPublicKeyInfo
+        der = serialization.Encoding.DER
+        csr_key = x509.load_pem_x509_csr(csr_pem).public_key()
+        assert csr_key.public_bytes(der, public) == key.public_key().public_bytes(der, public)
+        # Asked ahead for one identity, then for another: the other one's key.
+        await worker.request_csr("spiffe://cluster.local/ns/shop/sa/old", options)
+        csr_pem, _ = await worker.generate_csr(IDENTITY, options)
+        san = x509.load_pem_x509_csr(csr_pem).extensions.get_extension_for_class(x509.SubjectAlternativeName)
+        assert san.value.get_values_for_type(x509.UniformResourceIdentifier) == [IDENTITY]
+    finally:
+        await worker.close()
+
+
+async def test_a_bad_key_option_is_a_pki_error() -> None:
+    worker = KeyWorker()
+    try:
+        with pytest.raises(pki.PkiError, match="does not meet the minimum required size"):
+            await worker.generate_csr(IDENTITY, KeyOptions(rsa_key_size=1024))
+    finally:
+        await worker.close()
+    assert worker._process is None
+
+
+async def test_without_a_worker_the_key_is_made_in_the_agent(caplog: pytest.LogCaptureFixture) -> None:
+    # A worker gone before it answered (killed here; one that cannot start or hangs is the same case): the
+    # certificate is not refused, the work is done in the agent, with one warning saying so.
+    worker = KeyWorker()
+    try:
+        options = KeyOptions(ecc_signature_algorithm="ECDSA")
+        await worker.request_csr(IDENTITY, options)
+        process = worker._process
+        assert process is not None
+        os.kill(process.pid, signal.SIGKILL)
+        with caplog.at_level(logging.WARNING, logger="agent.security"):
+            csr_pem, key_pem = await worker.generate_csr(IDENTITY, options)
+        assert [r.getMessage() for r in caplog.records] == [
+            "key worker unavailable (it exited with status -9): making the key and checking the certificate in the"
+            " agent"
+        ]
+        assert x509.load_pem_x509_csr(csr_pem).is_signature_valid
+        chain = pki.concat_certs(MeshCa().issue(csr_pem, [IDENTITY], 3600))
+        assert await worker.check_issued(chain, key_pem) == pki.not_after(chain).timestamp()
+        assert worker._process is None  # no new worker for the rest of this issuance
+    finally:
+        await worker.close()
+
+
+def test_not_after_is_the_leafs() -> None:
+    chain, _ = MeshCa().workload(IDENTITY)
+    assert pki.not_after(chain) > datetime.datetime.now(datetime.UTC)
