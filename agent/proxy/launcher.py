@@ -221,8 +221,9 @@ def static_listener_addresses(bootstrap: bytes, ports: Iterable[int]) -> list[tu
 
 
 def listens_on(pid: int, port: int) -> bool:
-    """Whether process `pid` holds a TCP socket listening on `port` (any address). True when /proc does not tell
-    (not permitted): the check is a safeguard, not a new way to fail. False when the process is gone."""
+    """Whether process `pid` holds a TCP socket listening on `port` (any address: an IPv6 socket on "::" takes
+    127.0.0.1's connections too). True when /proc does not tell (not permitted): the check is a safeguard, not a
+    new way to fail. False when the process is gone."""
     import psutil  # noqa: PLC0415 (lazy: only once an epoch answers LIVE)
 
     try:
@@ -326,9 +327,9 @@ class EnvoyLauncher:
             raise EnvoyUnresponsive(str(exc)) from None
 
     async def serves_admin(self, envoy: EnvoyHandle) -> bool:
-        # On the loop: psutil reads /proc/<pid>/fd and /proc/net/tcp (1 - 3 ms), once per epoch going LIVE; a hop to
-        # a worker thread costs more than that on a busy start (the GIL).
-        return listens_on(envoy.pid, self.admin.port)
+        # Once per epoch going LIVE. Off the loop: the kernel takes ~4 ms each to write /proc/net/tcp and tcp6 on
+        # this machine (whole tables), and the reads release the GIL; readiness probes are answered meanwhile.
+        return await asyncio.to_thread(listens_on, envoy.pid, self.admin.port)
 
     async def drain_listeners(self, *, inbound_only: bool) -> None:
         from agent.proxy.admin import AdminError  # noqa: PLC0415 (lazy: see the module docstring)
