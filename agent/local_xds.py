@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
-from agent.config.local_xds import KINDS, XdsFileKind, check_file
+from agent.config.local_xds import KINDS, XdsFileKind, check_file, directory_problem
 from agent.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -83,6 +83,20 @@ class LocalXds:
         # Quiet time after a change; how long Envoy may take to read a new version, and to read the first one.
         self.debounce, self.verdict_timeout, self.first_load_timeout = debounce, verdict_timeout, first_load_timeout
         self.passed = False
+        self._next_change = asyncio.Event()  # set (and replaced) at each change of the files the watcher reports
+
+    # ---- what a crash restart waits for (agent.proxy.start_gate.StartGate) ----
+
+    def start_problem(self) -> str | None:
+        return directory_problem(self.directory)
+
+    def next_change(self) -> asyncio.Event:
+        return self._next_change
+
+    def _changed(self, change: ChangeSet, events: asyncio.Queue[tuple[int, ChangeSet] | int]) -> None:
+        events.put_nowait((self._envoy_start(), change))
+        self._next_change.set()
+        self._next_change = asyncio.Event()
 
     # ---- the service ----
 
@@ -103,7 +117,7 @@ class LocalXds:
         # This service reports each change itself (with Envoy's verdict): the watcher's own lines would repeat it.
         watcher = Watcher(
             files,
-            lambda change: events.put_nowait((self._envoy_start(), change)),
+            lambda change: self._changed(change, events),
             debounce=self.debounce,
             change_level=logging.DEBUG,
         )
@@ -128,8 +142,9 @@ class LocalXds:
                 for path in change.deleted:
                     kind = self.files[path].kind
                     log.warning(
-                        "local xDS: %s was deleted: Envoy keeps the %s it had, but a new Envoy (after a crash) "
-                        "cannot start without it: put it back (write it elsewhere, then mv it to %s)",
+                        "local xDS: %s was deleted: Envoy keeps the %s it had, but a new Envoy cannot start "
+                        "without it (after a crash, Envoy is restarted only once it is back): put it back (write it "
+                        "elsewhere, then mv it to %s)",
                         path,
                         kind.noun,
                         kind.name,
@@ -165,8 +180,8 @@ class LocalXds:
         while (counts := await self._counts(state.kind)) is None or counts.attempt == self._before(
             state, counts
         ).attempt:
-            if first and self._envoy_start() != began:
-                return  # a newer Envoy: its start is judged next
+            if self._envoy_start() != began:
+                return  # a newer Envoy (it read this version at its start): its start is judged next
             if loop.time() >= deadline:
                 if first:
                     log.debug("local xDS: Envoy has not read %s yet", state.path)
@@ -185,6 +200,10 @@ class LocalXds:
                 return
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.25)
+        if self._envoy_start() != began:
+            # The answer is a newer Envoy's (a change that cured a waiting crash restart starts one at once): its
+            # first load of the file is judged with its start, next.
+            return
         accepted = counts.success > self._before(state, counts).success
         state.seen, state.seen_start = counts, self._envoy_start()
         if accepted:

@@ -36,6 +36,7 @@ from agent.proxy.desired import DesiredState, DesiredStateFn
 from agent.proxy.epochs import Epochs
 from agent.proxy.events import SupervisionSettings
 from agent.proxy.launcher import EnvoyHandle, EnvoyUnreachable, Launcher
+from agent.proxy.start_gate import StartGate
 from agent.watch import ChangeSet, Watcher
 
 if TYPE_CHECKING:
@@ -112,6 +113,7 @@ class Supervisor:
         reap: bool | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         epoch0: tuple[EnvoyHandle, DesiredState] | None = None,
+        start_gate: StartGate | None = None,
     ) -> None:
         self.launcher = launcher
         self.supervision = supervision
@@ -129,6 +131,8 @@ class Supervisor:
         self.reap = is_pid1() if reap is None else reap
         self.sleep = sleep
         self.epoch0 = epoch0
+        # Inputs Envoy reads itself (the local xDS files): a crash restart waits while they are broken.
+        self.start_gate = start_gate
         self.epochs: Epochs | None = None
         self.watcher: Watcher | None = None
         self.reaper: OrphanReaper | None = None
@@ -151,6 +155,7 @@ class Supervisor:
                 metrics=self.metrics,
                 spawn=tg.create_task,
                 sleep=self.sleep,
+                start_gate=self.start_gate,
             )
             self.epochs = epochs
             if self.epoch0 is not None:

@@ -482,6 +482,7 @@ async def _supervise(
         watch=settings.watch,
         epoch0=(epoch0, first) if epoch0 is not None else None,
         signal_queue=signal_queue,
+        start_gate=local_xds,
     )
     return await supervisor.run()
 

@@ -66,3 +66,17 @@ def check_directory(directory: Path, source: str) -> None:
         if not path.is_file():
             raise ConfigError(source, kind.name, f"missing {path} (the {kind.noun} Envoy loads)")
         check_file(path, kind)
+
+
+def directory_problem(directory: Path) -> str | None:
+    """check_directory's finding as a phrase naming the file (`local xDS file /x/cds.yaml is missing ...`), else
+    None: why a new Envoy cannot start on the directory now (a crash restart waits for it to be fixed)."""
+    for kind in KINDS:
+        path = directory / kind.name
+        if not path.is_file():
+            return f"local xDS file {path} is missing (the {kind.noun} Envoy loads)"
+        try:
+            check_file(path, kind)
+        except ConfigError as exc:
+            return f"local xDS file {exc}"
+    return None

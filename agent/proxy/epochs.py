@@ -46,6 +46,7 @@ from agent.proxy.events import (
 )
 from agent.proxy.launcher import BootstrapWriteError, EnvoyExecError, EnvoyHandle, EnvoyUnresponsive, Launcher
 from agent.proxy.process import ExitCause, ExitInfo
+from agent.proxy.start_gate import StartGate, wait_until_startable
 from agent.proxy.termination import termination_message, write_termination_log
 
 if TYPE_CHECKING:
@@ -76,8 +77,10 @@ class Epochs:
         metrics: AgentMetrics,
         spawn: Spawn,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        start_gate: StartGate | None = None,
     ) -> None:
         self._launcher = launcher
+        self._start_gate = start_gate  # a crash restart waits while it says Envoy cannot start (start_gate.py)
         self.settings = settings
         self._desired_state = desired_state
         self._lifecycle = lifecycle
@@ -286,6 +289,8 @@ class Epochs:
         Exits and shutdown end the wait at once; without a control plane Envoy may never be LIVE, and the loop
         goes on after the timeout."""
         self._drop_stale_exits()
+        if self._crashes and self._start_gate and not await wait_until_startable(self._start_gate, self._lifecycle):
+            raise _Stop
         epoch = await self._start_epoch(0, await self._state_for_start())
         self.current = epoch
         self._lifecycle.envoy_up()

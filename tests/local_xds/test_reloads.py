@@ -92,25 +92,34 @@ def test_readiness_names_the_file_envoy_rejected_at_start(start_agent: StartAgen
     assert _loads(agent)[("lds.yaml", "rejected")] == 1
 
 
-def test_a_crash_restarted_envoy_gets_its_own_verdicts(start_agent: StartAgent) -> None:
-    """A file deleted, then Envoy killed: each restart fails until the file is back. The file moved back in while
-    Envoy restarts is no edit in place; the new Envoy's load of it is reported, and its next reload judged."""
+def test_a_crash_restart_waits_for_a_deleted_file_and_the_new_envoy_gets_its_own_verdicts(
+    start_agent: StartAgent,
+) -> None:
+    """A file deleted, then Envoy killed: a new Envoy cannot start without the file, so the restart waits for it
+    (readiness names it) instead of failing until the restart budget is spent. The file moved back in is no edit in
+    place; the new Envoy's load of it is reported, and its next reload judged."""
     agent = start_agent()
     lds = agent.config_dir.parent / "xds" / "lds.yaml"
     cds = lds.with_name("cds.yaml")
     app = f"http://127.0.0.1:{agent.ports['app']}/"
+    readiness = f"http://127.0.0.1:{agent.ports['status']}/healthz/ready"
     _logged(agent, f"local xDS: Envoy loaded {cds}")
     wait_until(lambda: ready(agent))
 
     cds.unlink()
     _logged(agent, f"local xDS: {cds} was deleted")
     os.kill(wait_for_envoy(agent), signal.SIGKILL)
-    _logged(agent, f"'{cds}' does not exist")  # Envoy's own line: a new Envoy cannot start without it
+    waiting = f"Envoy is not restarted while local xDS file {cds} is missing (the clusters Envoy loads)"
+    _logged(agent, waiting)
+    assert http_get(readiness) == (503, f"{waiting}\n".encode())
+    assert "does not exist" not in agent.stderr()  # Envoy's own line had it been started without the file
     _replace(cds, "resources: []\n")
     # The new Envoy's load of each file (it read both at its start) is reported, as the first Envoy's was.
     wait_until(lambda: all(agent.stderr().count(f"local xDS: Envoy loaded {f}") == 2 for f in (lds, cds)), timeout=30)
     wait_until(lambda: ready(agent))
-    assert "did not reload it" not in agent.stderr()
+    err = agent.stderr()
+    assert "did not reload it" not in err and "does not exist" not in err
+    assert err.count("a new Envoy would fail at its start") == 1 and err.count("restarting Envoy in") == 1, err[-3000:]
     assert http_get(app)[0] == 200
 
     _replace(lds, direct_response_lds(80800))  # Envoy refuses it: judged against the new Envoy's counters

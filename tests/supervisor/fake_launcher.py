@@ -192,6 +192,36 @@ class FakeLauncher:
         return set()
 
 
+@dataclass
+class FakeGate:
+    """agent.proxy.start_gate.StartGate (in the agent: LocalXds and its files). `problem` is what it reports; a test
+    changes it with change() (the watcher's report) and waits for the policy to ask again with wait_asked()."""
+
+    problem: str | None = None
+    asked: int = 0
+    _change: asyncio.Event = field(default_factory=asyncio.Event)
+    _asked: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def start_problem(self) -> str | None:
+        self.asked += 1
+        self._asked.set()
+        return self.problem
+
+    def next_change(self) -> asyncio.Event:
+        return self._change
+
+    def change(self, problem: str | None) -> None:
+        self.problem = problem
+        self._change.set()
+        self._change = asyncio.Event()
+
+    async def wait_asked(self, count: int, timeout: float = 5.0) -> None:
+        async with asyncio.timeout(timeout):
+            while self.asked < count:
+                self._asked.clear()
+                await self._asked.wait()
+
+
 def disk_full(path: str = "/etc/istio/proxy/envoy-rev0.json") -> BootstrapWriteError:
     from pathlib import Path  # noqa: PLC0415
 

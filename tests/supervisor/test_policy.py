@@ -25,6 +25,7 @@ from agent.proxy.desired import DesiredState
 from agent.proxy.epochs import Epochs
 from agent.proxy.events import SupervisionSettings
 from agent.proxy.launcher import EnvoyExecError
+from agent.proxy.start_gate import StartGate
 from agent.supervisor import DrainSettings, Service, Supervisor
 from tests.supervisor.fake_launcher import Behaviour, FakeLauncher, LogWaiter, disk_full, recording_logs
 from tests.supervisor.harness import supervisor_for_tests
@@ -127,6 +128,7 @@ async def supervised(
     drain: dict[str, Any] | None = None,
     services: tuple[Service, ...] = (),
     sleep: Callable[[Run, float], Awaitable[None]] | None = None,
+    start_gate: StartGate | None = None,
 ) -> AsyncIterator[Run]:
     launcher = launcher or FakeLauncher()
     lifecycle = Lifecycle()
@@ -145,6 +147,7 @@ async def supervised(
     supervision_settings = replace(settings, **(supervision or {}))
     drain_settings = replace(DrainSettings(proxy_type="router", termination_drain=0.05), **(drain or {}))
     collaborators = {"lifecycle": lifecycle, "metrics": metrics, "services": services, "sleep": record_sleep}
+    collaborators["start_gate"] = start_gate
     supervisor = supervisor_for_tests(launcher, inputs, supervision_settings, drain_settings, **collaborators)
     with recording_logs() as logs:
         task = asyncio.create_task(supervisor.run())
