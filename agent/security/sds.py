@@ -25,11 +25,9 @@ from typing import Any
 
 import grpc
 import grpc.aio
-from envoy.config.core.v3 import base_pb2
-from envoy.extensions.transport_sockets.tls.v3 import common_pb2, secret_pb2
-from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf import any_pb2
 
+from agent.security import sds_wire
 from agent.security.secret_cache import SecretCache
 from agent.security.secrets import ROOT, SecretError, SecretItem, parse_file_name
 from agent.security.uds import UnixGrpcServer
@@ -46,10 +44,10 @@ _END = object()
 def to_envoy_secret(item: SecretItem, crl_file: str = CRL_FILE) -> Any:
     """Istio's toEnvoySecret: roots as a validation context (with the CA's CRL file when there is one), anything
     else as a certificate chain and key, both inline."""
-    secret = secret_pb2.Secret(name=item.name)
+    secret = sds_wire.Secret(name=item.name)
     ref = parse_file_name(item.name)
     if item.name == ROOT or (ref is not None and ref.root):
-        context = common_pb2.CertificateValidationContext(trusted_ca=base_pb2.DataSource(inline_bytes=item.root_cert))
+        context = sds_wire.CertificateValidationContext(trusted_ca=sds_wire.DataSource(inline_bytes=item.root_cert))
         if crl_file and Path(crl_file).is_file():
             context.crl.filename = crl_file
         secret.validation_context.CopyFrom(context)
@@ -149,7 +147,7 @@ class SdsServer:
                 raw = await context.read()
                 if raw is grpc.aio.EOF:
                     break
-                request = discovery_pb2.DiscoveryRequest.FromString(raw)
+                request = sds_wire.DiscoveryRequest.FromString(raw)
                 if first:
                     first = False
                     if not request.node.id:
@@ -184,11 +182,10 @@ class SdsServer:
         resources = []
         for name in names:
             item = await self.cache.generate(name)
-            body = any_pb2.Any()
-            body.Pack(to_envoy_secret(item, self.crl_file))
-            resources.append(body)
+            secret = to_envoy_secret(item, self.crl_file)
+            resources.append(any_pb2.Any(type_url=SECRET_TYPE, value=secret.SerializeToString()))
         now = datetime.datetime.now(datetime.UTC).astimezone().replace(microsecond=0).isoformat()
-        response = discovery_pb2.DiscoveryResponse(
+        response = sds_wire.DiscoveryResponse(
             type_url=SECRET_TYPE,
             version_info=f"{now}/{next(self._versions)}",
             nonce=str(uuid.uuid4()),

@@ -14,13 +14,19 @@ from typing import Any
 
 import grpc
 import pytest
+from envoy.config.core.v3 import base_pb2
+from envoy.extensions.transport_sockets.tls.v3 import common_pb2, secret_pb2
+from envoy.service.discovery.v3 import discovery_pb2
+from google.rpc import status_pb2
 from prometheus_client import CollectorRegistry
 
 from agent.mesh.listen import sds_listener
+from agent.security import sds_wire
 from agent.security.caclient import CaError
 from agent.security.metrics import SecurityMetrics
-from agent.security.sds import SdsServer
+from agent.security.sds import SdsServer, to_envoy_secret
 from agent.security.secret_cache import SecretCache
+from agent.security.secrets import SecretItem
 from agent.security.settings import SecretCacheSettings
 from agent.security.uds import socket_is_healthy
 from tests.security.conftest import IDENTITY, StubSigner
@@ -258,3 +264,36 @@ async def test_file_names_from_istiods_config_are_read_bounded(
     assert error in (failed.details() or "")
     other = rig.open()  # the server keeps serving
     assert_root(await other.request_response_ack(["ROOTCA"]), mesh_ca)
+
+
+def test_the_light_sds_messages_write_and_read_the_bytes_of_envoys_own(tmp_path: Path) -> None:
+    # agent.security.sds_wire stands in for the generated Envoy messages: the secrets it writes are byte for byte
+    # the generated ones, and it reads what Envoy sends (the rest of the node kept as unknown fields).
+    crl = tmp_path / "ca-crl.pem"
+    crl.write_text("crl")
+    workload = SecretItem("default", b"chain", b"key")
+    expected = secret_pb2.Secret(name="default")
+    expected.tls_certificate.certificate_chain.inline_bytes = b"chain"
+    expected.tls_certificate.private_key.inline_bytes = b"key"
+    assert to_envoy_secret(workload).SerializeToString() == expected.SerializeToString()
+    root = SecretItem("ROOTCA", root_cert=b"roots")
+    expected = secret_pb2.Secret(
+        name="ROOTCA",
+        validation_context=common_pb2.CertificateValidationContext(
+            trusted_ca=base_pb2.DataSource(inline_bytes=b"roots"), crl=base_pb2.DataSource(filename=str(crl))
+        ),
+    )
+    assert to_envoy_secret(root, str(crl)).SerializeToString() == expected.SerializeToString()
+
+    request = discovery_pb2.DiscoveryRequest(
+        version_info="v1", node=base_pb2.Node(id="sidecar~1", cluster="c"), resource_names=["default", "ROOTCA"],
+        type_url="t", response_nonce="n", error_detail=status_pb2.Status(code=13, message="bad"),
+    )  # fmt: skip
+    read = sds_wire.DiscoveryRequest.FromString(request.SerializeToString())
+    assert (read.node.id, list(read.resource_names), read.response_nonce) == ("sidecar~1", ["default", "ROOTCA"], "n")
+    assert read.HasField("error_detail") and (read.error_detail.code, read.error_detail.message) == (13, "bad")
+    response = sds_wire.DiscoveryResponse(version_info="v", type_url="t", nonce="n")
+    response.resources.add(type_url="u", value=b"x")
+    generated = discovery_pb2.DiscoveryResponse(version_info="v", type_url="t", nonce="n")
+    generated.resources.add(type_url="u", value=b"x")
+    assert response.SerializeToString() == generated.SerializeToString()
