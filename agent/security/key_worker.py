@@ -6,11 +6,11 @@ for work done once at start and once per rotation. So the secret cache's CA path
 runs that work here: one worker per issuance, started when the key is needed, kept while the CA signs, and ended
 (stdin closed) once the chain is checked. The worker also makes the key on another core, off the event loop.
 
-    /proc/self/exe -S -m agent.security.keygen     # one JSON request per line on stdin, one JSON answer per line
+    /proc/self/exe -S -c <run agent.security.keygen> <roots>   # a JSON request per line in, an answer per line out
 
 The agent's own interpreter through /proc/self/exe (a container's user may not be allowed to walk the path the
 interpreter was started by), without site initialisation (-S: no .pth files, no editable install's import hook),
-finding the agent and cryptography through PYTHONPATH (`worker_path()`). Where no worker can run (it cannot be
+told where the agent and cryptography are by its arguments (`worker_command()`). Where no worker can run (it cannot be
 started, or exits or hangs without answering), the work is done in the agent on a thread, as before the worker
 existed, with one warning: a certificate is never refused for want of a worker.
 
@@ -28,7 +28,6 @@ import dataclasses
 import importlib.util
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -117,7 +116,6 @@ class KeyWorker:
                     stdin=asyncio.subprocess.PIPE,
                     stdout=asyncio.subprocess.PIPE,
                     limit=LINE_LIMIT,
-                    env={**os.environ, "PYTHONPATH": worker_path()},
                 )
             except OSError as exc:
                 raise _Unavailable(f"cannot start {worker_command()[0]}: {exc.strerror or exc}") from None
@@ -157,17 +155,19 @@ def _csr_request(identity: str, options: KeyOptions) -> dict[str, Any]:
     return {"csr": {"identity": identity, "options": dataclasses.asdict(options)}}
 
 
+# The worker's entry: the search roots come as arguments (ahead of sys.path, which still has PYTHONPATH's entries);
+# the process environment is inherited untouched.
+_ENTRY = (
+    "import runpy, sys; sys.path[:0] = sys.argv[1:]; del sys.argv[1:]; "
+    "runpy.run_module('agent.security.keygen', run_name='__main__', alter_sys=True)"
+)
+
+
 def worker_command() -> list[str]:
-    """The agent's own interpreter (see the module's docstring), without site initialisation."""
-    return ["/proc/self/exe", "-S", "-m", "agent.security.keygen"]
-
-
-def worker_path() -> str:
-    """PYTHONPATH for the worker: where the agent package and cryptography (with its cffi backend) are, then what
-    the agent had. Found without importing cryptography."""
+    """The agent's own interpreter (see the module's docstring), without site initialisation, told where the agent
+    package and cryptography (with its cffi backend) are. Found without importing cryptography."""
     agent_root = Path(__file__).resolve().parents[2]
     spec = importlib.util.find_spec("cryptography")
     locations = list(spec.submodule_search_locations or []) if spec is not None else []
-    roots = [str(agent_root), *(str(Path(location).parent) for location in locations)]
-    inherited = os.environ.get("PYTHONPATH", "").split(os.pathsep)
-    return os.pathsep.join(path for path in dict.fromkeys([*roots, *inherited]) if path)
+    roots = dict.fromkeys([str(agent_root), *(str(Path(location).parent) for location in locations)])
+    return ["/proc/self/exe", "-S", "-c", _ENTRY, *roots]
