@@ -116,6 +116,9 @@ class KeyWorker:
                     stdin=asyncio.subprocess.PIPE,
                     stdout=asyncio.subprocess.PIPE,
                     limit=LINE_LIMIT,
+                    # Its own process group, as Envoy's: a Ctrl-C in a terminal reaches only the agent (which ends
+                    # the worker by closing its stdin), not the worker too (a traceback, and the key made again).
+                    process_group=0,
                 )
             except OSError as exc:
                 raise _Unavailable(f"cannot start {worker_command()[0]}: {exc.strerror or exc}") from None

@@ -6,7 +6,10 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import pathlib
 import signal
+import subprocess
+import sys
 
 import pytest
 from cryptography import x509
@@ -102,3 +105,50 @@ async def test_without_a_worker_the_key_is_made_in_the_agent(caplog: pytest.LogC
 def test_not_after_is_the_leafs() -> None:
     chain, _ = MeshCa().workload(IDENTITY)
     assert pki.not_after(chain) > datetime.datetime.now(datetime.UTC)
+
+
+# An agent in a terminal (its own process group, as a shell's job): it handles SIGINT itself, as the agent's signal
+# dispatcher does, and asks the worker for a key once the Ctrl-C has come.
+_CTRL_C_AGENT = """
+import asyncio, signal, sys
+from agent.security.key_worker import KeyWorker
+from agent.security.settings import KeyOptions
+
+async def main():
+    interrupted = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGINT, interrupted.set)
+    worker = KeyWorker()
+    options = KeyOptions(ecc_signature_algorithm="ECDSA")
+    await worker.request_csr("spiffe://cluster.local/ns/shop/sa/reviews", options)
+    print("asked", flush=True)
+    await interrupted.wait()
+    await asyncio.sleep(0.5)  # a worker the Ctrl-C reached has printed its traceback and exited by now
+    csr, _ = await worker.generate_csr("spiffe://cluster.local/ns/shop/sa/reviews", options)
+    await worker.close()
+    print("csr" if csr.startswith(b"-----BEGIN CERTIFICATE REQUEST-----") else "no csr", flush=True)
+
+asyncio.run(main())
+"""
+
+
+def test_a_ctrl_c_in_the_terminal_reaches_the_agent_not_the_worker(tmp_path: pathlib.Path) -> None:
+    # A Ctrl-C signals the terminal's whole foreground process group. The agent drains and stops on it; the worker,
+    # in the agent's group, would die with a Python traceback on the agent's stderr and its key be made again in
+    # the agent. In a group of its own (as Envoy), it finishes its work and ends when the agent closes its stdin.
+    agent = subprocess.Popen(
+        [sys.executable, "-c", _CTRL_C_AGENT],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+        cwd=pathlib.Path(__file__).resolve().parents[2],
+    )
+    try:
+        assert agent.stdout is not None
+        assert agent.stdout.readline() == b"asked\n"
+        os.killpg(agent.pid, signal.SIGINT)
+        out, err = agent.communicate(timeout=60)
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+            agent.wait()
+    assert (agent.returncode, out, err.decode()) == (0, b"csr\n", "")
