@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib
 import ipaddress
 import logging
 import os
@@ -68,6 +69,17 @@ if TYPE_CHECKING:
     from agent.metrics import AgentMetrics
 
 log = logging.getLogger("agent.cli")
+
+# What `_supervise` imports after Envoy's exec, heaviest first (tests/test_import_discipline.py: none of it before).
+POST_EXEC_IMPORTS = (
+    "agent.aiohttp_import",
+    "aiohttp.web",
+    "agent.proxy.admin",
+    "agent.status.metrics_merge",
+    "agent.status.server",
+    "agent.local_xds",
+    "agent.startup_line",
+)
 
 
 PROXY_DESCRIPTION = """\
@@ -424,9 +436,12 @@ async def _supervise(
     dns_service: DnsService | None,
     mesh_service: MeshService | None,
 ) -> int:
-    # Imported here, after Envoy's exec, so that their cost (~0.2 s) overlaps Envoy's own start. aiohttp first, on
-    # the agent's terms (no system CA bundle: see the module).
-    import agent.aiohttp_import  # noqa: F401, PLC0415 (lazy: loaded after Envoy's exec)
+    # Imported here, after Envoy's exec, so that their cost (~0.2 s) overlaps Envoy's own start; one at a time, the
+    # event loop turning in between, so that the mesh side's I/O moves meanwhile (Envoy's ADS stream reaching istiod,
+    # the first CSR going out): it runs on this loop. aiohttp first, on the agent's terms (see the module).
+    for module in POST_EXEC_IMPORTS:
+        importlib.import_module(module)
+        await asyncio.sleep(0)
     from agent.local_xds import LocalXds  # noqa: PLC0415 (lazy: loaded after Envoy's exec)
     from agent.proxy.admin import AdminClient  # noqa: PLC0415 (lazy: loaded after Envoy's exec)
     from agent.startup_line import StartupLine, settings_summary  # noqa: PLC0415 (lazy: after Envoy's exec)
