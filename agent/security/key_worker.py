@@ -115,6 +115,8 @@ class KeyWorker:
                     *worker_command(),
                     stdin=asyncio.subprocess.PIPE,
                     stdout=asyncio.subprocess.PIPE,
+                    # Read only when it fails: its last line goes into the warning, not a traceback into the log.
+                    stderr=asyncio.subprocess.PIPE,
                     limit=LINE_LIMIT,
                     # Its own process group, as Envoy's: a Ctrl-C in a terminal reaches only the agent (which ends
                     # the worker by closing its stdin), not the worker too (a traceback, and the key made again).
@@ -140,7 +142,7 @@ class KeyWorker:
             raise _Unavailable(f"it did not answer: {exc or type(exc).__name__}") from None
         if not line:
             await process.wait()
-            raise _Unavailable(f"it exited with status {process.returncode}")
+            raise _Unavailable(f"it exited with status {process.returncode}{await _last_words(process)}")
         answer: dict[str, Any] = json.loads(line)
         return answer
 
@@ -152,6 +154,18 @@ class KeyWorker:
             if process.returncode is None:
                 process.kill()
             await process.wait()
+
+
+async def _last_words(process: asyncio.subprocess.Process) -> str:
+    """`: <the last line the exited worker wrote to stderr>` (a traceback's last line says what failed), or ""."""
+    if process.stderr is None:
+        return ""
+    try:
+        text = await asyncio.wait_for(process.stderr.read(), 1.0)  # to EOF: it has exited
+    except (OSError, ValueError, TimeoutError):
+        return ""
+    lines = [line.strip() for line in text.decode("utf-8", "replace").splitlines() if line.strip()]
+    return f": {lines[-1][:300]}" if lines else ""
 
 
 def _csr_request(identity: str, options: KeyOptions) -> dict[str, Any]:

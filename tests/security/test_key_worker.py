@@ -152,3 +152,24 @@ def test_a_ctrl_c_in_the_terminal_reaches_the_agent_not_the_worker(tmp_path: pat
             agent.kill()
             agent.wait()
     assert (agent.returncode, out, err.decode()) == (0, b"csr\n", "")
+
+
+async def test_a_worker_that_fails_is_one_warning_line_naming_why_not_its_traceback(
+    monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    # A worker that cannot run its code (here: a module it cannot import, as a broken install would make it): its
+    # Python traceback would land in the pod's log, many lines for one fact. The warning says it, on one line.
+    failing = ["/proc/self/exe", "-S", "-c", "import no_module_the_key_worker_has"]
+    monkeypatch.setattr("agent.security.key_worker.worker_command", lambda: failing)
+    worker = KeyWorker()
+    try:
+        with caplog.at_level(logging.WARNING, logger="agent.security"):
+            csr_pem, _ = await worker.generate_csr(IDENTITY, KeyOptions(ecc_signature_algorithm="ECDSA"))
+    finally:
+        await worker.close()
+    assert x509.load_pem_x509_csr(csr_pem).is_signature_valid  # made in the agent
+    assert [r.getMessage() for r in caplog.records] == [
+        "key worker unavailable (it exited with status 1: ModuleNotFoundError: No module named "
+        "'no_module_the_key_worker_has'): making the key and checking the certificate in the agent"
+    ]
+    assert "Traceback" not in capfd.readouterr().err
