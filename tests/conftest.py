@@ -7,12 +7,26 @@ pass.
 
 from __future__ import annotations
 
+import logging
 import os
-from collections.abc import Generator
+from collections.abc import Generator, Iterator
 
 import pytest
 
 MUST_RUN_IN_CI = {"envoy", "root", "netns", "conformance", "container", "istio"}
+
+
+@pytest.fixture(autouse=True)
+def _logging_as_it_was() -> Iterator[None]:
+    """A test that runs the CLI in-process (`agent.cli.main`) configures logging as the agent does: a root handler on
+    the sys.stderr of that moment, pytest's capture, which is closed after the test. Left in place, every later
+    warning from any test printed '--- Logging error ---' and a traceback to the real stderr."""
+    root, agent = logging.getLogger(), logging.getLogger("agent")
+    handlers, levels = root.handlers[:], (root.level, agent.level)
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(levels[0])
+    agent.setLevel(levels[1])
 
 
 @pytest.hookimpl(wrapper=True)
