@@ -132,12 +132,17 @@ async def test_rotation_issues_a_new_certificate_and_pushes_it(short_dir: Path, 
     updates = Updates(cache)
     async with running(cache):
         first = await cache.generate("default")
-        assert await updates.next() == "ROOTCA"  # Istio's too: the first root seen counts as a new one
-        assert await updates.next() == "default"
+        # The first root seen counts as a new one (Istio's too), and the 2-second certificate's rotation tells SDS
+        # to ask again: in either order (the rotation timer, set once the chain is checked, may fire before the key
+        # worker has exited and the root is pushed, on a loaded machine).
+        assert {await updates.next(), await updates.next()} == {"ROOTCA", "default"}
         second = await cache.generate("default")
         assert serial_of(second.certificate_chain) != serial_of(first.certificate_chain)
         assert signer.calls == 2
-        assert updates.queue.empty()  # same root: no ROOTCA push
+        # Same root: no ROOTCA push (it would be queued by now: generate pushes it before returning). A `default`
+        # may be: the 2-second certificate's own rotation, on a loaded machine where the key worker is slow.
+        queued = [updates.queue.get_nowait() for _ in range(updates.queue.qsize())]
+        assert "ROOTCA" not in queued
 
 
 async def test_a_certificate_due_when_issued_is_renewed_with_backoff(short_dir: Path, mesh_ca: MeshCa) -> None:
