@@ -380,6 +380,8 @@ async def _main(
     try:
         epoch0 = await start_envoy(settings.launch, 0, first, tail_lines=settings.supervision.stderr_tail_lines)
     except BootstrapWriteError as exc:
+        if listeners is not None:  # no Envoy will ever connect: the sockets and the key worker go now
+            await listeners.stop()
         raise exc.as_agent_error() from None
     except EnvoyExecError:
         pass  # the supervisor's own start fails the same way and reports it as a failed start (with its backoff)

@@ -143,7 +143,10 @@ class KeyWorker:
         if not line:
             await process.wait()
             raise _Unavailable(f"it exited with status {process.returncode}{await _last_words(process)}")
-        answer: dict[str, Any] = json.loads(line)
+        try:
+            answer: dict[str, Any] = json.loads(line)
+        except ValueError:
+            raise _Unavailable(f"it answered {line[:80]!r}, not JSON") from None
         return answer
 
     async def _give_up(self, why: _Unavailable) -> None:

@@ -9,6 +9,7 @@ import json
 import sys
 from typing import Any
 
+from agent.errors import describe_error
 from agent.security import pki
 from agent.security.settings import KeyOptions
 
@@ -24,6 +25,8 @@ def answer(request: dict[str, Any]) -> dict[str, Any]:
         return {"not_after": pki.not_after(chain).timestamp()}
     except pki.PkiError as exc:
         return {"error": str(exc)}
+    except Exception as exc:  # cryptography's own errors: a failed CSR (retried), never a dead agent
+        return {"error": describe_error(exc)}
 
 
 def main() -> None:

@@ -68,6 +68,21 @@ async def test_a_key_asked_for_ahead_is_the_one_the_csr_gets() -> None:
         await worker.close()
 
 
+async def test_an_unexpected_error_in_the_worker_is_a_pki_error_not_a_dead_worker() -> None:
+    # An exception other than PkiError inside the worker (here a TypeError from a request it cannot read; in a pod,
+    # e.g. cryptography's UnsupportedAlgorithm on a CA's odd leaf key): an error answer, the worker keeps serving.
+    # Before, it died, and the agent's fallback raised the same exception out of the secret cache (exit 74).
+    worker = KeyWorker()
+    try:
+        with pytest.raises(pki.PkiError):
+            await worker._ask({"csr": {"identity": IDENTITY, "options": {"no_such_option": 1}}})
+        csr, _key = await worker.generate_csr(IDENTITY, KeyOptions())
+        assert csr.startswith(b"-----BEGIN CERTIFICATE REQUEST-----")
+        assert worker._process is not None and worker._process.returncode is None
+    finally:
+        await worker.close()
+
+
 async def test_a_bad_key_option_is_a_pki_error() -> None:
     worker = KeyWorker()
     try:
