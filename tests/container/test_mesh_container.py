@@ -42,6 +42,12 @@ def test_the_image_joins_the_mesh_and_two_pods_talk_over_mutual_tls(runtime: Run
             [leaf, *_] = x509.load_pem_x509_certificates(pod.workload_certificate())
             leaf.verify_directly_issued_by(pods.istiod.ca.ca)
             assert uri_sans(pod.workload_certificate()) == [SPIFFE + account]
+            # Its key was made by the key worker (a child running as 1337 from the read-only root), not by the agent
+            # after a fallback: cryptography is not loaded into the long-running agent (docs/mesh.md).
+            assert isinstance(pod.proxy, RuncContainer) and pod.proxy.pid1 is not None
+            log = pod.proxy.log_text()
+            assert "generated new workload certificate" in log and "key worker unavailable" not in log, log
+            assert "cryptography" not in Path(f"/proc/{pod.proxy.pid1}/maps").read_text()
         # The client application's request reaches the server's through both sidecars over mutual TLS: the server's
         # Envoy saw the client's CA-issued certificate (STRICT: nothing else is accepted).
         xfcc = pods.client_certificate_seen()
