@@ -16,7 +16,7 @@ updated (kubelet's ..data swap); load continues until 1 s after epoch 1 is LIVE.
 requests of 1 s are in the app when the pod is deleted (SIGTERM, terminationDrainDuration 2 s). Kill, per run:
 Envoy SIGKILLed inside the pod; once it is reaped, `--threads` clients send requests until 15021 passes again
 (polled every 10 ms): time to ready again, refused / served / lost.
-Prints one JSON object; BENCHMARKS.md has the figures.
+Prints one JSON object; docs/benchmarks-pod-and-mesh.md has the figures.
 """
 
 from __future__ import annotations

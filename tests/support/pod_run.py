@@ -107,7 +107,7 @@ def get_once(host: str, port: int, path: str = "/", timeout: float = 5.0) -> Out
             sock.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: close\r\n\r\n".encode())
             data = bytearray()
             # Done at the end of the answer (Content-Length), as HTTP clients are, not at the server's close: a
-            # draining Envoy answers at once but may keep the connection open for seconds (BENCHMARKS.md, bench_pod).
+            # draining Envoy answers at once but may keep the connection open for seconds (bench_pod).
             eof = False
             while not _complete(bytes(data), eof):
                 chunk = sock.recv(65536)
