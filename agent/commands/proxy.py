@@ -377,20 +377,18 @@ async def _main(
         from agent.mesh.listen import listen  # noqa: PLC0415 (grpc loads only for the mesh side)
 
         listeners = await listen(mesh)
-    try:
-        epoch0 = await start_envoy(settings.launch, 0, first, tail_lines=settings.supervision.stderr_tail_lines)
-    except BootstrapWriteError as exc:
-        if listeners is not None:  # no Envoy will ever connect: the sockets and the key worker go now
-            await listeners.stop()
-        raise exc.as_agent_error() from None
-    except EnvoyExecError:
-        pass  # the supervisor's own start fails the same way and reports it as a failed start (with its backoff)
-    from agent.metrics import AgentMetrics  # noqa: PLC0415 (lazy: loaded after Envoy's exec)
-
-    metrics = AgentMetrics()
-    dns_service = _dns_service(dns, metrics) if dns is not None else None
     mesh_service = None
-    try:
+    try:  # from here on, the finally below stops what was started (the sockets and the key worker included)
+        try:
+            epoch0 = await start_envoy(settings.launch, 0, first, tail_lines=settings.supervision.stderr_tail_lines)
+        except BootstrapWriteError as exc:
+            raise exc.as_agent_error() from None
+        except EnvoyExecError:
+            pass  # the supervisor's own start fails the same way and reports it as a failed start (with its backoff)
+        from agent.metrics import AgentMetrics  # noqa: PLC0415 (lazy: loaded after Envoy's exec)
+
+        metrics = AgentMetrics()
+        dns_service = _dns_service(dns, metrics) if dns is not None else None
         if mesh is not None and listeners is not None:
             # Serve Envoy's ADS and SDS now, and send the first CSR: Envoy gets its configuration and certificate
             # while the status server and the supervisor load (it is ready only when all three are done).
