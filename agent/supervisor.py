@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
+from agent.aio import first_of
 from agent.errors import AgentError, ExitCode, describe_error
 from agent.lifecycle import Lifecycle
 from agent.pid1 import OrphanReaper, SignalDispatcher, is_pid1
@@ -261,16 +262,7 @@ class Supervisor:
 
     async def _wait_draining(self, epochs: Epochs, seconds: float) -> bool:
         """Wait up to `seconds`; False when cut short (a second shutdown request, or every Envoy exited)."""
-        cut_short = {
-            asyncio.ensure_future(epochs.wait_all_exited()),
-            asyncio.ensure_future(self.lifecycle.wait_immediate()),
-        }
-        try:
-            done, _ = await asyncio.wait(cut_short, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for waiter in cut_short:
-                waiter.cancel()
-        return not done
+        return not await first_of(epochs.wait_all_exited(), self.lifecycle.wait_immediate(), timeout=seconds)
 
     async def _drain_until_idle(self, epochs: Epochs) -> None:
         log.info("Exit on zero active connections: waiting %gs first", self.drain.minimum_drain)

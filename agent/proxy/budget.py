@@ -10,12 +10,12 @@ the injectable sleep against a shutdown and against a change (a fixed configurat
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from agent.aio import first_of
 from agent.proxy.events import SupervisionSettings
 from agent.proxy.process import ExitInfo
 
@@ -82,12 +82,4 @@ class RestartBudget:
 
     async def _backoff(self, delay: float) -> None:
         self.changed.clear()
-        waits = [self.sleep(delay), self.lifecycle.wait_shutdown(), self.changed.wait()]
-        tasks = [asyncio.ensure_future(wait) for wait in waits]
-        try:
-            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for task in tasks:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        await first_of(self.sleep(delay), self.lifecycle.wait_shutdown(), self.changed.wait())

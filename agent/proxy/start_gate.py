@@ -11,9 +11,10 @@ so). Nothing is waited for at the agent's start: the same check stops it there (
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from typing import TYPE_CHECKING, Protocol
+
+from agent.aio import first_of
 
 if TYPE_CHECKING:
     from agent.lifecycle import Lifecycle
@@ -48,14 +49,7 @@ async def wait_until_startable(gate: StartGate, lifecycle: Lifecycle) -> bool:
         if problem != logged:
             log.warning("%s: a new Envoy would fail at its start; it is restarted as soon as that is fixed", reason)
             logged = problem
-        waits = [asyncio.ensure_future(changed.wait()), asyncio.ensure_future(lifecycle.wait_shutdown())]
-        try:
-            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for wait in waits:
-                wait.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await wait
+        await first_of(changed.wait(), lifecycle.wait_shutdown())
         if lifecycle.shutting_down:
             return False
         changed = gate.next_change()
