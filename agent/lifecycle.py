@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from agent.aio import first_of
+
 log = logging.getLogger("agent.lifecycle")
 
 
@@ -23,6 +25,7 @@ class Lifecycle:
         self._envoy_down_reason: str | None = "Envoy has not been started yet"
         self._envoy_starts = 0
         self._next_envoy_start = asyncio.Event()  # set (and replaced) at each cold start
+        self._ready_once = asyncio.Event()
 
     # ---- shutdown ----
 
@@ -64,6 +67,18 @@ class Lifecycle:
 
     async def wait_immediate(self) -> None:
         await self._immediate.wait()
+
+    # ---- start-up ----
+
+    def reported_ready(self) -> None:
+        """Readiness answered "ready" (the first time is the end of the pod's start-up)."""
+        self._ready_once.set()
+
+    async def wait_started(self, limit: float) -> None:
+        """Until the start-up is over: readiness said "ready" once, a shutdown was requested, or `limit` seconds
+        went by (an Envoy that is not ready yet, or nobody asking). Start-up work that no probe waits for (the file
+        watchers, the start-up log line) waits for this: the event loop answers the first readiness probes first."""
+        await first_of(self._ready_once.wait(), self._shutdown.wait(), timeout=limit)
 
     # ---- Envoy, as the supervisor sees it ----
 

@@ -26,7 +26,7 @@ from agent.config.local_xds import KINDS, XdsFileKind, check_file, directory_pro
 from agent.errors import ConfigError
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Awaitable, Callable
 
     from agent.lifecycle import Lifecycle
     from agent.metrics import AgentMetrics
@@ -73,9 +73,12 @@ class LocalXds:
         verdict_timeout: float = 2.0,
         first_load_timeout: float = 60.0,
         lifecycle: Lifecycle | None = None,
+        settled: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         """`lifecycle` tells this service when Envoy is cold-started again (a crash restart): the new Envoy reads
-        both files at its start, its counters start from zero, and its verdict is reported as the first one's."""
+        both files at its start, its counters start from zero, and its verdict is reported as the first one's.
+        run() waits for `settled` first (the start-up's first readiness answers go first)."""
+        self.settled = settled
         self.directory = directory
         self.lifecycle = lifecycle
         self.files = {directory / kind.name: _FileState(kind, directory / kind.name) for kind in KINDS}
@@ -108,6 +111,8 @@ class LocalXds:
 
     async def run(self) -> None:
         """Exit paths: only cancellation (the watcher stops with it)."""
+        if self.settled is not None:
+            await self.settled()
         from agent.watch import Watcher  # noqa: PLC0415 (lazy: watchdog loads after Envoy's exec)
 
         # Changes of the files (with the Envoy start current when they came), and Envoy's cold starts (their

@@ -15,6 +15,8 @@ from agent import __version__
 from agent.versions import ISTIO_COMPAT_VERSION, istio_followed
 
 if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+
     from agent.config import AgentConfig
     from agent.proxy.admin import AdminClient
     from agent.proxy.argv import LaunchSettings
@@ -39,7 +41,17 @@ class StartupLine:
 
     name = "start-up line"
 
-    def __init__(self, admin: AdminClient, binary: str, summary: str, *, wait: float = 10.0) -> None:
+    def __init__(
+        self,
+        admin: AdminClient,
+        binary: str,
+        summary: str,
+        *,
+        wait: float = 10.0,
+        settled: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        """run() waits for `settled` first (the start-up's first readiness answers go first)."""
+        self.settled = settled
         self.admin = admin
         self.binary = binary
         self.summary = summary
@@ -53,6 +65,8 @@ class StartupLine:
 
     async def run(self) -> None:
         """Exit paths: returns after writing the line; cancellation (shutdown first) writes nothing."""
+        if self.settled is not None:
+            await self.settled()
         version = await self._envoy_version()
         envoy = f"Envoy {version} ({self.binary})" if version else f"Envoy {self.binary} (not answering yet)"
         log.info(

@@ -2,7 +2,8 @@
 
 Start order (aiohttp's runner habit: fixed order, reversed on the way down): the services in the order given (the
 status server first: kubelet must get 503s, not connection refused, while Envoy starts; then whatever Envoy must
-find listening), signal dispatcher, orphan reaper (PID 1 only), file watcher, then the Envoy epochs. Shutdown
+find listening), signal dispatcher, orphan reaper (PID 1 only), file watcher (its events flow once `settled`), then
+the Envoy epochs. Shutdown
 (Istio's pkg/envoy/agent.go terminate):
 1. readiness is 503 from the moment the shutdown is requested (Lifecycle.not_ready_reason);
 2. unless the drain is skipped (/quitquitquit, /drain) or a second SIGTERM came: POST
@@ -22,7 +23,6 @@ or the AgentError's own code). A service names itself in that line with a `name`
 from __future__ import annotations
 
 import asyncio
-import importlib
 import logging
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
@@ -46,11 +46,6 @@ if TYPE_CHECKING:
     from agent.metrics import AgentMetrics
 
 log = logging.getLogger("agent.supervisor")
-
-
-def _load(*modules: str) -> None:
-    for module in modules:
-        importlib.import_module(module)
 
 
 def service_name(service: object) -> str:
@@ -115,7 +110,10 @@ class Supervisor:
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         epoch0: tuple[EnvoyHandle, DesiredState] | None = None,
         start_gate: StartGate | None = None,
+        settled: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
+        """`settled`: what the start-up work no probe waits for (the file watcher's observer) waits for first, so
+        that the status server answers the first readiness probes without it (None: nothing)."""
         self.launcher = launcher
         self.supervision = supervision
         self.drain = drain
@@ -134,6 +132,7 @@ class Supervisor:
         self.epoch0 = epoch0
         # Inputs Envoy reads itself (the local xDS files): a crash restart waits while they are broken.
         self.start_gate = start_gate
+        self.settled = settled
         self.epochs: Epochs | None = None
         self.watcher: Watcher | None = None
         self.reaper: OrphanReaper | None = None
@@ -176,9 +175,6 @@ class Supervisor:
                     if isinstance(service, LongRunning):
                         work = tg.create_task(self._guarded(service_name(service), service.run()))
                     started.append((service, work))
-                # What the restart policy and the watcher need, loaded on a worker thread: the status server, just
-                # started, answers kubelet meanwhile instead of waiting for these imports on the event loop.
-                await asyncio.to_thread(_load, "tenacity", *(("watchdog.observers",) if self.watch else ()))
                 if self.signals:
                     dispatcher.install()
                     background.append(tg.create_task(self._guarded("signal dispatcher", dispatcher.run())))
@@ -195,7 +191,9 @@ class Supervisor:
                         on_changing=epochs.validate_ahead,
                         missing_dir_level=logging.DEBUG if self.watch.quiet_missing_dirs else logging.WARNING,
                     )
-                    background.append(tg.create_task(self._guarded("file watcher", self.watcher.run())))
+                    # Watched from the contents seen now (the watcher hashes them again once its events flow).
+                    watching = self._after_start(self.watcher.run())
+                    background.append(tg.create_task(self._guarded("file watcher", watching)))
                 self.started.set()
                 result = await epochs.run()
                 if result is None:
@@ -222,6 +220,15 @@ class Supervisor:
         if code in (None, 0):
             log.info("Agent has successfully terminated")
         return code
+
+    async def _after_start(self, work: Coroutine[Any, Any, None]) -> None:
+        try:
+            if self.settled is not None:
+                await self.settled()
+        except BaseException:
+            work.close()  # cancelled before it began
+            raise
+        await work
 
     async def _guarded(self, name: str, work: Coroutine[Any, Any, None]) -> None:
         """Run a long-running part. If it raises, shut down as on SIGTERM (Envoy drains and stops, the services

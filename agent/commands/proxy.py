@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import importlib
 import ipaddress
 import logging
@@ -75,12 +76,14 @@ POST_EXEC_IMPORTS = (
     "agent.aiohttp_import",
     "aiohttp.web",
     "agent.proxy.admin",
-    "agent.status.metrics_merge",
     "agent.status.server",
     "agent.local_xds",
     "agent.startup_line",
 )
 
+# At most this long after the status server starts, the start-up work no probe waits for (file watchers, the
+# start-up log line) begins even if Envoy is not ready yet; until then the event loop answers the probes first.
+QUIET_START = 1.0
 
 PROXY_DESCRIPTION = """\
 Render Envoy's bootstrap from the pod's configuration (these flags, the environment, the mesh config, the
@@ -448,6 +451,8 @@ async def _supervise(
     from agent.status.server import StatusServer  # noqa: PLC0415 (lazy: loaded after Envoy's exec)
 
     lifecycle = Lifecycle()
+    # With a status server, the start-up work no probe waits for waits for its first "ready" (or QUIET_START).
+    settled = functools.partial(lifecycle.wait_started, QUIET_START) if status_settings is not None else None
     admin = AdminClient(port=cfg.proxy.proxy_admin_port)
     launcher = EnvoyLauncher(
         settings.launch, admin, tail_lines=settings.supervision.stderr_tail_lines, foreign_segment=foreign_segment
@@ -457,7 +462,12 @@ async def _supervise(
     local_xds = None
     if cfg.local_xds_dir:
         local_xds = LocalXds(
-            Path(cfg.local_xds_dir), admin, metrics, debounce=settings.watch.debounce, lifecycle=lifecycle
+            Path(cfg.local_xds_dir),
+            admin,
+            metrics,
+            debounce=settings.watch.debounce,
+            lifecycle=lifecycle,
+            settled=settled,
         )
     if status_settings is not None:
         # With the DNS proxy: readiness waits for istiod's first name table; /debug/ndsz shows it. The mesh
@@ -482,7 +492,7 @@ async def _supervise(
     if local_xds is not None:
         services.append(local_xds)
     summary = settings_summary(cfg, settings.launch, settings.drain.termination_drain)
-    services.append(StartupLine(admin, settings.launch.binary, summary))
+    services.append(StartupLine(admin, settings.launch.binary, summary, settled=settled))
     if mesh_service is not None:
         # Started already (above, before the supervisor); stops first: readiness answers until the very end.
         services.append(mesh_service)
@@ -498,6 +508,7 @@ async def _supervise(
         epoch0=(epoch0, first) if epoch0 is not None else None,
         signal_queue=signal_queue,
         start_gate=local_xds,
+        settled=settled,
     )
     return await supervisor.run()
 

@@ -285,6 +285,7 @@ class Readiness:
         self._last = reason
         if reason is None:
             self.metrics.envoy_ready.set(1)
+            self.lifecycle.reported_ready()
             if not self.ever_ready:
                 self.ever_ready = True
                 elapsed = time.monotonic() - self.started_at

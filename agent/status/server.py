@@ -12,6 +12,7 @@ import logging
 import socket
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
@@ -23,9 +24,11 @@ from agent.proxy.admin import AdminClient, AdminError
 from agent.status.app_probes import AppProber
 from agent.status.connections import ConnectionGuard, ConnectionLimits, GuardedSite, server_logger
 from agent.status.listen import bind_status_sockets
-from agent.status.metrics_merge import MetricsMerger
 from agent.status.readiness import Probe, Readiness
 from agent.status.settings import StatusSettings
+
+if TYPE_CHECKING:
+    from agent.status.metrics_merge import MetricsMerger
 
 log = logging.getLogger("agent.status")
 
@@ -96,7 +99,7 @@ class StatusServer:
         self._sockets = tuple(sockets)
         self.guard = ConnectionGuard((limits or ConnectionLimits()).fitted(open_files_limit()), metrics)
         self._runner: web.AppRunner | None = None
-        self.merger = MetricsMerger(settings, metrics)
+        self._merger: MetricsMerger | None = None
         self.port: int | None = None
 
     def _app(self) -> web.Application:
@@ -105,7 +108,7 @@ class StatusServer:
         async def stats(request: web.Request) -> web.StreamResponse:
             if self.settings.metrics_localhost_only and not is_loopback(request.remote):
                 return _forbidden()
-            return await self.merger.handle(request)
+            return await self.merger().handle(request)
 
         app.router.add_route("*", "/healthz/ready", self._ready)
         app.router.add_route("*", "/stats/prometheus", stats)
@@ -132,7 +135,6 @@ class StatusServer:
 
     async def start(self) -> None:
         """Listen on the status port. Raises AgentError(STARTUP_FAILED) when the port cannot be bound."""
-        self.merger.start()
         runner = web.AppRunner(
             self._app(),
             access_log=None,
@@ -145,7 +147,6 @@ class StatusServer:
             sockets = list(self._sockets) or bind_status_sockets(self.settings.listen_host, self.settings.status_port)
         except AgentError:
             await runner.cleanup()
-            await self.merger.close()
             raise
         for sock in sockets:
             await GuardedSite(runner, sock, self.guard).start()
@@ -160,7 +161,19 @@ class StatusServer:
         if self._runner is not None:
             runner, self._runner = self._runner, None
             await runner.cleanup()
-        await self.merger.close()
+        if self._merger is not None:
+            merger, self._merger = self._merger, None
+            await merger.close()
+
+    def merger(self) -> MetricsMerger:
+        """The merged scrape, loaded at the first one: its module (the exposition grammar's regexes, ~15 ms) is not
+        on the way to the first readiness answer."""
+        if self._merger is None:
+            from agent.status.metrics_merge import MetricsMerger  # noqa: PLC0415 (lazy, see above)
+
+            self._merger = MetricsMerger(self.settings, self.metrics)
+            self._merger.start()
+        return self._merger
 
     async def _ready(self, request: web.Request) -> web.Response:
         reason = await self.readiness.check()
