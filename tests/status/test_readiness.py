@@ -9,6 +9,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from agent.lifecycle import Lifecycle
 from tests.status.conftest import running_agent, settings_for
 from tests.status.envoy_stack import EnvoyStack, envoy_stack
 from tests.support.envoy import free_port
@@ -38,6 +39,25 @@ async def test_not_ready_before_envoy_runs_and_from_the_moment_shutdown_begins(s
         agent.lifecycle.request_shutdown("SIGTERM")
         assert await probe(agent.session, stack.status_listener_port) == (503, "server is terminated: SIGTERM\n")
         assert agent.metrics.registry.get_sample_value("istio_agent_envoy_ready") == 0
+
+
+async def test_the_start_up_is_over_at_the_first_ready_answer_not_before(stack: EnvoyStack) -> None:
+    # The work no probe waits for (file watchers, the start-up line) waits for this (agent/commands/proxy.py).
+    async with running_agent(settings_for(stack), envoy_up=False) as agent:
+        started = asyncio.ensure_future(agent.lifecycle.wait_started(60))
+        assert (await probe(agent.session, agent.port))[0] == 503
+        assert not started.done()
+        agent.lifecycle.envoy_up()
+        assert (await probe(agent.session, agent.port))[0] == 200
+        await asyncio.wait_for(started, 5)
+
+
+async def test_the_start_up_is_over_at_shutdown_or_at_its_limit() -> None:
+    lifecycle = Lifecycle()
+    await asyncio.wait_for(lifecycle.wait_started(0.01), 5)  # nobody asked, or Envoy never got ready
+    started = asyncio.ensure_future(lifecycle.wait_started(60))
+    lifecycle.request_shutdown("SIGTERM")
+    await asyncio.wait_for(started, 5)
 
 
 async def test_envoy_down_is_not_ready_and_a_restarted_envoy_must_earn_readiness_again(stack: EnvoyStack) -> None:
