@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import logging
 import os
 import stat
@@ -122,3 +123,25 @@ def read_bounded(path: Path, limit: int, *, regular_only: bool = False) -> bytes
     if len(data) > limit:
         raise FileTooLarge(errno.EFBIG, f"larger than {limit} bytes", str(path))
     return bytes(data)
+
+
+_watch_log = logging.getLogger("agent.watch")  # a watched file's trouble, under the watcher's scope
+MAX_WATCHED_BYTES = 16 * 1024 * 1024
+
+
+def content_hash(path: Path) -> str | None:
+    """sha256 of the file's content (through symlinks), or None if it does not exist or cannot be read. Never
+    blocks and reads at most MAX_WATCHED_BYTES: it runs on the event loop, and a FIFO put in a watched file's place
+    would stop the whole agent (readiness, signals) for as long as nobody writes to it."""
+    try:
+        return hashlib.sha256(read_bounded(path, MAX_WATCHED_BYTES, regular_only=True)).hexdigest()
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+        return None
+    except NotARegularFile:
+        _watch_log.warning(
+            "watched file %s is not a regular file: not read, Envoy keeps its current configuration", path
+        )
+        return None
+    except OSError as exc:
+        _watch_log.warning("cannot read watched file %s: %s", path, exc.strerror or exc)
+        return None

@@ -26,10 +26,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from agent.lifecycle import Lifecycle
+from agent.signals import HANDLED
 
 log = logging.getLogger("agent.pid1")
-
-HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
 
 
 class SignalDispatcher:

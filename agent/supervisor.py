@@ -24,9 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from agent.aio import first_of
@@ -35,7 +33,7 @@ from agent.lifecycle import Lifecycle
 from agent.pid1 import OrphanReaper, SignalDispatcher, is_pid1
 from agent.proxy.desired import DesiredState, DesiredStateFn
 from agent.proxy.epochs import Epochs
-from agent.proxy.events import SupervisionSettings
+from agent.proxy.events import DrainSettings, SupervisionSettings, WatchSettings
 from agent.proxy.launcher import EnvoyHandle, EnvoyUnreachable, Launcher
 from agent.proxy.start_gate import StartGate
 from agent.watch import ChangeSet, Watcher
@@ -68,28 +66,6 @@ class Service(Protocol):
 class LongRunning(Protocol):
     async def run(self) -> None:
         """Work until cancelled (a refresh loop, an upstream connection). An exception shuts the agent down."""
-
-
-@dataclass(frozen=True)
-class DrainSettings:
-    proxy_type: str = "sidecar"
-    termination_drain: float = 5.0
-    exit_on_zero_active_connections: bool = False
-    minimum_drain: float = 5.0
-    # Istio's own listeners (status 15021, Prometheus 15090) are not application traffic.
-    excluded_listener_ports: tuple[int, ...] = (15021, 15090)
-    poll_interval: float = 1.0
-
-
-@dataclass(frozen=True)
-class WatchSettings:
-    files: Mapping[Path, str]
-    debounce: float = 0.1
-    # A directory that never goes quiet (a writer every few ms) must not postpone a rotation for ever: the files
-    # are hashed at the latest this long after the first event (None: max(1 s, 10 x debounce)).
-    max_delay: float | None = None
-    # Missing directories are the normal case (no control plane, a laptop): say so at debug, not as a warning.
-    quiet_missing_dirs: bool = False
 
 
 class Supervisor:

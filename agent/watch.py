@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from agent.files import NotARegularFile, read_bounded
+from agent.files import content_hash
 
 if TYPE_CHECKING:
     # `pilot-agent proxy` imports content_hash before it execs Envoy; watchdog loads when the watcher starts.
@@ -46,25 +45,6 @@ class ChangeSet:
 
 # Watched files are certificates, downward-API files, mesh config, templates: far below this. A larger one is not
 # read (hashing runs on the event loop, and its reader would refuse it anyway: agent.config.documents).
-MAX_WATCHED_BYTES = 16 * 1024 * 1024
-
-
-def content_hash(path: Path) -> str | None:
-    """sha256 of the file's content (through symlinks), or None if it does not exist or cannot be read. Never
-    blocks and reads at most MAX_WATCHED_BYTES: it runs on the event loop, and a FIFO put in a watched file's place
-    would stop the whole agent (readiness, signals) for as long as nobody writes to it."""
-    try:
-        return hashlib.sha256(read_bounded(path, MAX_WATCHED_BYTES, regular_only=True)).hexdigest()
-    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
-        return None
-    except NotARegularFile:
-        log.warning("watched file %s is not a regular file: not read, Envoy keeps its current configuration", path)
-        return None
-    except OSError as exc:
-        log.warning("cannot read watched file %s: %s", path, exc.strerror or exc)
-        return None
-
-
 def _handler(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[Path]) -> FileSystemEventHandler:
     from watchdog.events import FileSystemEventHandler  # noqa: PLC0415 (lazy: see the TYPE_CHECKING imports)
 

@@ -4,27 +4,25 @@ Configuration comes from agent/config (flags, env, mesh config, annotations); th
 supervisor's own frozen settings in one place (`supervisor_settings`). The supervisor never imports config: it gets
 a `desired_state()` callable that re-reads and re-renders everything on each call.
 
-Start-up order, for the time to Envoy LIVE: config and the first render (light imports: no aiohttp,
-prometheus_client, tenacity or watchdog at module level on this path), bind the status port (a port in use is a
-start-up error before Envoy starts; kubelet's probes wait in the backlog), start the event loop, make the mesh
-side's SDS and xDS sockets (agent.mesh.listen: grpc only; not with --local-xds-dir), exec Envoy epoch 0, and only
-then import and build the rest (status server, metrics, the mesh service, supervisor), overlapping Envoy's own
-start on another core. The supervisor adopts the running epoch 0 into its TaskGroup; until then a start-up failure
-kills it.
+Start-up order, for the time to Envoy LIVE. Here, before any event loop (light imports only: no asyncio, aiohttp,
+prometheus_client, tenacity or watchdog on this path): config and the first render, the port checks, bind the
+status port (a port in use is a start-up error before Envoy starts; kubelet's probes wait in the backlog) and the
+DNS proxy's sockets, then exec Envoy epoch 0, with the signals that arrive from then on recorded for the
+supervisor. Then agent.commands.proxy_run loads the rest (asyncio, status server, metrics, supervisor) while Envoy
+starts on another core. In the mesh mode the SDS and xDS sockets Envoy dials must listen first, and they need the
+event loop: there epoch 0 is exec'd by proxy_run once they do. The supervisor adopts the running epoch 0; until then
+a start-up failure kills it.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
-import functools
-import importlib
 import ipaddress
 import logging
 import os
 import socket
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -40,50 +38,22 @@ from agent.config.envvars import Environment
 from agent.config.proxyconfig import DEFAULTS
 from agent.dns.settings import DnsStartup, bind_dns
 from agent.errors import AgentError, ConfigError
-from agent.files import is_disk_error, remove_file, write_error
-from agent.lifecycle import Lifecycle
-from agent.mesh.settings import MeshSettings, mesh_settings
-from agent.pid1 import HANDLED, children_waited_on_the_loop
+from agent.files import content_hash, is_disk_error, write_error
 from agent.proxy.argv import LaunchSettings
 from agent.proxy.binary import find_envoy
 from agent.proxy.desired import DesiredState, DesiredStateFn
-from agent.proxy.events import SupervisionSettings
-from agent.proxy.launcher import (
-    BootstrapWriteError,
-    EnvoyExecError,
-    EnvoyLauncher,
-    check_admin_port,
-    check_listener_ports,
-    start_envoy,
-)
-from agent.proxy.process import EnvoyProcess
-from agent.proxy.shm import SegmentIdentity, remove_segment, segment_identity, shared_memory_unusable
+from agent.proxy.events import DrainSettings, SupervisionSettings, WatchSettings
+from agent.proxy.ports import check_admin_port, check_listener_ports
+from agent.proxy.shm import SegmentIdentity, segment_identity, shared_memory_unusable
+from agent.proxy.spawn import BootstrapWriteError, EnvoyExecError, SpawnedEnvoy, spawn_envoy
+from agent.signals import SignalsBeforeTheLoop
 from agent.status.listen import bind_status_sockets
 from agent.status.settings import StatusSettings
-from agent.supervisor import DrainSettings, Service, Supervisor, WatchSettings
-from agent.watch import content_hash
 
 if TYPE_CHECKING:
-    from agent.dns.service import DnsService
-    from agent.mesh.listen import MeshListeners
-    from agent.mesh.service import MeshService
-    from agent.metrics import AgentMetrics
+    from agent.mesh.settings import MeshSettings
 
 log = logging.getLogger("agent.cli")
-
-# What `_supervise` imports after Envoy's exec, heaviest first (tests/test_import_discipline.py: none of it before).
-POST_EXEC_IMPORTS = (
-    "agent.aiohttp_import",
-    "aiohttp.web",
-    "agent.proxy.admin",
-    "agent.status.server",
-    "agent.local_xds",
-    "agent.startup_line",
-)
-
-# At most this long after the status server starts, the start-up work no probe waits for (file watchers, the
-# start-up log line) begins even if Envoy is not ready yet; until then the event loop answers the probes first.
-QUIET_START = 1.0
 
 PROXY_DESCRIPTION = """\
 Render Envoy's bootstrap from the pod's configuration (these flags, the environment, the mesh config, the
@@ -316,16 +286,20 @@ def run(args: argparse.Namespace) -> int:
                 proxy_type=cfg.proxy_type,
                 admin_port=cfg.proxy.proxy_admin_port,
             )
-        # The mesh side's roots and credentials: a missing root is refused now, before Envoy starts (as Istio).
-        mesh = mesh_settings(cfg) if serves_sds(cfg) else None
+        mesh = None
+        if serves_sds(cfg):
+            from agent.mesh.settings import mesh_settings  # noqa: PLC0415 (only the mesh side loads it)
+
+            # The mesh side's roots and credentials: a missing root is refused now, before Envoy starts (as Istio).
+            mesh = mesh_settings(cfg)
         if not cfg.custom_config_file:
             # Before anything starts: another agent's Envoy on this admin port would answer ours, and on these two
-            # listener ports it would share them with ours (agent/proxy/launcher).
+            # listener ports it would share them with ours (agent/proxy/ports).
             if cfg.proxy.proxy_admin_port > 0:
                 check_admin_port(cfg.proxy.proxy_admin_port)
             check_listener_ports(first.bootstrap, envoy_listener_settings(cfg))
     sockets = bind_status_sockets(status.listen_host, status.status_port) if status is not None else []
-    dns: DnsStartup | None = None
+    startup: Startup | None = None
     try:
         # Istio starts its DNS proxy first: a DNS address in use stops the agent before Envoy runs.
         with startup_errors():
@@ -333,202 +307,63 @@ def run(args: argparse.Namespace) -> int:
                 cfg.env, proxy_type=cfg.proxy_type, namespace=cfg.pod_namespace, domain=cfg.dns_domain,
                 uid=os.getuid(),
             )  # fmt: skip
-        desired_state = desired_state_fn(cfg, settings.watch.files, first)
-        with children_waited_on_the_loop():
-            return asyncio.run(
-                _main(
-                    cfg,
-                    settings=settings,
-                    desired_state=desired_state,
-                    first=first,
-                    status_settings=status,
-                    sockets=sockets,
-                    dns=dns,
-                    mesh=mesh,
-                )
-            )
+        startup = Startup(
+            cfg,
+            settings,
+            desired_state_fn(cfg, settings.watch.files, first),
+            first,
+            status,
+            sockets,
+            dns,
+            mesh,
+            # The hot-restart segment there before our epoch 0 starts (see agent.proxy.shm.remove_segment).
+            segment_identity(settings.launch.base_id) if settings.launch.hot_restart else None,
+        )
+        if mesh is None:
+            # Nothing Envoy dials has to listen first (the mesh side's sockets need the event loop): exec epoch 0
+            # now, before the agent loads the rest of itself, so that the two overlap.
+            startup.early_signals = SignalsBeforeTheLoop()
+            startup.epoch0 = start_epoch0(startup)
+        from agent.commands.proxy_run import serve  # noqa: PLC0415 (asyncio, the status server, the supervisor)
+
+        return serve(startup)
     finally:
         for sock in sockets:  # a no-op for the sockets the status server took over and closed
             sock.close()
-        if dns is not None:
-            dns.close()
+        if startup is not None:
+            if startup.dns is not None:
+                startup.dns.close()
+            if startup.epoch0 is not None:
+                # A no-op when the supervisor stopped it; else no Envoy outlives a start-up that failed.
+                startup.epoch0.kill_and_wait()
 
 
-async def _main(
-    cfg: AgentConfig,
-    *,
-    settings: ProxySettings,
-    desired_state: DesiredStateFn,
-    first: DesiredState,
-    status_settings: StatusSettings | None,
-    sockets: Sequence[socket.socket],
-    dns: DnsStartup | None,
-    mesh: MeshSettings | None,
-) -> int:
-    # From the exec below on, an Envoy may be running: a SIGTERM must reach the supervisor (drain, stop Envoy),
-    # not kill the agent alone. Signals arriving before its dispatcher exists are queued for it.
-    loop = asyncio.get_running_loop()
-    signal_queue: asyncio.Queue[int] = asyncio.Queue()
-    for sig in HANDLED:
-        loop.add_signal_handler(sig, signal_queue.put_nowait, sig)
-    epoch0: EnvoyProcess | None = None
-    foreign_segment = segment_identity(settings.launch.base_id) if settings.launch.hot_restart else None
-    listeners = None
-    if mesh is not None:
-        # Envoy must find the SDS and xDS sockets listening (Istio's order); the services behind them are built
-        # after the exec.
-        from agent.mesh.listen import listen  # noqa: PLC0415 (grpc loads only for the mesh side)
+@dataclass
+class Startup:
+    """What `run` made before the event loop, for agent.commands.proxy_run: the configuration, the settings, the
+    first render, the bound sockets and (unless the mesh side's sockets must listen first) epoch 0 running."""
 
-        listeners = await listen(mesh)
-    mesh_service = None
-    try:  # from here on, the finally below stops what was started (the sockets and the key worker included)
-        try:
-            epoch0 = await start_envoy(settings.launch, 0, first, tail_lines=settings.supervision.stderr_tail_lines)
-        except BootstrapWriteError as exc:
-            raise exc.as_agent_error() from None
-        except EnvoyExecError:
-            pass  # the supervisor's own start fails the same way and reports it as a failed start (with its backoff)
-        from agent.metrics import AgentMetrics  # noqa: PLC0415 (lazy: loaded after Envoy's exec)
-
-        metrics = AgentMetrics()
-        dns_service = _dns_service(dns, metrics) if dns is not None else None
-        if mesh is not None and listeners is not None:
-            # Serve Envoy's ADS and SDS now, and send the first CSR: Envoy gets its configuration and certificate
-            # while the status server and the supervisor load (it is ready only when all three are done).
-            mesh_service = _mesh_service(mesh, listeners, metrics, dns_service)
-            await mesh_service.start()
-        return await _supervise(
-            cfg,
-            settings=settings,
-            desired_state=desired_state,
-            status_settings=status_settings,
-            sockets=sockets,
-            epoch0=epoch0,
-            first=first,
-            signal_queue=signal_queue,
-            foreign_segment=foreign_segment,
-            metrics=metrics,
-            dns_service=dns_service,
-            mesh_service=mesh_service,
-        )
-    finally:
-        # A no-op once the supervisor adopted it (it stops what it owns); otherwise no Envoy outlives us.
-        if epoch0 is not None and await epoch0.discard():
-            remove_file(settings.launch.bootstrap_path(0))
-            if settings.launch.hot_restart:
-                remove_segment(settings.launch.base_id, foreign_segment)
-        # No-ops once the supervisor stopped them.
-        if mesh_service is not None:
-            await mesh_service.stop()
-        elif listeners is not None:
-            await listeners.stop()
+    cfg: AgentConfig
+    settings: ProxySettings
+    desired_state: DesiredStateFn
+    first: DesiredState
+    status: StatusSettings | None
+    sockets: list[socket.socket]
+    dns: DnsStartup | None
+    mesh: MeshSettings | None
+    foreign_segment: SegmentIdentity | None
+    epoch0: SpawnedEnvoy | None = None
+    early_signals: SignalsBeforeTheLoop | None = None
 
 
-async def _supervise(
-    cfg: AgentConfig,
-    *,
-    settings: ProxySettings,
-    desired_state: DesiredStateFn,
-    status_settings: StatusSettings | None,
-    sockets: Sequence[socket.socket],
-    epoch0: EnvoyProcess | None,
-    first: DesiredState,
-    signal_queue: asyncio.Queue[int],
-    foreign_segment: SegmentIdentity | None,
-    metrics: AgentMetrics,
-    dns_service: DnsService | None,
-    mesh_service: MeshService | None,
-) -> int:
-    # Imported here, after Envoy's exec, so that their cost (~0.2 s) overlaps Envoy's own start; one at a time, the
-    # event loop turning in between, so that the mesh side's I/O moves meanwhile (Envoy's ADS stream reaching istiod,
-    # the first CSR going out): it runs on this loop. aiohttp first, on the agent's terms (see the module).
-    for module in POST_EXEC_IMPORTS:
-        importlib.import_module(module)
-        await asyncio.sleep(0)
-    from agent.local_xds import LocalXds  # noqa: PLC0415 (lazy: loaded after Envoy's exec)
-    from agent.proxy.admin import AdminClient  # noqa: PLC0415 (lazy: loaded after Envoy's exec)
-    from agent.startup_line import StartupLine, settings_summary  # noqa: PLC0415 (lazy: after Envoy's exec)
-    from agent.status.server import StatusServer  # noqa: PLC0415 (lazy: loaded after Envoy's exec)
-
-    lifecycle = Lifecycle()
-    # With a status server, the start-up work no probe waits for waits for its first "ready" (or QUIET_START).
-    settled = functools.partial(lifecycle.wait_started, QUIET_START) if status_settings is not None else None
-    admin = AdminClient(port=cfg.proxy.proxy_admin_port)
-    launcher = EnvoyLauncher(
-        settings.launch, admin, tail_lines=settings.supervision.stderr_tail_lines, foreign_segment=foreign_segment
-    )
-    # In start order; each one Envoy needs listening must bind before the exec above, as the status port does.
-    services: list[Service] = []
-    local_xds = None
-    if cfg.local_xds_dir:
-        local_xds = LocalXds(
-            Path(cfg.local_xds_dir),
-            admin,
-            metrics,
-            debounce=settings.watch.debounce,
-            lifecycle=lifecycle,
-            settled=settled,
-        )
-    if status_settings is not None:
-        # With the DNS proxy: readiness waits for istiod's first name table; /debug/ndsz shows it. The mesh
-        # side's probe comes before Envoy's: it says whether istiod or its CA fails.
-        probes = [dns_service.readiness_probe()] if dns_service is not None else []
-        views = {"/debug/ndsz": dns_service.ndsz} if dns_service is not None else {}
-        upstream = [mesh_service.probe] if mesh_service is not None else []
-        status = StatusServer(
-            status_settings,
-            lifecycle,
-            metrics,
-            admin,
-            sockets=sockets,
-            extra_probes=probes,
-            upstream_probes=upstream,
-            debug_views=views,
-            config_probe=local_xds,
-        )
-        services.append(status)
-    if dns_service is not None:
-        services.append(dns_service)
-    if local_xds is not None:
-        services.append(local_xds)
-    summary = settings_summary(cfg, settings.launch, settings.drain.termination_drain)
-    services.append(StartupLine(admin, settings.launch.binary, summary, settled=settled))
-    if mesh_service is not None:
-        # Started already (above, before the supervisor); stops first: readiness answers until the very end.
-        services.append(mesh_service)
-    supervisor = Supervisor(
-        launcher,
-        settings.supervision,
-        settings.drain,
-        desired_state,
-        lifecycle=lifecycle,
-        metrics=metrics,
-        services=services,
-        watch=settings.watch,
-        epoch0=(epoch0, first) if epoch0 is not None else None,
-        signal_queue=signal_queue,
-        start_gate=local_xds,
-        settled=settled,
-    )
-    return await supervisor.run()
-
-
-def _dns_service(dns: DnsStartup, metrics: AgentMetrics) -> DnsService:
-    from agent.dns.metrics import DnsMetrics  # noqa: PLC0415 (lazy: loaded after Envoy's exec)
-    from agent.dns.service import build_dns_service  # noqa: PLC0415 (lazy: loaded after Envoy's exec)
-
-    return build_dns_service(dns.settings, DnsMetrics(metrics.registry), dns.sockets)
-
-
-def _mesh_service(
-    mesh: MeshSettings, listeners: MeshListeners, metrics: AgentMetrics, dns: DnsService | None
-) -> MeshService:
-    from agent.mesh.service import MeshService  # noqa: PLC0415 (lazy: loaded after Envoy's exec)
-
-    service = MeshService(mesh, listeners, metrics.registry)
-    if dns is not None and service.xds is not None:
-        # istiod's name table (NDS) goes to the DNS proxy, not to Envoy; subscribed on Envoy's first LDS request.
-        from agent.dns.service import NDS_TYPE_URL, name_table_handler  # noqa: PLC0415 (lazy, as above)
-
-        service.xds.register_handler(NDS_TYPE_URL, name_table_handler(dns.proxy))
-    return service
+def start_epoch0(startup: Startup) -> SpawnedEnvoy | None:
+    """Exec Envoy epoch 0 on the first render. None when it cannot be executed: the supervisor's own start fails the
+    same way and reports it as a failed start (with its backoff). A bootstrap that cannot be written is the
+    start-up's error (73 for the disk, else 78)."""
+    launch = startup.settings.launch
+    try:
+        return spawn_envoy(launch, 0, startup.first, tail_lines=startup.settings.supervision.stderr_tail_lines)
+    except BootstrapWriteError as exc:
+        raise exc.as_agent_error() from None
+    except EnvoyExecError:
+        return None

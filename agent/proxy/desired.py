@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import hashlib
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import asyncio
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,8 @@ async def render_off_loop(desired_state: DesiredStateFn) -> DesiredState:
     that never returns (a template looping for ever, a hung mount) must not keep the agent from stopping. Awaiting
     this can be cancelled (the thread is left to finish on its own), and the interpreter's exit does not wait for
     the thread, where asyncio's default executor (asyncio.to_thread) would join it for ever."""
+    import asyncio  # noqa: PLC0415 (`pilot-agent proxy` renders and execs epoch 0 before it loads the event loop)
+
     loop = asyncio.get_running_loop()
     done: asyncio.Future[DesiredState] = loop.create_future()
 

@@ -44,8 +44,9 @@ from agent.proxy.events import (
     Pending,
     SupervisionSettings,
 )
-from agent.proxy.launcher import BootstrapWriteError, EnvoyExecError, EnvoyHandle, EnvoyUnresponsive, Launcher
+from agent.proxy.launcher import EnvoyHandle, EnvoyUnresponsive, Launcher
 from agent.proxy.process import ExitCause, ExitInfo
+from agent.proxy.spawn import BootstrapWriteError, EnvoyExecError
 from agent.proxy.start_gate import StartGate, wait_until_startable
 from agent.proxy.termination import termination_message, write_termination_log
 

@@ -4,12 +4,15 @@ reacts to and the outcomes of its steps. Data only."""
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from agent.proxy.desired import DesiredState
-from agent.proxy.launcher import EnvoyHandle
+
+if TYPE_CHECKING:  # `pilot-agent proxy` builds the settings before Envoy's exec, without the event loop's modules
+    from agent.proxy.launcher import EnvoyHandle
 
 
 @dataclass(frozen=True)
@@ -28,6 +31,28 @@ class SupervisionSettings:
     stderr_tail_lines: int = 20
     # A postponed hot restart (the running epoch is not LIVE yet) is tried again after this long.
     retry_interval: float = 1.0
+
+
+@dataclass(frozen=True)
+class DrainSettings:
+    proxy_type: str = "sidecar"
+    termination_drain: float = 5.0
+    exit_on_zero_active_connections: bool = False
+    minimum_drain: float = 5.0
+    # Istio's own listeners (status 15021, Prometheus 15090) are not application traffic.
+    excluded_listener_ports: tuple[int, ...] = (15021, 15090)
+    poll_interval: float = 1.0
+
+
+@dataclass(frozen=True)
+class WatchSettings:
+    files: Mapping[Path, str]
+    debounce: float = 0.1
+    # A directory that never goes quiet (a writer every few ms) must not postpone a rotation for ever: the files
+    # are hashed at the latest this long after the first event (None: max(1 s, 10 x debounce)).
+    max_delay: float | None = None
+    # Missing directories are the normal case (no control plane, a laptop): say so at debug, not as a warning.
+    quiet_missing_dirs: bool = False
 
 
 @dataclass(eq=False)

@@ -4,8 +4,8 @@
 count connections, what a failed start means, clean up. `EnvoyLauncher` does it with the real Envoy (files,
 processes, admin API); the policy's fast tests drive a fake (tests/supervisor/fake_launcher.py) in milliseconds.
 
-Import discipline: `pilot-agent proxy` calls `start_envoy` before the agent's heavy imports (aiohttp through the
-admin client), so the admin client is only a type here and comes through EnvoyLauncher's constructor.
+Starting a process is agent.proxy.spawn's (epoch 0 starts before this module is imported); the admin client is only
+a type here and comes through EnvoyLauncher's constructor.
 """
 
 from __future__ import annotations
@@ -13,29 +13,22 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import errno
-import json
 import logging
-import shlex
-import socket
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 
-from agent.errors import AgentError, ExitCode
-from agent.files import remove_file, write_atomic, write_error
-from agent.proxy.argv import LaunchSettings, envoy_argv, validate_argv
+from agent.files import remove_file, write_atomic
+from agent.proxy.argv import LaunchSettings, validate_argv
 from agent.proxy.desired import DesiredState
 from agent.proxy.diagnosis import (
     StartContext,
-    admin_port_in_use,
     diagnose_start_failure,
     envoy_error,
-    listener_port_in_use,
 )
 from agent.proxy.process import EnvoyProcess, ExitInfo, keep_tail
 from agent.proxy.shm import SegmentIdentity, remove_segment, segment_identity
+from agent.proxy.spawn import spawn_envoy
 
 if TYPE_CHECKING:
     from agent.proxy.admin import AdminClient
@@ -94,23 +87,6 @@ class EnvoyUnresponsive(EnvoyUnreachable):
     """Envoy's admin API did not answer in time: the process is stopped (SIGSTOP) or its main thread is stuck."""
 
 
-class EnvoyExecError(Exception):
-    """Envoy could not be executed (binary gone or not executable): nothing was started."""
-
-
-class BootstrapWriteError(Exception):
-    """The epoch's bootstrap file could not be written: nothing was started."""
-
-    def __init__(self, path: Path, error: OSError) -> None:
-        super().__init__(f"cannot write {path}: {error.strerror or error}")
-        self.path = path
-        self.error = error
-
-    def as_agent_error(self) -> AgentError:
-        """At start-up: the disk (full, quota, I/O error) is 73, anything else about configPath is bad input, 78."""
-        return write_error(self.path, self.error)
-
-
 class Launcher(Protocol):
     """What the supervision policy needs from Envoy."""
 
@@ -163,63 +139,6 @@ class Launcher(Protocol):
         ...
 
 
-def check_admin_port(port: int, host: str = "127.0.0.1") -> None:
-    """Before epoch 0 is exec'd: raise AgentError(STARTUP_FAILED) when something listens on the admin port already.
-    Another agent's Envoy there would answer the agent's admin client as if it were ours ("LIVE"), then ours fails to
-    bind and the agent crash-loops on it."""
-    if port_taken(host, port):
-        raise AgentError(admin_port_in_use(host, port), ExitCode.STARTUP_FAILED)
-
-
-def check_listener_ports(bootstrap: bytes, settings: Mapping[int, tuple[str, str]]) -> None:
-    """Before epoch 0 is exec'd: raise AgentError(STARTUP_FAILED) when an address of the bootstrap's static listeners
-    on one of `settings`' ports (port: (what it is, the setting that moves it)) is taken. Envoy binds its listeners
-    with SO_REUSEPORT: beside another agent's Envoy on 15021 or 15090 it starts, and the two share the port (the
-    kernel spreads connections between them: readiness probes answer for either agent). Envoy binds its admin port
-    without it, and fails there by itself."""
-    for address, port in static_listener_addresses(bootstrap, settings.keys()):
-        if port_taken(address, port):
-            what, setting = settings[port]
-            raise AgentError(listener_port_in_use(what, address, port, setting), ExitCode.STARTUP_FAILED)
-
-
-def port_taken(host: str, port: int) -> bool:
-    """Whether something listens on host:port already. One bind without SO_REUSEPORT, so that a listener that has it
-    (an Envoy's) is found too; with SO_REUSEADDR, as Envoy's, so that a port left in TIME_WAIT is free; an IPv6
-    address v6-only, as Envoy binds it. Any other failure (no such address in this namespace, ...) is Envoy's to
-    report when it binds: False."""
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if ":" in host:
-            probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        try:
-            probe.bind((host, port))
-        except OSError as exc:
-            return exc.errno == errno.EADDRINUSE
-    return False
-
-
-def static_listener_addresses(bootstrap: bytes, ports: Iterable[int]) -> list[tuple[str, int]]:
-    """The addresses (with `additional_addresses`) of the bootstrap's static listeners on `ports`: [] when the
-    bootstrap is not JSON (a custom template's YAML: Envoy's to bind and report)."""
-    wanted = {port for port in ports if port > 0}
-    try:
-        document = json.loads(bootstrap)
-        listeners = document["static_resources"]["listeners"]
-    except (ValueError, KeyError, TypeError):
-        return []
-    found = []
-    for listener in listeners if isinstance(listeners, list) else ():
-        if not isinstance(listener, dict):
-            continue
-        entries = [listener, *listener.get("additional_addresses", ())]
-        for entry in entries:
-            address = entry.get("address", {}).get("socket_address") if isinstance(entry, dict) else None
-            if isinstance(address, dict) and address.get("port_value") in wanted:
-                found.append((str(address.get("address", "")), int(address["port_value"])))
-    return found
-
-
 def listens_on(pid: int, port: int) -> bool:
     """Whether process `pid` holds a TCP socket listening on `port` (any address: an IPv6 socket on "::" takes
     127.0.0.1's connections too). True when /proc does not tell (not permitted): the check is a safeguard, not a
@@ -234,33 +153,6 @@ def listens_on(pid: int, port: int) -> bool:
         log.debug("cannot list the sockets of pid %d: trusting the admin port's answer", pid, exc_info=True)
         return True
     return any(s.status == psutil.CONN_LISTEN and s.laddr and s.laddr.port == port for s in sockets)
-
-
-async def start_envoy(
-    launch: LaunchSettings,
-    epoch: int,
-    state: DesiredState,
-    *,
-    tail_lines: int = 20,
-    sink: BinaryIO | None = None,
-) -> EnvoyProcess:
-    """Write envoy-rev<epoch>.json and exec Envoy. Raises BootstrapWriteError or EnvoyExecError (Launcher.start).
-    The caller must hand the process to the supervisor (`Epochs.adopt`) or stop it: nobody collects its exit
-    otherwise. `pilot-agent proxy` calls this before the supervisor exists, so Envoy's start overlaps the agent's."""
-    path = launch.bootstrap_path(epoch)
-    try:
-        # Not durable: every epoch's file is written afresh when it starts (see agent.files).
-        write_atomic(path, state.bootstrap, durable=False)
-    except OSError as exc:
-        raise BootstrapWriteError(path, exc) from None
-    proc = EnvoyProcess(envoy_argv(launch, path, epoch), epoch, tail_lines=tail_lines, sink=sink)
-    log.info("Envoy command: %s", " ".join(shlex.quote(arg) for arg in proc.argv))
-    try:
-        await proc.start()
-    except OSError as exc:
-        remove_file(path)
-        raise EnvoyExecError(f"cannot execute {launch.binary}: {exc.strerror or exc}") from None
-    return proc
 
 
 @dataclass
@@ -284,7 +176,7 @@ class EnvoyLauncher:
     async def start(self, epoch: int, state: DesiredState) -> EnvoyProcess:
         if epoch == 0 and self.launch.hot_restart:
             self.foreign_segment = segment_identity(self.launch.base_id)
-        return await start_envoy(self.launch, epoch, state, tail_lines=self.tail_lines, sink=self.sink)
+        return EnvoyProcess(spawn_envoy(self.launch, epoch, state, tail_lines=self.tail_lines, sink=self.sink))
 
     async def validate(self, epoch: int, state: DesiredState) -> Verdict:
         path = self.launch.bootstrap_path(epoch)

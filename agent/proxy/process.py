@@ -1,11 +1,6 @@
-"""One Envoy process (one hot-restart epoch): start it, copy its output, remember its last lines, report its exit.
-
-Envoy's stdout is the agent's stdout (inherited). Its stderr, where Envoy logs, is copied to the agent's stderr as it
-arrives, whole lines at a time, by a thread of its own: whatever the event loop is doing (the agent's imports right
-after Envoy's exec, a large merge), Envoy's lines reach the log when Envoy writes them, in order with the agent's
-own. The last lines are kept for the termination message. Envoy runs in its own process group so a Ctrl-C in a
-terminal reaches only the agent, which then drains Envoy instead of Envoy dying mid-request.
-"""
+"""One Envoy process (one hot-restart epoch) on the event loop: collect its exit, stop it, report how it ended.
+Starting it, and copying its output, is agent.proxy.spawn's (no event loop needed: epoch 0 starts before one
+exists)."""
 
 from __future__ import annotations
 
@@ -15,14 +10,14 @@ import contextlib
 import enum
 import logging
 import os
-import re
 import signal
-import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import BinaryIO
+
+from agent.proxy.spawn import OutputLines, SpawnedEnvoy
 
 log = logging.getLogger("agent.proxy")
 
@@ -76,79 +71,92 @@ class ExitInfo:
 
 
 class EnvoyProcess:
-    """A started Envoy. `run()` must be awaited (as a task the supervisor's TaskGroup owns) to collect the exit."""
+    """A started Envoy (agent.proxy.spawn), its exit collected on the event loop. `run()` must be awaited (as a
+    task the supervisor's TaskGroup owns) to collect the exit."""
 
-    def __init__(self, argv: Sequence[str], epoch: int, *, tail_lines: int = 20, sink: BinaryIO | None = None) -> None:
-        self.argv = list(argv)
-        self.epoch = epoch
+    def __init__(self, spawned: SpawnedEnvoy) -> None:
+        self.spawned = spawned
+        self.argv = spawned.argv
+        self.epoch = spawned.epoch
         self.exited = asyncio.Event()
         self.exit_info: ExitInfo | None = None
-        self._tail: collections.deque[str] = collections.deque(maxlen=tail_lines)
-        self._sink = sink
-        self._proc: asyncio.subprocess.Process | None = None
         self._aborted = False
-        self._started = 0.0
         self._collecting = False
+        self._returncode: asyncio.Future[int] | None = None
         self._output_done = asyncio.Event()  # the stderr copier reached EOF: the tail is complete
-
-    @property
-    def pid(self) -> int:
-        assert self._proc is not None
-        return self._proc.pid
-
-    @property
-    def running(self) -> bool:
-        return self._proc is not None and not self.exited.is_set()
-
-    async def start(self) -> None:
-        """Exec Envoy. Raises OSError when the binary cannot be executed."""
-        self._started = time.monotonic()
-        read_end, write_end = os.pipe()
-        try:
-            self._proc = await asyncio.create_subprocess_exec(
-                *self.argv, stdin=asyncio.subprocess.DEVNULL, stderr=write_end, process_group=0
-            )
-        except BaseException:
-            os.close(read_end)
-            raise
-        finally:
-            os.close(write_end)
-        sink = self._sink if self._sink is not None else sys.stderr.buffer
         loop = asyncio.get_running_loop()
 
-        def copy() -> None:
-            copy_lines(read_end, self._tail, sink)
+        def output_done() -> None:
             with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits any more
                 loop.call_soon_threadsafe(self._output_done.set)
 
-        threading.Thread(target=copy, name=f"envoy-{self.epoch}-stderr", daemon=True).start()
-        log.info("Envoy epoch %d started (pid %d)", self.epoch, self._proc.pid)
+        spawned.when_output_done(output_done)
+
+    @property
+    def pid(self) -> int:
+        return self.spawned.pid
+
+    @property
+    def running(self) -> bool:
+        return not self.exited.is_set()
+
+    def _wait(self) -> asyncio.Future[int]:
+        """Envoy's return code once it exits (negative: killed by that signal), learnt from a pidfd on the event
+        loop: no thread blocks in waitpid for it. Where pidfds are refused (a kernel before 5.3, a seccomp
+        profile), a thread of its own waits."""
+        if self._returncode is None:
+            loop = asyncio.get_running_loop()
+            self._returncode = returncode = loop.create_future()
+            popen = self.spawned.popen
+
+            def settle(code: int) -> None:
+                if not returncode.done():
+                    returncode.set_result(code)
+
+            try:
+                pidfd = os.pidfd_open(popen.pid)
+            except OSError:
+
+                def wait_on_thread() -> None:
+                    code = popen.wait()
+                    with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits any more
+                        loop.call_soon_threadsafe(settle, code)
+
+                threading.Thread(target=wait_on_thread, name=f"envoy-{self.epoch}-wait", daemon=True).start()
+            else:
+
+                def exited() -> None:
+                    loop.remove_reader(pidfd)
+                    os.close(pidfd)
+                    settle(popen.wait())  # it has exited: collects at once
+
+                loop.add_reader(pidfd, exited)
+        return self._returncode
 
     async def run(self, on_exit: Callable[[EnvoyProcess], None] | None = None) -> ExitInfo:
         """Wait for the exit and the last of its output, record it. Exit paths: returns the ExitInfo once Envoy
         exits; if cancelled, kills Envoy first so no Envoy outlives its task."""
-        assert self._proc is not None
-        proc = self._proc
         self._collecting = True
         try:
-            returncode = await proc.wait()
+            returncode = await asyncio.shield(self._wait())
             # Its stderr's end (at once, unless something Envoy started still holds the pipe).
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(5.0):
                     await self._output_done.wait()
         except asyncio.CancelledError:
             self.kill()
-            await asyncio.shield(proc.wait())
+            await asyncio.shield(self._wait())
             raise
         finally:
-            if proc.returncode is not None and self.exit_info is None:
+            code = self._returncode
+            if code is not None and code.done() and self.exit_info is None:
                 self.exit_info = ExitInfo(
                     self.epoch,
-                    proc.pid,
-                    proc.returncode,
+                    self.pid,
+                    code.result(),
                     self._aborted,
-                    time.monotonic() - self._started,
-                    tuple(self._tail),
+                    time.monotonic() - self.spawned.started,
+                    tuple(self.spawned.tail),
                 )
                 self.exited.set()
         assert self.exit_info is not None and returncode == self.exit_info.returncode
@@ -160,16 +168,17 @@ class EnvoyProcess:
         """Kill an Envoy whose exit nobody collects (start-up failed between its exec and its adoption by the
         supervisor) and wait for it; True if it did. A no-op once `run()` collects the exit: then stopping it is
         run()'s owner's job."""
-        if self._proc is None or self._collecting:
+        if self._collecting:
             return False
         self.kill()
-        await self._proc.wait()
+        await asyncio.shield(self._wait())
         return True
 
     def send_signal(self, sig: int) -> None:
-        if self._proc is not None and self._proc.returncode is None and not self.exited.is_set():
+        if not self.exited.is_set():
             with contextlib.suppress(ProcessLookupError):
-                self._proc.send_signal(sig)
+                # Popen checks first that the process was not collected (its pid may be another's by now).
+                self.spawned.popen.send_signal(sig)
 
     def terminate(self) -> None:
         """Ask Envoy to exit (SIGTERM: Envoy stops at once, flushing access logs). Marks the exit as aborted."""
@@ -198,83 +207,11 @@ class EnvoyProcess:
         return self.exit_info
 
 
-# [2026-12-02 04:26:34.088][22393][critical][main] ...: an error Envoy logs, and may then print again bare.
-_ERROR_LINE = re.compile(rb"^\[[^\]]*\]\[\d+\]\[(?:critical|error)\]")
-_LOG_LINE = re.compile(rb"^\[[^\]]*\]\[\d+\]\[")
-
-
-class _Lines:
-    """Splits output into lines, copying whole lines on and keeping the last non-blank ones (each cut to 1000
-    characters) in `tail`. Bounded memory whatever Envoy writes (one line of its usage text is kilobytes).
-
-    Each Envoy error once: Envoy logs a start-up failure (`[critical] error ... initializing config`), then prints
-    the exception again on a bare line (`cannot bind '127.0.0.1:15000': Address already in use`). A bare line that
-    repeats words of the error just logged is dropped."""
-
-    def __init__(self, tail: collections.deque[str], copy_to: BinaryIO | None) -> None:
-        self.tail = tail
-        self.copy_to = copy_to
-        self.partial = b""
-        # The last error Envoy logged, with its continuation lines (a message may hold newlines).
-        self.last_error = b""
-
-    def _repeats_an_error(self, line: bytes) -> bool:
-        if _ERROR_LINE.match(line):
-            self.last_error = line
-            return False
-        if _LOG_LINE.match(line):
-            self.last_error = b""
-            return False
-        text = line.strip()
-        if len(text) >= 16 and text in self.last_error:
-            return True
-        if self.last_error and len(self.last_error) < 65536:
-            self.last_error += b"\n" + line
-        return False
-
-    def feed(self, chunk: bytes) -> None:
-        lines = (self.partial + chunk).split(b"\n")
-        self.partial = lines.pop()
-        if len(self.partial) > 65536:  # a line without end: pass it on rather than hold it
-            lines.append(self.partial)
-            self.partial = b""
-        self._emit(lines)
-
-    def finish(self) -> None:
-        if self.partial:
-            self._emit([self.partial])
-            self.partial = b""
-
-    def _emit(self, lines: list[bytes]) -> None:
-        lines = [line for line in lines if not self._repeats_an_error(line)]
-        if not lines:
-            return
-        if self.copy_to is not None:
-            try:
-                self.copy_to.write(b"".join(line + b"\n" for line in lines))
-                self.copy_to.flush()
-            except (OSError, ValueError):  # our stderr closed: keep draining so Envoy never blocks on a full pipe
-                pass
-        self.tail.extend(line.decode("utf-8", "replace")[:1000] for line in lines if line.strip())
-
-
-def copy_lines(fd: int, tail: collections.deque[str], copy_to: BinaryIO | None = None) -> None:
-    """Read the pipe `fd` to EOF (blocking: a thread's work), copying whole lines to `copy_to` as they arrive;
-    closes `fd`."""
-    lines = _Lines(tail, copy_to)
-    try:
-        while chunk := os.read(fd, 65536):
-            lines.feed(chunk)
-        lines.finish()
-    finally:
-        os.close(fd)
-
-
 async def keep_tail(
     stream: asyncio.StreamReader, tail: collections.deque[str], copy_to: BinaryIO | None = None
 ) -> None:
     """copy_lines for an asyncio stream (a validation's output, read on the loop)."""
-    lines = _Lines(tail, copy_to)
+    lines = OutputLines(tail, copy_to)
     while chunk := await stream.read(65536):
         lines.feed(chunk)
     lines.finish()

@@ -22,15 +22,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agent.proxy.desired import DesiredState
-from agent.proxy.launcher import (
-    BootstrapWriteError,
-    EnvoyExecError,
-    EnvoyHandle,
-    EnvoyUnreachable,
-    EnvoyUnresponsive,
-    Verdict,
-)
+from agent.proxy.launcher import EnvoyHandle, EnvoyUnreachable, EnvoyUnresponsive, Verdict
 from agent.proxy.process import ExitInfo
+from agent.proxy.spawn import BootstrapWriteError, EnvoyExecError
 
 _pids = itertools.count(4_000_000)
 

@@ -15,16 +15,16 @@ from typing import Any
 
 import psutil
 
+from agent.files import content_hash
 from agent.lifecycle import Lifecycle
 from agent.metrics import AgentMetrics
 from agent.proxy.admin import AdminClient
 from agent.proxy.argv import LaunchSettings
 from agent.proxy.desired import DesiredState, DesiredStateFn
-from agent.proxy.events import SupervisionSettings
+from agent.proxy.events import DrainSettings, SupervisionSettings, WatchSettings
 from agent.proxy.launcher import EnvoyLauncher, Launcher
 from agent.proxy.shm import shm_path
-from agent.supervisor import DrainSettings, Supervisor, WatchSettings
-from agent.watch import content_hash
+from agent.supervisor import Supervisor
 from tests.supervisor.fake_launcher import LogWaiter, recording_logs
 from tests.support.envoy import envoy_binary, free_port, new_base_id
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from agent.pid1 import OrphanReaper, zombie_children
 from agent.proxy.process import EnvoyProcess
+from agent.proxy.spawn import SpawnedEnvoy
 
 GOOD = '{"admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}}}'
 
@@ -30,8 +31,7 @@ async def envoy_exit(binary: str, work: Path, index: int, own: set[int]) -> tupl
             argv, expected = [binary, "-c", str(work / "bad.json"), "--disable-hot-restart"], 1
         else:  # a running Envoy killed: -9
             argv, expected = [binary, "-c", str(work / "good.json"), "--disable-hot-restart", "-l", "off"], -9
-        proc = EnvoyProcess(argv, epoch=index, sink=sink)
-        await proc.start()
+        proc = EnvoyProcess(SpawnedEnvoy(argv, index, sink=sink))
         own.add(proc.pid)
         task = asyncio.ensure_future(proc.run())
         if kind == 3:

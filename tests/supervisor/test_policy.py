@@ -23,10 +23,10 @@ from agent.lifecycle import Lifecycle
 from agent.metrics import AgentMetrics
 from agent.proxy.desired import DesiredState
 from agent.proxy.epochs import Epochs
-from agent.proxy.events import SupervisionSettings
-from agent.proxy.launcher import EnvoyExecError
+from agent.proxy.events import DrainSettings, SupervisionSettings
+from agent.proxy.spawn import EnvoyExecError
 from agent.proxy.start_gate import StartGate
-from agent.supervisor import DrainSettings, Service, Supervisor
+from agent.supervisor import Service, Supervisor
 from tests.supervisor.fake_launcher import Behaviour, FakeLauncher, LogWaiter, disk_full, recording_logs
 from tests.supervisor.harness import supervisor_for_tests
 

@@ -19,12 +19,12 @@ from agent.lifecycle import Lifecycle
 from agent.metrics import AgentMetrics
 from agent.pid1 import SignalDispatcher
 from agent.proxy.admin import AdminClient
-from agent.proxy.events import SupervisionSettings
+from agent.proxy.events import DrainSettings, SupervisionSettings
 from agent.proxy.launcher import EnvoyLauncher
 from agent.proxy.shm import shm_path
 from agent.status.server import StatusServer
 from agent.status.settings import StatusSettings
-from agent.supervisor import DrainSettings, Supervisor
+from agent.supervisor import Supervisor
 from tests.supervisor.harness import Rig, bootstrap, envoy_children, supervised, until
 from tests.support.envoy import free_port
 

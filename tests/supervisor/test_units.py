@@ -20,9 +20,10 @@ from agent.files import remove_file, write_atomic
 from agent.pid1 import OrphanReaper, zombie_children
 from agent.proxy.admin import active_connections
 from agent.proxy.diagnosis import StartContext, diagnose_start_failure, envoy_error
-from agent.proxy.launcher import port_taken, static_listener_addresses
-from agent.proxy.process import ExitInfo, copy_lines
+from agent.proxy.ports import port_taken, static_listener_addresses
+from agent.proxy.process import ExitInfo
 from agent.proxy.shm import remove_segment, segment_identity, shm_path
+from agent.proxy.spawn import copy_lines
 from agent.proxy.termination import MAX_BYTES, termination_message, write_termination_log
 
 

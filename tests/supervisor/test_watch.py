@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from agent.metrics import AgentMetrics
-from agent.supervisor import WatchSettings
+from agent.proxy.events import WatchSettings
 from agent.watch import ChangeSet, Watcher
 from tests.supervisor.fake_launcher import recording_logs
 from tests.supervisor.harness import make_cert, supervised, tls_rig, until
