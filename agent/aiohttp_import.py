@@ -10,10 +10,17 @@ nothing, and is put back after: aiohttp's two default contexts hold no CA at all
 fails closed. Code that verifies servers builds its own context after this import (the bundle loads as usual; the
 xDS proxy and the CA client use gRPC's own TLS). Only this interpreter's classes change, not the process
 environment: C code on other threads (gRPC reads its environment) sees nothing of it.
+
+`aiohttp.web` builds a `mimetypes.MimeTypes()` when it is imported (for file responses, which the agent never
+serves), and the first one made in a process loads the system's type database (/etc/mime.types) into the
+`mimetypes` module for good: ~0.4 MiB and a few ms for a table nobody reads. `mimetypes` loads that database itself
+on its first use (`guess_type` and the others test for it), so it is marked loaded-on-use here and aiohttp's own
+table, which never includes the system files, is the same as before.
 """
 
 from __future__ import annotations
 
+import mimetypes
 import ssl
 
 
@@ -30,4 +37,10 @@ def _no_default_paths(self: ssl.SSLContext) -> None:
     del self
 
 
+def _system_mime_types_on_first_use() -> None:
+    if getattr(mimetypes, "_db", None) is None:  # nothing has loaded the database yet
+        mimetypes.inited = True  # MimeTypes() leaves it alone; mimetypes' functions load it when called
+
+
 _import_without_ca_bundle()
+_system_mime_types_on_first_use()

@@ -70,3 +70,28 @@ def test_aiohttp_is_imported_without_the_system_ca_bundle_and_the_environment_is
     bundle = ssl.get_default_verify_paths().openssl_cafile
     assert _aiohttp_import_probe(env) == ["0", "0", "<unset>", "True"]
     assert _aiohttp_import_probe({**env, "SSL_CERT_FILE": bundle}) == ["0", "0", bundle, "True"]
+
+
+def _mime_probe(first: str) -> list[str]:
+    probe = (
+        f"{first}\n"
+        "import hashlib, mimetypes\n"
+        "from aiohttp.web_fileresponse import CONTENT_TYPES\n"
+        "loaded = getattr(mimetypes, '_db', None) is not None\n"
+        "tables = repr((CONTENT_TYPES.types_map, CONTENT_TYPES.encodings_map, CONTENT_TYPES.suffix_map))\n"
+        "digest = hashlib.sha256(tables.encode()).hexdigest()\n"
+        "print(loaded, digest, mimetypes.guess_type('x.deb')[0], mimetypes.guess_extension('text/x-c++src'))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], check=True, capture_output=True, text=True)
+    return result.stdout.split()
+
+
+def test_aiohttp_web_is_imported_without_loading_the_system_mime_types() -> None:
+    # aiohttp.web's MimeTypes() would load /etc/mime.types into the mimetypes module (~0.4 MiB nobody reads); after
+    # agent.aiohttp_import it does not, aiohttp's own table is the same, and mimetypes' functions still load and
+    # answer from the system database when called.
+    plain = _mime_probe("import aiohttp.web")
+    ours = _mime_probe("import agent.aiohttp_import, aiohttp.web")
+    assert plain[0] == "True"
+    assert ours[0] == "False"
+    assert ours[1:] == plain[1:]

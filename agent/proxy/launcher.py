@@ -13,11 +13,13 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 
+from agent.aio import off_loop
 from agent.files import remove_file, write_atomic
 from agent.proxy.argv import LaunchSettings, validate_argv
 from agent.proxy.desired import DesiredState
@@ -221,7 +223,7 @@ class EnvoyLauncher:
     async def serves_admin(self, envoy: EnvoyHandle) -> bool:
         # Once per epoch going LIVE. Off the loop: the kernel takes ~4 ms each to write /proc/net/tcp and tcp6 on
         # this machine (whole tables), and the reads release the GIL; readiness probes are answered meanwhile.
-        return await asyncio.to_thread(listens_on, envoy.pid, self.admin.port)
+        return await off_loop(functools.partial(listens_on, envoy.pid, self.admin.port), name="admin-port-owner")
 
     async def drain_listeners(self, *, inbound_only: bool) -> None:
         from agent.proxy.admin import AdminError  # noqa: PLC0415 (lazy: see the module docstring)
