@@ -17,8 +17,10 @@ contents (the supervisor validates the new bootstrap ahead), never act on them; 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import ctypes
+import functools
 import logging
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,10 +29,6 @@ from typing import TYPE_CHECKING
 from agent.files import content_hash
 
 if TYPE_CHECKING:
-    # `pilot-agent proxy` imports content_hash before it execs Envoy; watchdog loads when the watcher starts.
-    from watchdog.events import FileSystemEvent, FileSystemEventHandler
-    from watchdog.observers.api import BaseObserver
-
     from agent.metrics import AgentMetrics
 
 log = logging.getLogger("agent.watch")
@@ -43,21 +41,62 @@ class ChangeSet:
     kinds: tuple[str, ...]
 
 
-# Watched files are certificates, downward-API files, mesh config, templates: far below this. A larger one is not
-# read (hashing runs on the event loop, and its reader would refuse it anyway: agent.config.documents).
-def _handler(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[Path]) -> FileSystemEventHandler:
-    from watchdog.events import FileSystemEventHandler  # noqa: PLC0415 (lazy: see the TYPE_CHECKING imports)
+class _DirectoryEvents:
+    """inotify on the event loop, through watchdog's inotify bindings: one inotify instance, one watch per directory,
+    and `on_event()` called on the loop when any of them has events. No thread: watchdog's Observer runs one to
+    dispatch, one to read inotify and one per directory, and nothing here needs them (which event it was is not
+    asked: every event only opens or extends a debounce window, and the files are hashed after it).
 
-    class Handler(FileSystemEventHandler):
-        def on_any_event(self, event: FileSystemEvent) -> None:
-            if event.event_type in ("opened", "closed_no_write"):
-                return  # reads (our own hashing included) are not changes
-            raw = event.src_path
-            path = Path(raw.decode() if isinstance(raw, bytes) else raw)
-            # Called on watchdog's thread: hand over to the loop, nothing else.
-            loop.call_soon_threadsafe(queue.put_nowait, path.parent if not event.is_directory else path)
+    The kernel is asked for the events watchdog's inotify observer asks for, less the reads (opened, closed without
+    writing: our own hashing among them), with its flag not to follow a symlink named as the directory. The
+    kernel's own events (a watch removed with its directory, a queue overflow) count as events too: the files are
+    hashed again. OSError (the per-uid limits on inotify instances and watches) is the caller's to handle."""
 
-    return Handler()
+    def __init__(self, loop: asyncio.AbstractEventLoop, on_event: Callable[[], None]) -> None:
+        # Lazy: watchdog loads when watching starts, after Envoy's exec.
+        from watchdog.utils import UnsupportedLibcError  # noqa: PLC0415
+
+        try:
+            from watchdog.observers.inotify_c import InotifyConstants as C  # noqa: PLC0415
+            from watchdog.observers.inotify_c import inotify_add_watch, inotify_init  # noqa: PLC0415
+        except (ImportError, UnsupportedLibcError) as exc:  # not Linux: the caller polls
+            raise OSError(f"no inotify here: {exc}") from None
+
+        self._mask = (
+            C.IN_MODIFY | C.IN_ATTRIB | C.IN_CLOSE_WRITE | C.IN_MOVED_FROM | C.IN_MOVED_TO | C.IN_CREATE
+            | C.IN_DELETE | C.IN_DELETE_SELF | C.IN_DONT_FOLLOW
+        )  # fmt: skip
+        self._add_watch = inotify_add_watch
+        fd = inotify_init()
+        if fd < 0:
+            raise _errno_error("inotify_init")
+        os.set_inheritable(fd, False)  # Envoy and the validations do not get it
+        os.set_blocking(fd, False)
+        self._fd = fd
+        self._loop = loop
+        self._on_event = on_event
+        loop.add_reader(fd, self._read)
+
+    def watch(self, directory: Path) -> None:
+        if self._add_watch(self._fd, os.fsencode(directory), self._mask) < 0:
+            raise _errno_error(f"inotify_add_watch {directory}")
+
+    def _read(self) -> None:
+        try:
+            while os.read(self._fd, 65536):  # all that is queued: one look for events that arrived together
+                pass
+        except BlockingIOError:
+            pass
+        self._on_event()
+
+    def close(self) -> None:
+        self._loop.remove_reader(self._fd)
+        os.close(self._fd)  # the kernel removes the watches with the instance
+
+
+def _errno_error(call: str) -> OSError:
+    number = ctypes.get_errno()
+    return OSError(number, f"{call}: {os.strerror(number)}")
 
 
 # Seconds between looks at the watched files when the kernel cannot deliver file events.
@@ -97,9 +136,8 @@ class Watcher:
         self.ready = asyncio.Event()
         # Set by add(): run() starts watching only once there is something to watch.
         self._added = asyncio.Event()
-        # While run() is watching: the observer, its handler and the directories scheduled on it (for add()).
-        self._observer: BaseObserver | None = None
-        self._handler: FileSystemEventHandler | None = None
+        # While run() is watching: its inotify instance and the directories watched on it (for add()).
+        self._events: _DirectoryEvents | None = None
         self._scheduled: set[Path] = set()
 
     def add(self, files: Mapping[Path, str]) -> None:
@@ -111,18 +149,18 @@ class Watcher:
                 self.files[path] = kind
                 self.hashes[path] = content_hash(path)
                 self._added.set()
-        if self._observer is not None and self._handler is not None:
+        if self._events is not None:
             try:
-                self._schedule(self._observer, self._handler)
+                self._schedule(self._events)
             except OSError as exc:
                 log.warning(
                     "cannot watch more directories (%s): changes to %s are not seen", exc, ", ".join(map(str, files))
                 )
 
-    def _schedule(self, observer: BaseObserver, handler: FileSystemEventHandler) -> None:
+    def _schedule(self, events: _DirectoryEvents) -> None:
         for directory in sorted(self.directories() - self._scheduled):
             if directory.is_dir():
-                observer.schedule(handler, str(directory), recursive=False)
+                events.watch(directory)
                 self._scheduled.add(directory)
             else:
                 log.log(self.missing_dir_level, "not watching %s: directory does not exist", directory)
@@ -138,31 +176,29 @@ class Watcher:
         return directories
 
     async def run(self) -> None:
-        """Exit paths: only cancellation (the observer thread is stopped and joined then)."""
+        """Exit paths: only cancellation (the inotify instance is closed then)."""
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[Path] = asyncio.Queue()
+        queue: asyncio.Queue[None] = asyncio.Queue()
         if not self.files:
             # Nothing to watch yet (the SDS cache adds files as Envoy asks for them, and with a CA, never): no
-            # observer, so none of watchdog's threads, until add() brings some. Changes made meanwhile are caught
-            # by the first check() below, against the contents add() recorded.
+            # inotify instance until add() brings some. Changes made meanwhile are caught by the first check()
+            # below, against the contents add() recorded.
             self.ready.set()
             await self._added.wait()
-        from watchdog.observers import Observer  # noqa: PLC0415 (lazy: see the TYPE_CHECKING imports)
-
-        observer = Observer()
-        handler = _handler(loop, queue)
+        events = None
         try:
-            self._schedule(observer, handler)
-            observer.start()
+            events = _DirectoryEvents(loop, functools.partial(queue.put_nowait, None))
+            self._schedule(events)
         except OSError as exc:
             # inotify instance or watch limits (per uid: every istio-proxy on a node runs as 1337) must not take a
             # healthy Envoy down: look at the files periodically instead.
-            observer.unschedule_all()
+            if events is not None:
+                events.close()
             self._scheduled.clear()
             log.warning("file events unavailable (%s): checking watched files every %.0fs", exc, POLL_INTERVAL)
             await self._poll()
             return
-        self._observer, self._handler = observer, handler
+        self._events = events
         try:
             # Hash again now that events are flowing, so nothing changed between __init__ and here is missed.
             self.check()
@@ -182,12 +218,10 @@ class Watcher:
                 self._changing = None
                 self.check()
         finally:
-            self._observer, self._handler = None, None
-            observer.stop()
-            with contextlib.suppress(RuntimeError):
-                await asyncio.to_thread(observer.join, 5.0)
+            self._events = None
+            events.close()
 
-    def _look_ahead(self, queue: asyncio.Queue[Path]) -> None:
+    def _look_ahead(self, queue: asyncio.Queue[None]) -> None:
         """Within a window, after each batch of events: call on_changing when the contents are new."""
         while not queue.empty():  # events that arrived together: one look for all of them
             queue.get_nowait()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import subprocess
@@ -90,6 +91,12 @@ def test_agent_ready_sighup_then_sigterm(
     proc.send_signal(signal.SIGHUP)
     wait_until(lambda: _server_epoch(ports["admin"]) == 1, timeout=20)
     assert http_get(f"http://127.0.0.1:{ports['app']}/")[0] == 200
+    # Fully started and past a hot restart, the agent runs two threads: its event loop and the copier of the
+    # running Envoy's stderr (file events are read on the loop; blocking work runs on threads that end with it).
+    agent = psutil.Process(proc.pid)
+    with contextlib.suppress(AssertionError):
+        wait_until(lambda: agent.num_threads() == 2, timeout=10)
+    assert agent.num_threads() == 2, [t.id for t in agent.threads()]
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(20) == 0
     assert not psutil.pid_exists(envoy[0].pid) or psutil.Process(envoy[0].pid).status() == psutil.STATUS_ZOMBIE

@@ -99,18 +99,24 @@ async def test_new_contents_are_announced_while_the_window_is_open(tmp_path: Pat
     assert reports_when_announced == [0]
 
 
-async def test_nothing_to_watch_runs_no_thread_until_files_are_added(tmp_path: Path) -> None:
-    """The SDS cache's watcher starts empty (and stays so with a CA): watchdog's threads only once it has files."""
-    target = tmp_path / "cert-chain.pem"
+async def test_watching_runs_no_thread_before_or_after_files_are_added(tmp_path: Path) -> None:
+    """The SDS cache's watcher starts empty (and stays so with a CA); once it has files, their events are read on
+    the event loop: no thread of watchdog's (an observer ran three or more: dispatch, inotify, one per directory)."""
+    target, other = tmp_path / "cert-chain.pem", tmp_path / "other" / "root-cert.pem"
     target.write_text("one")
+    other.parent.mkdir()
+    other.write_text("one")
     threads = threading.active_count()
     async with watching({}) as (watcher, seen):
         assert threading.active_count() == threads
         watcher.add({target: "sds"})
         target.write_text("two")  # before or after watching began: seen either way
         await until(lambda: len(seen) == 1, 5)
-        assert threading.active_count() > threads
-    assert seen[0].changed == (target,)
+        watcher.add({other: "sds"})
+        other.write_text("two")
+        await until(lambda: len(seen) == 2, 5)
+        assert threading.active_count() == threads
+    assert [c.changed for c in seen] == [(target,), (other,)]
 
 
 async def test_a_directory_that_never_goes_quiet_does_not_postpone_a_change_for_ever(tmp_path: Path) -> None:
@@ -209,14 +215,13 @@ async def test_item_with_a_nested_path_in_a_volume_is_seen(tmp_path: Path) -> No
 
 async def test_without_file_events_the_files_are_polled(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """When inotify limits are reached (the per-uid instance limit is shared by every istio-proxy on a node), the
-    watcher must keep working by polling. The kernel limit is simulated: the observer's start raises what the
-    kernel's refusal raises."""
-    from watchdog.observers import Observer  # noqa: PLC0415
+    watcher must keep working by polling. The kernel limit is simulated: adding a watch raises what the kernel's
+    refusal raises."""
 
-    def refuse(_self: object) -> None:
-        raise OSError(24, "inotify instance limit reached")
+    def refuse(_self: object, _directory: Path) -> None:
+        raise OSError(28, "inotify watch limit reached")
 
-    monkeypatch.setattr(Observer, "start", refuse)
+    monkeypatch.setattr("agent.watch._DirectoryEvents.watch", refuse)
     monkeypatch.setattr("agent.watch.POLL_INTERVAL", 0.05)
     target = tmp_path / "mesh"
     target.write_text("a")
