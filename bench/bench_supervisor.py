@@ -90,6 +90,7 @@ def main() -> None:
     parser.add_argument("--kills", type=int, default=5)
     parser.add_argument("--idle", type=float, default=60.0)
     parser.add_argument("--cold", type=int, default=10)
+    # 0 skips that part (e.g. --restarts 0 --kills 0 --idle 0: the quiet swaps against Envoy's cold start only).
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-supervisor-"))
     certs = work / "certs"
@@ -126,52 +127,55 @@ def main() -> None:
             result["swap_vs_cold_start_median_ratio"] = round(
                 summary(swaps)["median_ms"] / summary(cold)["median_ms"], 2
             )
-            # (a) the same under wrk load.
-            wrk = subprocess.Popen(
-                ["wrk", "-t1", "-c8", "-d600s", f"http://127.0.0.1:{rig.app}/"],
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-            )
-            time.sleep(1.0)
-            loaded = []
-            for i in range(args.restarts):
-                epoch += 1
-                loaded.append(swap_and_time(agent, rig, certs, epoch, f"load-{i}"))
-            settle(agent)
-            wrk.send_signal(signal.SIGINT)
-            output = wrk.communicate(timeout=30)[0].decode()
-            result["wrk_during_hot_restarts"] = {"hot_restarts": args.restarts, **parse_wrk(output)}
-            result["cert_swap_to_new_epoch_live_under_load"] = summary(loaded)
-            # (c) SIGKILL -> LIVE again (a fresh family: epoch 0). Healthy period 1 s: each kill meets the 200 ms
-            # first backoff step.
-            kills = []
-            for _ in range(args.kills):
-                time.sleep(1.5)
-                victim = envoy_child(agent)
-                victim.kill()
-                killed = time.monotonic()
-                while live_epoch(rig.admin) is not None and victim.is_running() and victim.status() != "zombie":
-                    time.sleep(0.005)
-                kills.append(wait_live(rig.admin, epoch=0) - killed)
-            result["sigkill_to_live"] = summary(kills)
-            result["sigkill_to_live_minus_backoff_median_ms"] = round(summary(kills)["median_ms"] - 200, 1)
-            # (d) idle.
-            time.sleep(2)
-            me = psutil.Process(agent.pid)
-            cpu0, rss0, t0 = me.cpu_times(), me.memory_info().rss, time.monotonic()
-            samples = [rss0]
-            while time.monotonic() - t0 < args.idle:
-                time.sleep(min(5.0, args.idle))
-                samples.append(me.memory_info().rss)
-            cpu1, elapsed = me.cpu_times(), time.monotonic() - t0
-            used = (cpu1.user + cpu1.system) - (cpu0.user + cpu0.system)
-            result["agent_idle"] = {
-                "seconds": round(elapsed, 1),
-                "cpu_percent": round(100 * used / elapsed, 3),
-                "rss_mib_start": round(rss0 / 2**20, 1),
-                "rss_mib_end": round(samples[-1] / 2**20, 1),
-                "rss_mib_max": round(max(samples) / 2**20, 1),
-            }
+            if args.restarts:
+                # (a) the same under wrk load.
+                wrk = subprocess.Popen(
+                    ["wrk", "-t1", "-c8", "-d600s", f"http://127.0.0.1:{rig.app}/"],
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                )
+                time.sleep(1.0)
+                loaded = []
+                for i in range(args.restarts):
+                    epoch += 1
+                    loaded.append(swap_and_time(agent, rig, certs, epoch, f"load-{i}"))
+                settle(agent)
+                wrk.send_signal(signal.SIGINT)
+                output = wrk.communicate(timeout=30)[0].decode()
+                result["wrk_during_hot_restarts"] = {"hot_restarts": args.restarts, **parse_wrk(output)}
+                result["cert_swap_to_new_epoch_live_under_load"] = summary(loaded)
+            if args.kills:
+                # (c) SIGKILL -> LIVE again (a fresh family: epoch 0). Healthy period 1 s: each kill meets the 200 ms
+                # first backoff step.
+                kills = []
+                for _ in range(args.kills):
+                    time.sleep(1.5)
+                    victim = envoy_child(agent)
+                    victim.kill()
+                    killed = time.monotonic()
+                    while live_epoch(rig.admin) is not None and victim.is_running() and victim.status() != "zombie":
+                        time.sleep(0.005)
+                    kills.append(wait_live(rig.admin, epoch=0) - killed)
+                result["sigkill_to_live"] = summary(kills)
+                result["sigkill_to_live_minus_backoff_median_ms"] = round(summary(kills)["median_ms"] - 200, 1)
+            if args.idle:
+                # (d) idle.
+                time.sleep(2)
+                me = psutil.Process(agent.pid)
+                cpu0, rss0, t0 = me.cpu_times(), me.memory_info().rss, time.monotonic()
+                samples = [rss0]
+                while time.monotonic() - t0 < args.idle:
+                    time.sleep(min(5.0, args.idle))
+                    samples.append(me.memory_info().rss)
+                cpu1, elapsed = me.cpu_times(), time.monotonic() - t0
+                used = (cpu1.user + cpu1.system) - (cpu0.user + cpu0.system)
+                result["agent_idle"] = {
+                    "seconds": round(elapsed, 1),
+                    "cpu_percent": round(100 * used / elapsed, 3),
+                    "rss_mib_start": round(rss0 / 2**20, 1),
+                    "rss_mib_end": round(samples[-1] / 2**20, 1),
+                    "rss_mib_max": round(max(samples) / 2**20, 1),
+                }
             agent.send_signal(signal.SIGTERM)
             result["agent_exit_code_after_sigterm"] = agent.wait(30)
         print(json.dumps(result, indent=2))

@@ -6,9 +6,10 @@ before it starts the new epoch. The validation need not wait for the window to c
 new contents, `ValidationAhead` renders the desired state and has Envoy judge it. When the policy then validates
 exactly that state for exactly that epoch (same digest, same number), it takes the verdict judged ahead, or waits
 for the judgement still running, instead of starting another. Contents that change again meanwhile are judged again
-(one validation at a time, the newest contents next); a state the policy applies that was not judged ahead is
-validated as before. A verdict only ever applies to the bytes it judged, so the debounce keeps its purpose (a
-half-written file never restarts Envoy) and a bad configuration is still never started.
+(one validation at a time, the newest contents next, never the same contents twice); a state the policy applies
+that was not judged ahead is validated as before. A verdict only ever applies to the bytes it judged, so the
+debounce keeps its purpose (a half-written file never restarts Envoy) and a bad configuration is still never
+started.
 
 Nothing judged ahead is logged above debug or counted: it may be a half-written state the window was there to wait
 out. The policy logs and counts the verdict it uses.
@@ -118,6 +119,12 @@ class ValidationAhead:
                 log.debug("validation ahead: the new contents do not render (yet): %s", exc)
                 continue
             if state.digest in target.skip:
+                continue
+            latest = self._latest
+            if latest is not None and (latest.number, latest.digest) == (target.number, state.digest):
+                # Another event for contents judged already (a rotation writes its files one by one, each an
+                # event, and the first render may see them all): that verdict stands, no second validation.
+                log.debug("validation ahead of epoch %d: contents judged already", target.number)
                 continue
             judgement = _Judgement(target.number, state.digest, asyncio.get_running_loop().create_future())
             previous, self._latest = self._latest, judgement

@@ -20,6 +20,18 @@ async def test_a_change_judged_ahead_is_not_validated_again(tmp_path: Path) -> N
         assert run.epochs.current is not None and run.epochs.current.state.bootstrap == b"rotated"
 
 
+async def test_more_events_for_contents_judged_already_are_not_validated_again(tmp_path: Path) -> None:
+    """A rotation writes its files one by one, each an event; the first render may have seen them all."""
+    async with supervised(tmp_path) as run:
+        await run.judged_ahead(b"rotated")
+        await run.logs.wait_for("validation ahead of epoch 1: valid")
+        run.epochs.validate_ahead()  # the next file's event: the same contents
+        await run.logs.wait_for("validation ahead of epoch 1: contents judged already")
+        run.epochs.notify_change("test")
+        await run.logs.wait_for("Envoy epoch 1 is LIVE")
+        assert run.launcher.calls.count("validate 1") == 1
+
+
 async def test_contents_that_changed_again_are_validated_as_they_are_applied(tmp_path: Path) -> None:
     """A half-written state judged ahead (invalid) is neither logged nor counted, nor used for the final one."""
     launcher = FakeLauncher(behaviours={b"half": Behaviour(invalid=True, output=("truncated certificate",))})
