@@ -9,9 +9,11 @@ a query sees either the old table or the new one.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 
+from agent.aio import off_loop
 from agent.dns.metrics import DnsMetrics
 from agent.dns.nds_pb2 import NameTable
 from agent.dns.table import LookupTable, TableSettings
@@ -64,7 +66,7 @@ class DnsProxy:
 
     async def update(self, table: NameTable) -> None:
         """Build the lookup table off the event loop (a large mesh's table takes a while) and serve it."""
-        self.set_table(table, await asyncio.to_thread(self.build, table))
+        self.set_table(table, await off_loop(functools.partial(self.build, table), name="dns-table"))
 
     def local_answer(self, data: bytes, tcp: bool) -> bytes | Query | None:
         """The reply to send now; None to send nothing; the parsed Query when the upstream must answer it."""

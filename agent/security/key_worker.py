@@ -25,12 +25,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import importlib.util
 import json
 import logging
 from pathlib import Path
 from typing import Any
 
+from agent.aio import off_loop
 from agent.security import pki
 from agent.security.settings import KeyOptions
 
@@ -103,7 +105,7 @@ class KeyWorker:
         if answer is None:
             from agent.security.keygen import answer as answer_here  # noqa: PLC0415 (only without a worker)
 
-            answer = await asyncio.to_thread(answer_here, request)
+            answer = await off_loop(functools.partial(answer_here, request), name="keygen")
         if "error" in answer:
             raise pki.PkiError(str(answer["error"]))
         return answer

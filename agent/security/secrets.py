@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from agent.aio import off_loop
 from agent.files import FileTooLarge, NotARegularFile, read_bounded
 from agent.security import pki
 from agent.security.settings import FILE_RETRY_TOTAL
@@ -93,7 +94,7 @@ async def _retrying(read: Callable[[], SecretItem], first_wait: float, total: fl
     wait = max(first_wait, 0.01)
     while True:
         try:
-            return await asyncio.to_thread(read)
+            return await off_loop(read, name="secret-read")
         except (NotARegularFile, FileTooLarge) as exc:  # not a half-written file: waiting will not help
             raise SecretError(f"{what}: {exc.filename}: {exc.strerror}") from None
         except (OSError, pki.PkiError, SecretError) as exc:
