@@ -246,11 +246,19 @@ class LocalXds:
 
         if self.passed:
             return
+        from agent.proxy.admin import AdminError  # noqa: PLC0415 (lazy: aiohttp loads after Envoy's exec)
+
+        # Both files' counters in one request: this check is on the way to the pod's first "ready".
+        either = "|".join(state.kind.stats_prefix.replace(".", r"\.") for state in self.files.values())
+        try:
+            stats = await self.admin.stats(rf"^({either})\.update_", timeout=1.0)
+        except AdminError:
+            raise NotReady(
+                f"local xDS files not loaded: Envoy's admin API does not answer ({self.admin.base_url})"
+            ) from None
         waiting = []
         for state in self.files.values():
-            counts = await self._counts(state.kind)
-            if counts is None:
-                raise NotReady(f"local xDS files not loaded: Envoy's admin API does not answer ({self.admin.base_url})")
+            counts = Counts.of(stats, state.kind.stats_prefix)
             if counts.success > 0:
                 continue
             if counts.attempt == 0:
