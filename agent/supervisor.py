@@ -88,8 +88,9 @@ class Supervisor:
         start_gate: StartGate | None = None,
         settled: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
-        """`settled`: what the start-up work no probe waits for (the file watcher's observer) waits for first, so
-        that the status server answers the first readiness probes without it (None: nothing)."""
+        """`settled`: what the start-up work no probe waits for (the file watcher's observer, the policy loop while an
+        adopted epoch 0 runs) waits for first, so that the status server answers the first readiness probes without
+        it (None: nothing)."""
         self.launcher = launcher
         self.supervision = supervision
         self.drain = drain
@@ -171,6 +172,10 @@ class Supervisor:
                     watching = self._after_start(self.watcher.run())
                     background.append(tg.create_task(self._guarded("file watcher", watching)))
                 self.started.set()
+                if self.settled is not None and self.epoch0 is not None:
+                    # The policy loop (its imports, its first render and LIVE polls) waits while the running epoch 0
+                    # is being judged ready; an exit of Envoy meanwhile is handled at once.
+                    await first_of(self.settled(), epochs.wait_all_exited())
                 result = await epochs.run()
                 if result is None:
                     await self._shutdown(epochs)
