@@ -10,8 +10,8 @@ from pathlib import Path
 from agent.lifecycle import Lifecycle
 from agent.metrics import AgentMetrics
 from agent.proxy.desired import DesiredState
-from agent.proxy.events import SupervisionSettings
-from agent.supervisor import DrainSettings, Supervisor
+from agent.proxy.events import DrainSettings, SupervisionSettings
+from agent.supervisor import Supervisor
 from tests.supervisor.fake_launcher import FakeLauncher, recording_logs
 from tests.supervisor.harness import supervisor_for_tests
 
