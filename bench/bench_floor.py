@@ -23,8 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.bench_startup import wait_live
-from tests.support.envoy import envoy_binary, free_port, new_base_id, remove_shm
+from bench.bench_startup import direct_envoy_start
+from tests.support.envoy import envoy_binary, free_port, new_base_id
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -71,14 +71,7 @@ def envoy_alone(work: Path) -> float:
         json.dumps({"admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin}}}})
     )
     argv = [envoy_binary(), "-c", str(bootstrap), "--base-id", str(base_id), "-l", "off", "--concurrency", "2"]
-    started = time.monotonic()
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        return wait_live(admin) - started
-    finally:
-        proc.terminate()
-        proc.wait(10)
-        remove_shm(base_id)
+    return direct_envoy_start(argv, admin, base_id)
 
 
 def ms(values: list[float]) -> float:
