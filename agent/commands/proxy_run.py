@@ -11,6 +11,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from agent.aio import off_loop
 from agent.commands.proxy import Startup, start_epoch0
 from agent.files import remove_file
 from agent.lifecycle import Lifecycle
@@ -70,10 +71,16 @@ async def _main(startup: Startup) -> int:
     try:  # from here on, the finally below stops what was started (the sockets and the key worker included)
         if mesh is not None:
             # Envoy must find the SDS and xDS sockets listening (Istio's order); the services behind them are built
-            # after the exec.
+            # after the exec. The workload key is asked for first (a worker process, on another core): the first
+            # certificate, which Envoy's start waits for, waits for it; then grpc loads and the sockets listen.
+            from agent.security.key_worker import ask_key_ahead  # noqa: PLC0415 (light: no grpc)
+
+            key_ahead = None
+            if mesh.ca is not None:
+                key_ahead = await ask_key_ahead(mesh.cache.identity, mesh.cache.key_options)
             from agent.mesh.listen import listen  # noqa: PLC0415 (grpc loads only for the mesh side)
 
-            listeners = await listen(mesh)
+            listeners = await listen(mesh, key_ahead)
             startup.epoch0 = start_epoch0(startup)
             epoch0 = EnvoyProcess(startup.epoch0) if startup.epoch0 is not None else None
         from agent.metrics import AgentMetrics  # noqa: PLC0415 (lazy: loaded after Envoy's exec)
@@ -116,12 +123,11 @@ async def _supervise(
     mesh_service: MeshService | None,
 ) -> int:
     cfg, settings, status_settings = startup.cfg, startup.settings, startup.status
-    # Imported here, after Envoy's exec, so that their cost (~0.2 s) overlaps Envoy's own start; one at a time, the
-    # event loop turning in between, so that the mesh side's I/O moves meanwhile (Envoy's ADS stream reaching istiod,
-    # the first CSR going out): it runs on this loop. aiohttp first, on the agent's terms (see the module).
-    for module in POST_EXEC_IMPORTS:
-        importlib.import_module(module)
-        await asyncio.sleep(0)
+    # Imported here, after Envoy's exec, so that their cost (~0.2 s) overlaps Envoy's own start; on a worker thread,
+    # so that the event loop keeps turning meanwhile: the mesh side runs on it (Envoy's ADS and SDS streams, the
+    # first CSR), and imports on the loop held each of its steps for up to an import's length (aiohttp's ~0.1 s).
+    # aiohttp first, on the agent's terms (see the module: nothing on the loop makes an SSL context meanwhile).
+    await off_loop(functools.partial(_import_all, POST_EXEC_IMPORTS), name="post-exec imports")
     from agent.local_xds import LocalXds  # noqa: PLC0415 (lazy: loaded after Envoy's exec)
     from agent.proxy.admin import AdminClient  # noqa: PLC0415 (lazy: loaded after Envoy's exec)
     from agent.startup_line import StartupLine, settings_summary  # noqa: PLC0415 (lazy: after Envoy's exec)
@@ -191,6 +197,12 @@ async def _supervise(
         settled=settled,
     )
     return await supervisor.run()
+
+
+def _import_all(modules: tuple[str, ...]) -> None:
+    """On a worker thread: a module the loop imports meanwhile waits for its import lock, never half-made."""
+    for module in modules:
+        importlib.import_module(module)
 
 
 def _dns_service(dns: DnsStartup, metrics: AgentMetrics) -> DnsService:

@@ -1,7 +1,8 @@
 """The sockets Envoy dials, made before Envoy's exec (light imports: grpc and the socket helper only).
 
 Istio's Agent.Run order: the SDS socket check (Istio's checkSocket), the SDS socket, the xDS socket, then Envoy.
-The services behind the sockets (agent.mesh.service) are built after the exec and attach to them.
+The services behind the sockets (agent.mesh.service) are built after the exec and attach to them. The workload key
+is asked for before this module (and grpc) loads: agent.security.key_worker.ask_key_ahead.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from dataclasses import dataclass
 
 from agent.mesh.settings import FILES_SOCKET, MeshSettings
 from agent.security.key_worker import KeyWorker
-from agent.security.pki import PkiError
 from agent.security.uds import STREAM, UNARY, SocketError, UnixGrpcServer, remove_socket, socket_is_healthy
 
 log = logging.getLogger("agent.mesh")
@@ -62,8 +62,23 @@ class MeshListeners:
             await self.key_ahead.close()
 
 
-async def listen(settings: MeshSettings) -> MeshListeners:
-    """Istio's checkSocket, then the SDS and xDS sockets. Raises SocketError (the agent does not start)."""
+async def listen(settings: MeshSettings, key_ahead: KeyWorker | None = None) -> MeshListeners:
+    """Istio's checkSocket, then the SDS and xDS sockets. Raises SocketError (the agent does not start).
+    `key_ahead`: the worker asked for the workload key (with a CA); kept in the result, or ended if unused."""
+    try:
+        listeners = await _listen(settings)
+    except BaseException:
+        if key_ahead is not None:
+            await key_ahead.close()
+        raise
+    if key_ahead is not None and listeners.serve_only_files:
+        await key_ahead.close()  # another identity provider serves the workload certificate
+        key_ahead = None
+    listeners.key_ahead = key_ahead
+    return listeners
+
+
+async def _listen(settings: MeshSettings) -> MeshListeners:
     sds_path = settings.sds_socket
     serve_only_files = False
     if _is_socket(sds_path):
@@ -88,22 +103,7 @@ async def listen(settings: MeshSettings) -> MeshListeners:
         except SocketError:
             await sds.stop()
             raise
-    return MeshListeners(sds, xds, serve_only_files, await _key_ahead(settings, serve_only_files))
-
-
-async def _key_ahead(settings: MeshSettings, serve_only_files: bool) -> KeyWorker | None:
-    """With a CA: the workload key is asked for now, so it is made on another core while the agent and Envoy
-    start (the cache uses it unless certificate files turn out to be served instead). None on any failure: the
-    cache then starts its own worker and reports the error."""
-    if settings.ca is None or serve_only_files:
-        return None
-    worker = KeyWorker()
-    try:
-        await worker.request_csr(settings.cache.identity, settings.cache.key_options)
-    except PkiError:
-        await worker.close()
-        return None
-    return worker
+    return MeshListeners(sds, xds, serve_only_files)
 
 
 def _is_socket(path: str) -> bool:

@@ -161,6 +161,19 @@ class KeyWorker:
             await process.wait()
 
 
+async def ask_key_ahead(identity: str, options: KeyOptions) -> KeyWorker | None:
+    """A worker already making the key for `identity`, so that it is made on another core while the agent and Envoy
+    start (the secret cache's first CSR takes it). None on any failure: the cache then starts its own worker and
+    reports the error."""
+    worker = KeyWorker()
+    try:
+        await worker.request_csr(identity, options)
+    except pki.PkiError:
+        await worker.close()
+        return None
+    return worker
+
+
 async def _last_words(process: asyncio.subprocess.Process) -> str:
     """`: <the last line the exited worker wrote to stderr>` (a traceback's last line says what failed), or ""."""
     if process.stderr is None:
