@@ -136,6 +136,11 @@ class Epochs:
         """The numbers of the epochs whose exit has not been collected yet."""
         return sorted(self._running)
 
+    def idle(self) -> bool:
+        """Nothing to do until the inputs change again: no change queued or waiting to be applied (a change that
+        came while an epoch drained is applied after it exits, on the inputs as they are then), none draining."""
+        return self._pending is None and self._events.empty() and not self._retiring()
+
     # ---- the loop ----
 
     async def run(self) -> int | None:

@@ -48,8 +48,20 @@ def test_read_only_dev_shm_runs_envoy_without_hot_restart(tmp_path: Path) -> Non
         cwd=tmp_path,
         stderr=log,
     )
+
+    def ready() -> bool:
+        if proc.poll() is not None:  # not 30 s of "connection refused" for an agent that is gone: its reason
+            pytest.fail(f"the agent exited with {proc.returncode}:\n{agent_log()}")
+        return http_get(f"http://127.0.0.1:{ports['status']}/healthz/ready")[0] == 200
+
+    def agent_log() -> str:
+        return (tmp_path / "agent.log").read_text(errors="replace")[-4000:]
+
     try:
-        wait_until(lambda: http_get(f"http://127.0.0.1:{ports['status']}/healthz/ready")[0] == 200, timeout=30)
+        try:
+            wait_until(ready, timeout=30)
+        except AssertionError as exc:
+            pytest.fail(f"{exc}; the agent's log:\n{agent_log()}")
         assert http_get(f"http://127.0.0.1:{ports['app']}/")[0] == 200
         text = (tmp_path / "agent.log").read_text()
         assert "hot restart disabled: /dev/shm is not writable" in text

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from agent.files import content_hash
 from agent.metrics import AgentMetrics
 from agent.proxy.events import WatchSettings
 from agent.watch import ChangeSet, Watcher
@@ -176,8 +177,13 @@ async def test_half_written_cert_is_rejected_then_completed_file_applies(tmp_pat
         await run.wait_epoch_live(1)
         # A burst of partial writes within the debounce window: one hot restart, nothing rejected.
         make_cert(fresh, "three")
+        # Once the supervisor is idle: a change reported while epoch 0 drained is applied after it exits, on the
+        # files as they are then (a burst begun meanwhile would be read half-written by that step, not the watcher).
+        epochs, watcher = run.supervisor.epochs, run.supervisor.watcher
+        assert epochs is not None and watcher is not None
         invalid = run.value("istio_agent_hot_restarts_total", outcome="invalid")
-        await until(lambda: len(run.supervisor.epochs.numbers()) == 1, 10)  # type: ignore[union-attr]
+        settled = {path: content_hash(path) for path in rig.deps}
+        await until(lambda: epochs.numbers() == [1] and epochs.idle() and watcher.hashes == settled, 10)
         data = (fresh / "cert-chain.pem").read_bytes()
         (certs / "key.pem").write_bytes((fresh / "key.pem").read_bytes())
         with (certs / "cert-chain.pem").open("wb") as handle:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import itertools
 import os
 import random
@@ -53,10 +54,15 @@ def _bindable(port: int) -> bool:
 
 
 _port_picker = random.SystemRandom()
+# The ports free_port() handed out last in this process: nothing listens on them yet when the next pick is made, and
+# a test that takes five ports in a row got the same one twice about once in 1300 runs (its agent then failed to
+# bind, or Envoy's listener did, and the test waited 30 s for a readiness that could not come).
+_handed_out: collections.deque[int] = collections.deque(maxlen=2000)
 
 
 def free_port() -> int:
-    """A TCP port nothing listens on, chosen BELOW the kernel's ephemeral range.
+    """A TCP port nothing listens on, chosen BELOW the kernel's ephemeral range, and none of the last 2000 this
+    process handed out (so the ports a test takes one after another are distinct).
 
     A port the kernel hands out for bind(0) is an ephemeral one: on a busy machine an outgoing connection can take
     it between the pick and Envoy's bind ("cannot bind ... Address already in use"). Ports under the ephemeral
@@ -66,7 +72,8 @@ def free_port() -> int:
     if low > 20000:
         for _ in range(200):
             port = _port_picker.randrange(20000, low)
-            if _bindable(port):
+            if port not in _handed_out and _bindable(port):
+                _handed_out.append(port)
                 return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
