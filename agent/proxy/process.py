@@ -11,12 +11,12 @@ import enum
 import logging
 import os
 import signal
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import BinaryIO
 
+from agent.aio import off_loop
 from agent.proxy.spawn import OutputLines, SpawnedEnvoy
 
 log = logging.getLogger("agent.proxy")
@@ -90,7 +90,7 @@ class EnvoyProcess:
             with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits any more
                 loop.call_soon_threadsafe(self._output_done.set)
 
-        spawned.when_output_done(output_done)
+        spawned.output_done.add_done_callback(lambda _: output_done())
 
     @property
     def pid(self) -> int:
@@ -105,32 +105,21 @@ class EnvoyProcess:
         loop: no thread blocks in waitpid for it. Where pidfds are refused (a kernel before 5.3, a seccomp
         profile), a thread of its own waits."""
         if self._returncode is None:
-            loop = asyncio.get_running_loop()
-            self._returncode = returncode = loop.create_future()
             popen = self.spawned.popen
-
-            def settle(code: int) -> None:
-                if not returncode.done():
-                    returncode.set_result(code)
-
             try:
                 pidfd = os.pidfd_open(popen.pid)
             except OSError:
+                self._returncode = asyncio.ensure_future(off_loop(popen.wait, name=f"envoy-{self.epoch}-wait"))
+                return self._returncode
+            loop = asyncio.get_running_loop()
+            self._returncode = returncode = loop.create_future()
 
-                def wait_on_thread() -> None:
-                    code = popen.wait()
-                    with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits any more
-                        loop.call_soon_threadsafe(settle, code)
+            def exited() -> None:
+                loop.remove_reader(pidfd)
+                os.close(pidfd)
+                returncode.set_result(popen.wait())  # it has exited: collects at once
 
-                threading.Thread(target=wait_on_thread, name=f"envoy-{self.epoch}-wait", daemon=True).start()
-            else:
-
-                def exited() -> None:
-                    loop.remove_reader(pidfd)
-                    os.close(pidfd)
-                    settle(popen.wait())  # it has exited: collects at once
-
-                loop.add_reader(pidfd, exited)
+            loop.add_reader(pidfd, exited)
         return self._returncode
 
     async def run(self, on_exit: Callable[[EnvoyProcess], None] | None = None) -> ExitInfo:

@@ -20,7 +20,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from concurrent.futures import Future
 from pathlib import Path
 from typing import BinaryIO
 
@@ -138,24 +139,15 @@ class SpawnedEnvoy:
             raise
         finally:
             os.close(write_end)
-        self._lock = threading.Lock()
-        self._output_done = False
-        self._on_output_done: list[Callable[[], None]] = []
+        # Done once the copier reached the end of Envoy's stderr: the tail is complete. Its callbacks run on the
+        # copier's thread (or at once, for one added after).
+        self.output_done: Future[None] = Future()
         copy_to = sink if sink is not None else sys.stderr.buffer
         threading.Thread(target=self._copy, args=(read_end, copy_to), name=f"envoy-{epoch}-stderr", daemon=True).start()
 
     @property
     def pid(self) -> int:
         return self.popen.pid
-
-    def when_output_done(self, callback: Callable[[], None]) -> None:
-        """Call `callback` (from the copier thread, or now) once Envoy's stderr reached its end: the tail is
-        complete."""
-        with self._lock:
-            if not self._output_done:
-                self._on_output_done.append(callback)
-                return
-        callback()
 
     def kill_and_wait(self) -> None:
         """For a start-up that fails before anyone collects the exit: no Envoy outlives the agent."""
@@ -167,11 +159,7 @@ class SpawnedEnvoy:
         try:
             copy_lines(fd, self.tail, copy_to)
         finally:
-            with self._lock:
-                self._output_done = True
-                callbacks, self._on_output_done = self._on_output_done, []
-            for callback in callbacks:
-                callback()
+            self.output_done.set_result(None)
 
 
 def spawn_envoy(
