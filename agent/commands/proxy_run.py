@@ -65,7 +65,7 @@ async def _main(startup: Startup) -> int:
         startup.early_signals.replay(signal_queue.put_nowait)
     launch = startup.settings.launch
     mesh = startup.mesh
-    epoch0 = EnvoyProcess(startup.epoch0) if startup.epoch0 is not None else None
+    epoch0: EnvoyProcess | None = None
     listeners = None
     mesh_service = None
     try:  # from here on, the finally below stops what was started (the sockets and the key worker included)
@@ -82,7 +82,8 @@ async def _main(startup: Startup) -> int:
 
             listeners = await listen(mesh, key_ahead)
             startup.epoch0 = start_epoch0(startup)
-            epoch0 = EnvoyProcess(startup.epoch0) if startup.epoch0 is not None else None
+        if startup.epoch0 is not None:
+            epoch0 = EnvoyProcess(startup.epoch0)
         from agent.metrics import AgentMetrics  # noqa: PLC0415 (lazy: loaded after Envoy's exec)
 
         metrics = AgentMetrics()
