@@ -82,12 +82,18 @@ class _DirectoryEvents:
             raise _errno_error(f"inotify_add_watch {directory}")
 
     def _read(self) -> None:
+        self.drain()  # all that is queued: one look for events that arrived together
+        self._on_event()
+
+    def drain(self) -> bool:
+        """Read what the kernel has queued, without waiting: True if there was anything."""
+        queued = False
         try:
-            while os.read(self._fd, 65536):  # all that is queued: one look for events that arrived together
-                pass
+            while os.read(self._fd, 65536):
+                queued = True
         except BlockingIOError:
             pass
-        self._on_event()
+        return queued
 
     def close(self) -> None:
         self._loop.remove_reader(self._fd)
@@ -213,7 +219,11 @@ class Watcher:
                         async with asyncio.timeout(quiet):
                             await queue.get()
                     except TimeoutError:
-                        break
+                        # The window measures the writer's quiet, not the loop's: when the agent was held past it (a
+                        # busy loop, a loaded machine), events that came meanwhile, read or still in the kernel,
+                        # keep it open.
+                        if queue.empty() and not events.drain():
+                            break
                     self._look_ahead(queue)
                 self._changing = None
                 self.check()

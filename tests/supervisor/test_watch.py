@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -160,6 +161,23 @@ async def test_cert_swap_in_watched_volume_hot_restarts_envoy(tmp_path: Path) ->
 
 
 @pytest.mark.envoy
+async def test_a_window_held_past_its_debounce_by_a_busy_loop_counts_the_writes_made_meanwhile(tmp_path: Path) -> None:
+    """The debounce waits for the writer's quiet, not the event loop's: when the agent's loop was held past the
+    window while the writer went on, what the writer did meanwhile keeps the window open (one report, whole file)."""
+    target = tmp_path / "cert-chain.pem"
+    target.write_text("a")
+    opened = asyncio.Event()
+    async with watching({target: "cert"}, debounce=0.1, on_changing=opened.set) as (watcher, seen):
+        target.write_text("b1")
+        await asyncio.wait_for(opened.wait(), 5)  # the window is open
+        time.sleep(0.3)  # noqa: ASYNC251 (the point: the loop is held past the window...)
+        target.write_text("b12")  # ...while the writer goes on
+        await asyncio.sleep(0.03)  # and finishes within the debounce
+        target.write_text("b123")
+        await until(lambda: watcher.hashes[target] == content_hash(target), 5)
+    assert [c.changed for c in seen] == [(target,)]
+
+
 async def test_half_written_cert_is_rejected_then_completed_file_applies(tmp_path: Path) -> None:
     rig, certs = tls_rig(tmp_path)
     fresh = tmp_path / "fresh"
