@@ -26,6 +26,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import psutil
+
 KUBELET_MIN_GRACE_S = 2.0
 _WRAPPERS = (b"unshare\0", b"nsenter\0", b"sh\0-c\0mount -t tmpfs", b"setpriv\0")
 
@@ -258,9 +260,12 @@ class ContainerProcess(RunningContainer):
         while self.pid1 is not None and time.monotonic() < deadline:
             try:
                 cmdline = Path(f"/proc/{self.pid1}/cmdline").read_bytes()
-            except (FileNotFoundError, ProcessLookupError):
+                # Empty while an exec replaces the process image (setpriv's of the command among them), and for good
+                # once the process has exited (a zombie).
+                exited = not cmdline and psutil.Process(self.pid1).status() == psutil.STATUS_ZOMBIE
+            except (FileNotFoundError, ProcessLookupError, psutil.NoSuchProcess):
                 return
-            if not cmdline.startswith(_WRAPPERS):
+            if exited or (cmdline and not cmdline.startswith(_WRAPPERS)):
                 return
             time.sleep(0.002)
 
